@@ -1,0 +1,134 @@
+"""Integer LoRA rank allocation by water filling (FIM-LoRA); pure Python, no torch.
+
+Given importance scores ``s_m >= 0`` and a budget ``B``, the continuous targets are
+
+    t_m = clip(lam * s_m / c_m, r_min, r_max)    with ``lam`` chosen so that  sum_m c_m t_m = B,
+
+where ``c_m`` is the cost of one rank unit (``c_m = 1`` when the budget counts ranks, ``n_m + m_m``
+for an ``n_m -> m_m`` linear layer when it counts parameters). Without caps this is simply
+``t_m = B * s_m / sum(s) / c_m``. ``lam`` is found exactly (in rational arithmetic) by classic
+water filling: modules whose target leaves ``[r_min, r_max]`` are clamped to that bound and what is
+left of the budget is shared again in proportion to the scores of the others, until no target
+moves. Scores that are all zero among the modules still free count as equal. Targets are then
+floored and the units left over handed out one rank at a time in order of largest fractional part
+(ties by module name, ascending), round-robin, never above ``r_max`` or the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from fractions import Fraction
+
+from fisherlora.errors import ConfigError
+
+
+def water_fill(
+    scores: Mapping[str, float],
+    budget: int,
+    r_min: int,
+    r_max: int,
+    costs: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """Integer ranks ``r_min <= r_m <= r_max`` in proportion to ``scores`` (see module docstring).
+
+    Ranks mode (``costs is None``): ``sum(r_m) == budget`` exactly; a module with a strictly larger
+    score never gets a smaller rank, and equal scores get ranks that differ by at most 1.
+    Parameter mode (``costs`` = parameters per rank unit): ``sum(r_m * c_m) <= budget`` and the
+    allocation is maximal: no module below ``r_max`` can gain one rank without exceeding the budget.
+    The result depends only on the contents of the mappings, not on their order.
+    Raises ``ConfigError`` for bad scores, costs, bounds or an infeasible budget.
+    """
+    names = sorted(scores)
+    if not names:
+        raise ConfigError("cannot allocate ranks: no modules were scored")
+    for m in names:
+        s = scores[m]
+        if not math.isfinite(s) or s < 0:
+            raise ConfigError(f"score of module {m!r} must be finite and >= 0, got {s!r}")
+    for label, v in (("budget", budget), ("r_min", r_min), ("r_max", r_max)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{label} must be an int, got {v!r}")
+    if r_min < 1 or r_max < r_min:
+        raise ConfigError(f"rank bounds must satisfy 1 <= r_min <= r_max, got {r_min=} {r_max=}")
+    n = len(names)
+    if costs is None:
+        unit = dict.fromkeys(names, 1)
+        if not n * r_min <= budget <= n * r_max:
+            raise ConfigError(
+                f"rank budget {budget} is infeasible for {n} modules with r_min={r_min}, "
+                f"r_max={r_max}: achievable totals are {n * r_min}..{n * r_max}"
+            )
+    else:
+        unit = _check_costs(names, costs)
+        least = r_min * sum(unit.values())
+        if least > budget:
+            raise ConfigError(
+                f"parameter budget {budget} is below {least}, the cost of giving all {n} modules "
+                f"r_min={r_min} (one rank costs {sum(unit.values())} over all modules)"
+            )
+    exact = {m: Fraction(scores[m]) for m in names}
+    targets = _targets(exact, unit, budget, r_min, r_max)
+    return _round(targets, unit, budget, r_max)
+
+
+def _check_costs(names: list[str], costs: Mapping[str, int]) -> dict[str, int]:
+    missing, extra = set(names) - set(costs), set(costs) - set(names)
+    if missing or extra:
+        raise ConfigError(
+            f"scores and costs must name the same modules: missing costs {sorted(missing)}, "
+            f"costs without scores {sorted(extra)}"
+        )
+    for m in names:
+        c = costs[m]
+        if isinstance(c, bool) or not isinstance(c, int) or c <= 0:
+            raise ConfigError(f"cost of module {m!r} must be a positive int, got {c!r}")
+    return {m: costs[m] for m in names}
+
+
+def _targets(
+    scores: dict[str, Fraction], costs: dict[str, int], budget: int, lo: int, hi: int
+) -> dict[str, Fraction]:
+    """Exact water filling; clamps only modules that are also out of bounds at the final level.
+
+    If the over-cap modules would give back more than the under-floor ones need, the final level is
+    higher, so the over-cap ones stay capped: clamp them. Otherwise clamp the under-floor ones.
+    """
+    fixed: dict[str, Fraction] = {}
+    while True:
+        free = [m for m in scores if m not in fixed]
+        if not free:
+            return fixed
+        rest = budget - sum(costs[m] * fixed[m] for m in fixed)
+        weight = {m: scores[m] for m in free}
+        if not any(weight.values()):
+            weight = dict.fromkeys(free, Fraction(1))
+        total = sum(weight.values())
+        t = {m: rest * weight[m] / total / costs[m] for m in free}
+        over = [m for m in free if t[m] > hi]
+        under = [m for m in free if t[m] < lo]
+        if not over and not under:
+            return {**fixed, **t}
+        excess = sum(costs[m] * (t[m] - hi) for m in over)
+        excess -= sum(costs[m] * (lo - t[m]) for m in under)
+        for m in over if excess >= 0 else ():
+            fixed[m] = Fraction(hi)
+        for m in under if excess <= 0 else ():
+            fixed[m] = Fraction(lo)
+
+
+def _round(
+    targets: dict[str, Fraction], costs: dict[str, int], budget: int, hi: int
+) -> dict[str, int]:
+    ranks = {m: math.floor(t) for m, t in targets.items()}
+    left = budget - sum(costs[m] * r for m, r in ranks.items())
+    order = sorted(ranks, key=lambda m: (ranks[m] - targets[m], m))
+    grew = True
+    while grew:
+        grew = False
+        for m in order:
+            if ranks[m] < hi and costs[m] <= left:
+                ranks[m] += 1
+                left -= costs[m]
+                grew = True
+    return ranks

@@ -1,0 +1,146 @@
+"""The ``fisherlora`` command line: ``fisherlora train ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+
+from fisherlora.errors import ConfigError
+from fisherlora.experiments.train import TrainConfig, train
+
+DEFAULTS = TrainConfig()
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--task",
+        default=DEFAULTS.task,
+        help="built-in task (rotten-tomatoes, imdb) or a Hugging Face data set name",
+    )
+    data.add_argument("--data", help="your own training data: a .csv, .tsv, .jsonl or .json file")
+    data.add_argument(
+        "--test-data", help="a separate test file for --data (default: split by text hash)"
+    )
+    data.add_argument("--text-column", default=DEFAULTS.text_column)
+    data.add_argument("--label-column", default=DEFAULTS.label_column)
+    data.add_argument("--max-length", type=int, default=DEFAULTS.max_length, help="tokens per text")
+    data.add_argument(
+        "--no-group-by-length",
+        action="store_true",
+        help="plain shuffled batches instead of batches of similar length",
+    )
+
+    model = parser.add_argument_group("model and adapter")
+    model.add_argument(
+        "--model",
+        default=DEFAULTS.model,
+        help="registry name (minilm, tiny-bert, tiny-llama), local folder or hub name",
+    )
+    model.add_argument("--method", default=DEFAULTS.method, help="adapter method (lora)")
+    model.add_argument("--rank", type=int, default=DEFAULTS.rank)
+    model.add_argument("--alpha", type=float, default=DEFAULTS.alpha)
+    model.add_argument("--dropout", type=float, default=DEFAULTS.dropout, help="LoRA dropout")
+    model.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
+    model.add_argument(
+        "--targets", help="comma-separated module name suffixes (default: per architecture)"
+    )
+
+    loop = parser.add_argument_group("training")
+    loop.add_argument("--steps", type=int, default=DEFAULTS.steps, help="optimizer steps")
+    loop.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    loop.add_argument(
+        "--grad-accum",
+        type=int,
+        default=DEFAULTS.grad_accum,
+        help="micro-batches per optimizer step",
+    )
+    loop.add_argument("--lr", type=float, default=DEFAULTS.lr)
+    loop.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
+    loop.add_argument("--warmup-ratio", type=float, default=DEFAULTS.warmup_ratio)
+    loop.add_argument("--max-grad-norm", type=float, default=DEFAULTS.max_grad_norm)
+    loop.add_argument(
+        "--eval-every",
+        type=int,
+        default=DEFAULTS.eval_every,
+        help="steps between evaluations (0: only at the end)",
+    )
+    loop.add_argument("--eval-batch-size", type=int, default=DEFAULTS.eval_batch_size)
+    loop.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    loop.add_argument("--device", default=DEFAULTS.device, help="auto, cpu, cuda or cuda:N")
+    loop.add_argument(
+        "--out", help="run directory (config.json, curve.csv, metrics.json, adapter/)"
+    )
+    loop.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fisherlora", description="Data-aware LoRA fine-tuning with Fisher information."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    train_parser = commands.add_parser(
+        "train", help="fine-tune one model with one method and evaluate it"
+    )
+    _add_train_arguments(train_parser)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+    if args.targets is not None and not targets:
+        raise ConfigError(f"--targets {args.targets!r} names no module")
+    return TrainConfig(
+        task=args.task,
+        data=args.data,
+        test_data=args.test_data,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        model=args.model,
+        method=args.method,
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        rslora=args.rslora,
+        targets=targets,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio,
+        max_grad_norm=args.max_grad_norm,
+        max_length=args.max_length,
+        group_by_length=not args.no_group_by_length,
+        eval_every=args.eval_every,
+        eval_batch_size=args.eval_batch_size,
+        seed=args.seed,
+        device=args.device,
+        out=args.out,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # PEFT calls a transformers API that warns about its own deprecation on every model.
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+    )
+    try:
+        if args.command == "train":
+            result = train(config_from_args(args), progress=not args.no_progress)
+            summary = {k: result.metrics[k] for k in ("method", "accuracy", "macro_f1", "mcc")}
+            summary["total_s"] = round(result.metrics["timings"]["total_s"], 1)
+            print(json.dumps(summary))
+    except ConfigError as err:
+        print(f"fisherlora: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

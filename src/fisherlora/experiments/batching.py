@@ -1,0 +1,145 @@
+"""Tokenise once, then batch with dynamic padding (each batch is padded to its longest sequence)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from transformers import PreTrainedTokenizerBase
+
+
+class TokenizedTexts(Dataset):
+    """Token ids of each text (truncated to ``max_length``) with its label id."""
+
+    def __init__(
+        self,
+        texts: Sequence[str],
+        labels: Sequence[int],
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+    ) -> None:
+        if len(texts) != len(labels):
+            raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+        encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+        self.input_ids: list[list[int]] = encoded["input_ids"]
+        self.labels = list(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[list[int], int]:
+        return self.input_ids[index], self.labels[index]
+
+
+class PadToLongest:
+    """Collate ``(ids, label)`` pairs into right-padded ``input_ids``/``attention_mask``/``labels``."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+        longest = max(len(ids) for ids, _ in items)
+        input_ids = torch.full((len(items), longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
+        for row, (ids, _) in enumerate(items):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        labels = torch.tensor([label for _, label in items], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class LongestFirst(Sampler[int]):
+    """Indices by decreasing length: evaluation batches then carry little padding."""
+
+    def __init__(self, dataset: TokenizedTexts) -> None:
+        self.order = sorted(range(len(dataset)), key=lambda i: -len(dataset.input_ids[i]))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+class LengthGroupedBatches(Sampler[list[int]]):
+    """Random batches of similar length, so dynamic padding pads little.
+
+    Each pass draws a random permutation, cuts it into windows of ``batch_size * window_batches``
+    examples, sorts each window by length, cuts it into batches and shuffles the batch order (the
+    ``group_by_length`` scheme of the HF Trainer). A trailing short batch is dropped when the data
+    has more than one batch.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        generator: torch.Generator,
+        window_batches: int = 50,
+    ) -> None:
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.generator = generator
+        self.window = batch_size * window_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        batches = []
+        for start in range(0, len(order), self.window):
+            window = sorted(order[start : start + self.window], key=lambda i: -self.lengths[i])
+            batches += [
+                window[i : i + self.batch_size] for i in range(0, len(window), self.batch_size)
+            ]
+        if len(batches) > 1:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        for index in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[index]
+
+    def __len__(self) -> int:
+        full = len(self.lengths) // self.batch_size
+        return full if full else int(len(self.lengths) > 0)
+
+
+def train_loader(
+    dataset: TokenizedTexts,
+    pad_token_id: int,
+    batch_size: int,
+    seed: int,
+    group_by_length: bool = True,
+) -> DataLoader:
+    """Shuffled training batches; each pass draws its order from a generator seeded once."""
+    generator = torch.Generator().manual_seed(seed)
+    collate = PadToLongest(pad_token_id)
+    if group_by_length:
+        lengths = [len(ids) for ids in dataset.input_ids]
+        sampler = LengthGroupedBatches(lengths, batch_size, generator)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=len(dataset) > batch_size,
+        generator=generator,
+        collate_fn=collate,
+    )
+
+
+def eval_loader(dataset: TokenizedTexts, pad_token_id: int, batch_size: int) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=LongestFirst(dataset),
+        collate_fn=PadToLongest(pad_token_id),
+    )
+
+
+def forever(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches from ``loader``, epoch after epoch."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ValueError("the training loader yielded no batch")

@@ -1,0 +1,41 @@
+"""Classification metrics from a confusion matrix: accuracy, macro-F1, Matthews correlation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def confusion_matrix(
+    labels: Sequence[int], predictions: Sequence[int], num_classes: int
+) -> np.ndarray:
+    """``C[i, j]`` = number of examples of true class i predicted as class j."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(
+        matrix, (np.asarray(labels, dtype=np.int64), np.asarray(predictions, dtype=np.int64)), 1
+    )
+    return matrix
+
+
+def classification_metrics(confusion: np.ndarray) -> dict[str, float]:
+    """Accuracy, macro-F1 and the multi-class Matthews correlation (Gorodkin's R_K).
+
+    MCC = (c·s − Σ_k p_k t_k) / sqrt((s² − Σ_k p_k²)(s² − Σ_k t_k²)), with c correct predictions,
+    s examples, p_k predictions of class k and t_k true members of class k; 0 when undefined.
+    """
+    confusion = confusion.astype(np.float64)
+    total = confusion.sum()
+    correct = np.trace(confusion)
+    predicted = confusion.sum(axis=0)
+    true = confusion.sum(axis=1)
+    tp = np.diag(confusion)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f1 = np.where(predicted + true > 0, 2 * tp / (predicted + true), 0.0)
+    denominator = np.sqrt((total**2 - (predicted**2).sum()) * (total**2 - (true**2).sum()))
+    mcc = (correct * total - (predicted * true).sum()) / denominator if denominator > 0 else 0.0
+    return {
+        "accuracy": float(correct / total) if total else 0.0,
+        "macro_f1": float(f1.mean()),
+        "mcc": float(mcc),
+    }

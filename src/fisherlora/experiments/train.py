@@ -1,0 +1,345 @@
+"""One fine-tuning run: data → method.build → method.prepare → the training loop → evaluation → files.
+
+The loop is plain PyTorch a reader can follow top to bottom: AdamW, a linear schedule with
+warm-up, gradient clipping, optional gradient accumulation, evaluation on the held-out split at
+intervals. Methods act only through the five steps of the ``Method`` protocol.
+
+A run directory holds ``config.json`` (written first), ``curve.csv``, ``adapter/`` and
+``metrics.json`` (written last, so its presence marks a finished run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import random
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from peft import LoraConfig, PeftModel
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from fisherlora.adapters import resolve_targets
+from fisherlora.errors import ConfigError
+from fisherlora.experiments.batching import TokenizedTexts, eval_loader, forever, train_loader
+from fisherlora.experiments.metrics import classification_metrics, confusion_matrix
+from fisherlora.experiments.models import default_targets, load_model
+from fisherlora.experiments.tasks import Task, load_task
+from fisherlora.methods import get_method
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run (all of it is written to ``config.json``)."""
+
+    task: str = "rotten-tomatoes"
+    data: str | None = None  # a CSV/TSV/JSONL/JSON file instead of a named task
+    test_data: str | None = None  # a separate test file for ``data``
+    text_column: str = "text"
+    label_column: str = "label"
+    model: str = "minilm"
+    method: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0  # LoRA dropout
+    rslora: bool = False  # scale by α/√r instead of α/r
+    targets: list[str] | None = (
+        None  # None: the architecture's default (see models.DEFAULT_TARGETS)
+    )
+    steps: int = 300  # optimizer steps
+    batch_size: int = 32  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06  # share of the steps with a linearly rising learning rate
+    max_grad_norm: float = 1.0  # clipping; 0 turns it off
+    max_length: int = 128  # tokens per text after truncation
+    group_by_length: bool = True  # batches of similar length (less padding, faster steps)
+    eval_every: int = 100  # steps between evaluations; 0: only at the end
+    eval_batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    out: str | None = None  # run directory; None writes nothing
+
+    def __post_init__(self) -> None:
+        positive = {
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "lr": self.lr,
+            "max_length": self.max_length,
+            "eval_batch_size": self.eval_batch_size,
+        }
+        for name, value in positive.items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        for name in ("rank", "steps", "batch_size", "grad_accum", "max_length", "eval_batch_size"):
+            if int(getattr(self, name)) != getattr(self, name):
+                raise ConfigError(f"{name} must be a whole number, got {getattr(self, name)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0 or self.eval_every < 0:
+            raise ConfigError("weight_decay, max_grad_norm and eval_every must not be negative")
+        if self.targets is not None and not self.targets:
+            raise ConfigError("targets must name at least one module")
+
+
+@dataclass
+class RunResult:
+    """What a run measured; ``metrics`` is also written to ``metrics.json``."""
+
+    metrics: dict[str, Any]
+    curve: pd.DataFrame
+    model: PeftModel = field(repr=False)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA device")
+    return device
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated GPU memory on CUDA; otherwise the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def library_versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    from fisherlora import __version__
+
+    return {
+        "fisherlora": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, loader, num_labels: int, device: torch.device
+) -> tuple[dict[str, float], np.ndarray]:
+    """Accuracy, macro-F1, MCC and the confusion matrix of ``model`` on ``loader``."""
+    was_training = model.training
+    model.eval()
+    labels, predictions = [], []
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        predictions.append(logits.argmax(dim=-1).cpu())
+        labels.append(batch["labels"].cpu())
+    model.train(was_training)
+    confusion = confusion_matrix(
+        torch.cat(labels).numpy(), torch.cat(predictions).numpy(), num_labels
+    )
+    return classification_metrics(confusion), confusion
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adapter = sum(
+        p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n
+    )
+    return {
+        "trainable_params": trainable,
+        "adapter_params": adapter,
+        "total_params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def train(config: TrainConfig, *, task: Task | None = None, progress: bool = True) -> RunResult:
+    """Fine-tune ``config.model`` on ``config.task`` with ``config.method`` and evaluate it."""
+    run_start = time.perf_counter()
+    device = resolve_device(config.device)
+    method = get_method(config.method)
+    task = task or load_task(
+        config.task,
+        data=config.data,
+        test_data=config.test_data,
+        text_column=config.text_column,
+        label_column=config.label_column,
+    )
+    set_seed(config.seed)
+    base_model, tokenizer = load_model(config.model, task.num_labels, seed=config.seed)
+    targets = list(config.targets) if config.targets else default_targets(base_model)
+    resolve_targets(base_model, targets)
+    lora_config = LoraConfig(
+        task_type="SEQ_CLS",
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        use_rslora=config.rslora,
+    )
+
+    out = Path(config.out) if config.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").unlink(missing_ok=True)  # a rerun is unfinished until it ends
+        settings = dataclasses.asdict(config) | {"targets": targets}
+        (out / "config.json").write_text(
+            json.dumps(
+                {
+                    "settings": settings,
+                    "task": {"name": task.name, **task.sizes(), "class_names": task.class_names},
+                    "versions": library_versions(),
+                    "device": str(device),
+                },
+                indent=2,
+            )
+        )
+
+    pad_id = tokenizer.pad_token_id
+    train_set = TokenizedTexts(task.train_texts, task.train_labels, tokenizer, config.max_length)
+    test_set = TokenizedTexts(task.test_texts, task.test_labels, tokenizer, config.max_length)
+    batches = forever(
+        train_loader(
+            train_set,
+            pad_id,
+            config.batch_size,
+            seed=config.seed,
+            group_by_length=config.group_by_length,
+        )
+    )
+    # Calibration reads training data only, in an order of its own, so that the training batches
+    # are the same whichever method runs.
+    calibration_loader = train_loader(
+        train_set,
+        pad_id,
+        config.batch_size,
+        seed=config.seed + 1,
+        group_by_length=config.group_by_length,
+    )
+    test_batches = eval_loader(test_set, pad_id, config.eval_batch_size)
+
+    base_model.to(device)
+    started = time.perf_counter()
+    model = method.build(base_model, lora_config)
+    build_time = time.perf_counter() - started
+    started = time.perf_counter()
+    prepare_info = method.prepare(model, calibration_loader)
+    prepare_time = time.perf_counter() - started
+
+    # Re-seed so that training noise (dropout) does not depend on how much randomness the
+    # method's initialisation consumed.
+    set_seed(config.seed)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=round(config.warmup_ratio * config.steps),
+        num_training_steps=config.steps,
+    )
+
+    curve_rows: list[dict[str, float]] = []
+    step_times: list[float] = []
+    losses_since_eval: list[float] = []
+    eval_time = 0.0
+    loop_start = time.perf_counter()
+    bar = tqdm(
+        range(1, config.steps + 1), desc=f"{method.name} train", disable=not progress, unit="step"
+    )
+    for step in bar:
+        step_start = time.perf_counter()
+        step_loss = 0.0
+        for _ in range(config.grad_accum):
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            loss = model(**batch).loss
+            extra = method.loss(model, step)
+            if extra is not None:
+                loss = loss + extra
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"the training loss became {loss.item()} at step {step}; try a lower --lr"
+                )
+            (loss / config.grad_accum).backward()
+            step_loss += loss.item() / config.grad_accum
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        method.after_backward(model, step)
+        optimizer.zero_grad(set_to_none=True)
+        step_times.append(time.perf_counter() - step_start)
+        losses_since_eval.append(step_loss)
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+
+        if step == config.steps or (config.eval_every and step % config.eval_every == 0):
+            eval_start = time.perf_counter()
+            scores, confusion = evaluate(model, test_batches, task.num_labels, device)
+            eval_time += time.perf_counter() - eval_start
+            curve_rows.append(
+                {
+                    "step": step,
+                    "train_loss": float(np.mean(losses_since_eval)),
+                    **scores,
+                    "wall_time_s": time.perf_counter() - loop_start,
+                }
+            )
+            losses_since_eval = []
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    bar.close()
+
+    train_time = time.perf_counter() - loop_start - eval_time
+    curve = pd.DataFrame(curve_rows)
+    metrics = {
+        "task": task.name,
+        "model": config.model,
+        "method": method.name,
+        "seed": config.seed,
+        **scores,
+        "confusion_matrix": confusion.tolist(),
+        "class_names": task.class_names,
+        **count_parameters(model),
+        "timings": {
+            "median_step_s": statistics.median(step_times),
+            "train_s": train_time,
+            "eval_s": eval_time,
+            "build_s": build_time,
+            "init_s": prepare_time,  # calibration / data-driven initialisation
+            "total_s": time.perf_counter() - run_start,
+            "peak_memory_mb": peak_memory_mb(device),
+        },
+        "prepare": prepare_info,
+    }
+    if out is not None:
+        curve.to_csv(out / "curve.csv", index=False)
+        method.export(model, out / "adapter")
+        metrics["timings"]["total_s"] = time.perf_counter() - run_start
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return RunResult(metrics=metrics, curve=curve, model=model)

@@ -1,0 +1,61 @@
+"""The shape every method has, so the runner and a user's own loop treat all methods alike.
+
+A method acts at up to five points of a fine-tuning run and does nothing at the others:
+
+1. ``build``          inject the adapters into the base model (PEFT's ``get_peft_model``);
+2. ``prepare``        before the optimizer exists: calibration passes, rank allocation, inits;
+3. ``loss``           an extra term added to the task loss at every micro-batch;
+4. ``after_backward`` once per optimizer step, after ``optimizer.step()``, before the gradients
+                      are zeroed (where AdaLoRA's allocator and Fisher accumulators act);
+5. ``export``         write a stock PEFT adapter that ``PeftModel.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+
+@runtime_checkable
+class Method(Protocol):
+    name: str
+
+    def build(self, base_model: PreTrainedModel, lora_config: LoraConfig) -> PeftModel: ...
+
+    def prepare(
+        self, model: PeftModel, calibration_loader: Iterable[dict[str, torch.Tensor]]
+    ) -> dict[str, Any]: ...
+
+    def loss(self, model: PeftModel, step: int) -> torch.Tensor | None: ...
+
+    def after_backward(self, model: PeftModel, step: int) -> None: ...
+
+    def export(self, model: PeftModel, out_dir: str | Path) -> None: ...
+
+
+class AdapterMethod:
+    """Plain LoRA behaviour at every step; a method overrides only the steps where it differs."""
+
+    name = "lora"
+
+    def build(self, base_model: PreTrainedModel, lora_config: LoraConfig) -> PeftModel:
+        return get_peft_model(base_model, lora_config)
+
+    def prepare(
+        self, model: PeftModel, calibration_loader: Iterable[dict[str, torch.Tensor]]
+    ) -> dict[str, Any]:
+        return {}
+
+    def loss(self, model: PeftModel, step: int) -> torch.Tensor | None:
+        return None
+
+    def after_backward(self, model: PeftModel, step: int) -> None:
+        return None
+
+    def export(self, model: PeftModel, out_dir: str | Path) -> None:
+        model.save_pretrained(str(out_dir))

@@ -1,0 +1,156 @@
+"""Property tests for the integer rank allocator (no torch needed)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fisherlora.allocate import water_fill
+from fisherlora.errors import ConfigError
+
+NAMES = [f"layer{i}.{p}" for i in range(6) for p in ("q", "v")]
+SCORE = st.one_of(
+    st.sampled_from([0.0, 1.0, 2.0]),  # zeros and ties
+    st.floats(min_value=0.0, max_value=1e6, allow_nan=False, allow_infinity=False),
+)
+FAST = settings(max_examples=200, deadline=None)
+
+
+@st.composite
+def ranks_case(draw):
+    names = draw(st.lists(st.sampled_from(NAMES), min_size=1, max_size=8, unique=True))
+    scores = {m: draw(SCORE) for m in names}
+    if draw(st.booleans()):
+        scores = dict.fromkeys(names, 0.0)
+    r_min = draw(st.integers(1, 4))
+    r_max = draw(st.integers(r_min, 16))
+    budget = draw(st.integers(len(names) * r_min, len(names) * r_max))
+    return scores, budget, r_min, r_max
+
+
+@st.composite
+def params_case(draw):
+    scores, _, r_min, r_max = draw(ranks_case())
+    costs = {m: draw(st.integers(1, 50)) for m in scores}
+    least = r_min * sum(costs.values())
+    budget = draw(st.integers(least, least + (r_max + 2) * sum(costs.values())))
+    return scores, budget, r_min, r_max, costs
+
+
+@FAST
+@given(ranks_case(), st.randoms(use_true_random=False))
+def test_ranks_mode_properties(case, rng):
+    scores, budget, r_min, r_max = case
+    ranks = water_fill(scores, budget, r_min, r_max)
+    assert set(ranks) == set(scores)
+    assert sum(ranks.values()) == budget
+    assert all(r_min <= r <= r_max for r in ranks.values())
+    assert water_fill(scores, budget, r_min, r_max) == ranks
+    items = list(scores.items())
+    rng.shuffle(items)
+    assert water_fill(dict(items), budget, r_min, r_max) == ranks
+    for a in scores:
+        for b in scores:
+            # Holds exactly: water-filled targets are monotone in the score (computed in rational
+            # arithmetic), and largest remainder only breaks ties between equal targets, which
+            # for different scores are both clamped to an integer bound and so get no extra unit.
+            if scores[a] > scores[b]:
+                assert ranks[a] >= ranks[b]
+            if scores[a] == scores[b]:
+                assert abs(ranks[a] - ranks[b]) <= 1
+
+
+@FAST
+@given(params_case())
+def test_parameter_mode_properties(case):
+    scores, budget, r_min, r_max, costs = case
+    ranks = water_fill(scores, budget, r_min, r_max, costs)
+    assert set(ranks) == set(scores)
+    spent = sum(ranks[m] * costs[m] for m in ranks)
+    assert spent <= budget
+    assert all(r_min <= r <= r_max for r in ranks.values())
+    for m in ranks:  # maximal: nobody below r_max fits one more rank
+        assert ranks[m] == r_max or spent + costs[m] > budget
+    assert water_fill(dict(reversed(scores.items())), budget, r_min, r_max, costs) == ranks
+
+
+@FAST
+@given(ranks_case())
+def test_unit_costs_match_ranks_mode(case):
+    scores, budget, r_min, r_max = case
+    ones = dict.fromkeys(scores, 1)
+    assert water_fill(scores, budget, r_min, r_max, ones) == water_fill(
+        scores, budget, r_min, r_max
+    )
+
+
+@FAST
+@given(st.integers(1, 12), st.integers(1, 3), st.integers(0, 40))
+def test_equal_scores_differ_by_at_most_one(n, r_min, extra):
+    names = NAMES[:n]
+    r_max = r_min + 5
+    budget = min(n * r_min + extra, n * r_max)
+    ranks = water_fill(dict.fromkeys(names, 0.5), budget, r_min, r_max)
+    assert max(ranks.values()) - min(ranks.values()) <= 1
+    assert sum(ranks.values()) == budget
+
+
+def test_hand_checked_examples():
+    assert water_fill({"a": 3, "b": 1}, 8, 1, 16) == {"a": 6, "b": 2}
+    # a's target 11.96 is capped at 8; the other 4 ranks split 4/3 each, the spare unit to "b".
+    scores = {"d": 1.0, "c": 1.0, "b": 1.0, "a": 1000.0}
+    assert water_fill(scores, 12, 1, 8) == {"a": 8, "b": 2, "c": 1, "d": 1}
+    # b (score 0) is lifted to r_min and a gets the rest.
+    assert water_fill({"a": 10, "b": 0}, 6, 2, 16) == {"a": 4, "b": 2}
+    # All zero scores count as equal.
+    assert water_fill({"a": 0, "b": 0, "c": 0}, 7, 1, 4) == {"a": 3, "b": 2, "c": 2}
+    # Parameters: targets 5 and 5/3 ranks -> floors cost 80; b's extra rank (30) does not fit,
+    # a takes two more (10 each), spending exactly 100.
+    assert water_fill({"a": 1, "b": 1}, 100, 1, 10, {"a": 10, "b": 30}) == {"a": 7, "b": 1}
+
+
+def test_parameter_budget_beyond_all_r_max_saturates():
+    assert water_fill({"a": 1, "b": 0}, 10**6, 1, 8, {"a": 3, "b": 5}) == {"a": 8, "b": 8}
+
+
+@pytest.mark.parametrize(
+    ("budget", "r_min", "r_max", "numbers"),
+    [(3, 2, 8, ["3", "2", "8", "4..16"]), (17, 1, 8, ["17", "1", "8", "2..16"])],
+)
+def test_infeasible_rank_budget_names_numbers(budget, r_min, r_max, numbers):
+    with pytest.raises(ConfigError) as err:
+        water_fill({"a": 1, "b": 2}, budget, r_min, r_max)
+    for text in [*numbers, "2 modules"]:
+        assert text in str(err.value)
+
+
+def test_infeasible_parameter_budget_names_numbers():
+    with pytest.raises(ConfigError, match=r"budget 50 .*below 60.*2 modules.*r_min=2"):
+        water_fill({"a": 1, "b": 2}, 50, 2, 8, {"a": 10, "b": 20})
+
+
+@pytest.mark.parametrize("bad", [math.nan, -1.0, math.inf])
+def test_bad_scores_name_the_module(bad):
+    with pytest.raises(ConfigError, match="layer1"):
+        water_fill({"layer0": 1.0, "layer1": bad}, 4, 1, 4)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (({}, 4, 1, 4), "no modules"),
+        (({"a": 1}, 4, 0, 4), "r_min"),
+        (({"a": 1}, 4, 5, 4), "r_max"),
+        (({"a": 1}, 4.0, 1, 4), "budget"),
+        (({"a": 1, "b": 1}, 40, 1, 4, {"a": 3}), r"missing costs \['b'\]"),
+        (({"a": 1}, 40, 1, 4, {"a": 3, "z": 1}), r"without scores \['z'\]"),
+        (({"a": 1}, 40, 1, 4, {"a": 0}), "cost of module 'a'"),
+        (({"a": 1}, 40, 1, 4, {"a": 2.5}), "positive int"),
+    ],
+)
+def test_bad_inputs_raise_config_error(args, match):
+    with pytest.raises(ConfigError, match=match):
+        water_fill(*args)
