@@ -35,3 +35,75 @@ def keyword_task() -> Task:
     return Task(
         "keywords", train_texts, train_labels, test_texts, test_labels, ["negative", "positive"]
     )
+
+
+def tiny_peft_model(
+    arch: str = "bert", *, rank: int = 8, seed: int = 0, rslora: bool = False, **lora
+):
+    """A random hidden-32 BERT- or Llama-style classifier with LoRA on every linear target."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+    )
+
+    torch.manual_seed(seed)
+    if arch == "bert":
+        config = BertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            num_labels=2,
+            hidden_dropout_prob=0.1,
+        )
+        base, targets = BertForSequenceClassification(config), ["query", "key", "value", "dense"]
+    else:
+        config = LlamaConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            num_labels=2,
+            pad_token_id=0,
+        )
+        base = LlamaForSequenceClassification(config)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora_config = LoraConfig(
+        task_type="SEQ_CLS",
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=targets,
+        use_rslora=rslora,
+        **lora,
+    )
+    return get_peft_model(base, lora_config)
+
+
+def random_batches(
+    n: int, batch_size: int = 4, seq: int = 12, seed: int = 0, pad_to: int | None = None
+):
+    """Token batches with right padding (ids 1..99, pad 0) and binary labels."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        lengths = torch.randint(seq // 2, seq + 1, (batch_size,), generator=g)
+        width = pad_to or seq
+        ids = torch.randint(1, 100, (batch_size, width), generator=g)
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        batches.append(
+            {
+                "input_ids": ids * mask,
+                "attention_mask": mask,
+                "labels": torch.randint(0, 2, (batch_size,), generator=g),
+            }
+        )
+    return batches

@@ -13,6 +13,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ConfigError": "fisherlora.errors",
     "water_fill": "fisherlora.allocate",
+    "allocate_ranks": "fisherlora.methods.fim_lora",
+    "random_ranks": "fisherlora.methods.fim_lora",
+    "RankPlan": "fisherlora.methods.fim_lora",
+    "CalibrationError": "fisherlora.errors",
+    "FisherLoraError": "fisherlora.errors",
     "METHODS": "fisherlora.methods",
     "Method": "fisherlora.methods",
     "get_method": "fisherlora.methods",

@@ -8,7 +8,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from fisherlora.errors import ConfigError
+from fisherlora.errors import ConfigError, FisherLoraError
 from fisherlora.experiments.train import TrainConfig, train
 
 DEFAULTS = TrainConfig()
@@ -40,13 +40,45 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULTS.model,
         help="registry name (minilm, tiny-bert, tiny-llama), local folder or hub name",
     )
-    model.add_argument("--method", default=DEFAULTS.method, help="adapter method (lora)")
+    model.add_argument("--method", default=DEFAULTS.method, help="lora, fim-lora or random-rank")
     model.add_argument("--rank", type=int, default=DEFAULTS.rank)
     model.add_argument("--alpha", type=float, default=DEFAULTS.alpha)
     model.add_argument("--dropout", type=float, default=DEFAULTS.dropout, help="LoRA dropout")
     model.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
     model.add_argument(
         "--targets", help="comma-separated module name suffixes (default: per architecture)"
+    )
+
+    calib = parser.add_argument_group("calibration and rank allocation (fim-lora, random-rank)")
+    calib.add_argument(
+        "--calib-batches",
+        type=int,
+        default=DEFAULTS.calib_batches,
+        help="forward/backward passes on training data before training",
+    )
+    calib.add_argument(
+        "--r-min", type=int, help="smallest rank a module may get (default: rank // 2)"
+    )
+    calib.add_argument(
+        "--r-max", type=int, help="largest rank a module may get (default: 2 x rank)"
+    )
+    calib.add_argument(
+        "--budget",
+        default=DEFAULTS.budget,
+        choices=["ranks", "params"],
+        help="keep the total rank (ranks) or the total adapter parameters (params)",
+    )
+    calib.add_argument(
+        "--score",
+        default=DEFAULTS.score,
+        choices=["mean", "max", "l2"],
+        help="reduction of a module's Fisher diagonal to its score",
+    )
+    calib.add_argument(
+        "--estimator",
+        default=DEFAULTS.estimator,
+        choices=["batch", "per_example"],
+        help="squared batch gradients (paper) or per-example squared gradients",
     )
 
     loop = parser.add_argument_group("training")
@@ -117,6 +149,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         group_by_length=not args.no_group_by_length,
         eval_every=args.eval_every,
         eval_batch_size=args.eval_batch_size,
+        calib_batches=args.calib_batches,
+        r_min=args.r_min,
+        r_max=args.r_max,
+        budget=args.budget,
+        score=args.score,
+        estimator=args.estimator,
         seed=args.seed,
         device=args.device,
         out=args.out,
@@ -136,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = {k: result.metrics[k] for k in ("method", "accuracy", "macro_f1", "mcc")}
             summary["total_s"] = round(result.metrics["timings"]["total_s"], 1)
             print(json.dumps(summary))
-    except ConfigError as err:
+    except (FisherLoraError, FloatingPointError) as err:
         print(f"fisherlora: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,9 +1,16 @@
-"""The one exception type for input a user can fix (bad names, files, numbers)."""
+"""Exceptions for problems a user can act on; the command-line tool prints them without a traceback."""
 
 
-class ConfigError(ValueError):
-    """A setting, file or data set that cannot be used as given.
+class FisherLoraError(ValueError):
+    """Base class: the message names the offending value and, where there is one, the fix."""
 
-    The message names the offending value and, where there is a fixed set, the valid choices.
-    The command-line tool prints it without a traceback.
-    """
+
+class ConfigError(FisherLoraError):
+    """A setting, file, model or data set that cannot be used as given (bad names, numbers,
+    files, columns, target modules, infeasible budgets). Where there is a fixed set of valid
+    choices, the message lists them."""
+
+
+class CalibrationError(FisherLoraError):
+    """Calibration data that cannot be used: an empty loader, a batch without labels, or
+    non-finite gradients or statistics (the message names the module)."""

@@ -66,6 +66,12 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # clipping; 0 turns it off
     max_length: int = 128  # tokens per text after truncation
     group_by_length: bool = True  # batches of similar length (less padding, faster steps)
+    calib_batches: int = 8  # calibration passes of data-driven methods (fim-lora, ...)
+    r_min: int | None = None  # rank bounds of rank-allocating methods; None: max(1, r // 2)
+    r_max: int | None = None  # None: 2 r
+    budget: str = "ranks"  # rank budget counted in "ranks" or "params"
+    score: str = "mean"  # FIM-LoRA score reduction: mean, max, l2
+    estimator: str = "batch"  # FIM-LoRA Fisher estimator: batch, per_example
     eval_every: int = 100  # steps between evaluations; 0: only at the end
     eval_batch_size: int = 128
     seed: int = 0
@@ -82,11 +88,20 @@ class TrainConfig:
             "lr": self.lr,
             "max_length": self.max_length,
             "eval_batch_size": self.eval_batch_size,
+            "calib_batches": self.calib_batches,
         }
         for name, value in positive.items():
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
-        for name in ("rank", "steps", "batch_size", "grad_accum", "max_length", "eval_batch_size"):
+        for name in (
+            "rank",
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "max_length",
+            "eval_batch_size",
+            "calib_batches",
+        ):
             if int(getattr(self, name)) != getattr(self, name):
                 raise ConfigError(f"{name} must be a whole number, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -95,6 +110,10 @@ class TrainConfig:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.weight_decay < 0 or self.max_grad_norm < 0 or self.eval_every < 0:
             raise ConfigError("weight_decay, max_grad_norm and eval_every must not be negative")
+        for name in ("r_min", "r_max"):
+            value = getattr(self, name)
+            if value is not None and (int(value) != value or value < 1):
+                raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
         if self.targets is not None and not self.targets:
             raise ConfigError("targets must name at least one module")
 
@@ -181,11 +200,17 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     }
 
 
+def method_options(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    """The settings a method may take (each method's constructor picks the ones it knows)."""
+    names = ("calib_batches", "r_min", "r_max", "budget", "score", "estimator", "seed")
+    return {name: getattr(config, name) for name in names} | {"progress": progress}
+
+
 def train(config: TrainConfig, *, task: Task | None = None, progress: bool = True) -> RunResult:
     """Fine-tune ``config.model`` on ``config.task`` with ``config.method`` and evaluate it."""
     run_start = time.perf_counter()
     device = resolve_device(config.device)
-    method = get_method(config.method)
+    method = get_method(config.method, method_options(config, progress))
     task = task or load_task(
         config.task,
         data=config.data,
@@ -253,6 +278,8 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
     started = time.perf_counter()
     prepare_info = method.prepare(model, calibration_loader)
     prepare_time = time.perf_counter() - started
+    if out is not None:
+        method.save_report(out)
 
     # Re-seed so that training noise (dropout) does not depend on how much randomness the
     # method's initialisation consumed.

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from fisherlora.errors import ConfigError
 from fisherlora.methods.base import AdapterMethod, Method
+from fisherlora.methods.fim_lora import FimLoRA, RandomRank
 from fisherlora.methods.peers import LoRA
 
-METHODS: dict[str, Callable[[], Method]] = {
+METHODS: dict[str, Callable[..., Method]] = {
     "lora": LoRA,
+    "fim-lora": FimLoRA,
+    "random-rank": RandomRank,
 }
 
 
-def get_method(name: str) -> Method:
-    """A fresh method object for ``name``; unknown names list the valid ones."""
+def get_method(name: str, options: Mapping[str, Any] | None = None) -> Method:
+    """A fresh method object for ``name``, built from the ``options`` its constructor accepts
+    (the runner passes all of its method settings; each method takes the ones it knows)."""
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; available methods are {sorted(METHODS)}")
-    return METHODS[name]()
+    factory = METHODS[name]
+    accepted = inspect.signature(factory).parameters
+    return factory(**{k: v for k, v in (options or {}).items() if k in accepted})
 
 
 __all__ = ["METHODS", "AdapterMethod", "Method", "get_method"]

@@ -8,6 +8,9 @@ A method acts at up to five points of a fine-tuning run and does nothing at the 
 4. ``after_backward`` once per optimizer step, after ``optimizer.step()``, before the gradients
                       are zeroed (where AdaLoRA's allocator and Fisher accumulators act);
 5. ``export``         write a stock PEFT adapter that ``PeftModel.from_pretrained`` loads.
+
+Optionally a method also has ``save_report(out_dir)``, which the runner calls after ``prepare``
+to write the method's own files (a rank map, an energy spectrum) into the run directory.
 """
 
 from __future__ import annotations
@@ -59,3 +62,6 @@ class AdapterMethod:
 
     def export(self, model: PeftModel, out_dir: str | Path) -> None:
         model.save_pretrained(str(out_dir))
+
+    def save_report(self, out_dir: str | Path) -> None:
+        return None

@@ -1,0 +1,146 @@
+"""Calibration passes and the hooks that see a layer's input ``x`` and output gradient ``g``.
+
+Everything here is a context manager or a generator that restores the model however it exits:
+hooks are removed, train/eval mode, ``requires_grad`` flags and ``.grad`` are put back, and no
+attribute is left on any module.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fisherlora.errors import CalibrationError
+
+# (module name, input x, output gradient g, token mask or None)
+IOCallback = Callable[[str, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
+
+
+def token_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """``[batch, seq]`` mask of the tokens that count: attention mask, and for token-level labels
+    (language modelling) also ``labels != -100``. ``None`` when the batch has no attention mask."""
+    mask = batch.get("attention_mask")
+    labels = batch.get("labels")
+    if labels is not None and mask is not None and labels.shape == mask.shape:
+        mask = mask * (labels != -100)
+    return None if mask is None else mask.to(torch.float32)
+
+
+def apply_mask(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero the rows of padded tokens in a ``[batch, seq, features]`` tensor; other shapes (a
+    pooler's ``[batch, features]``) pass unchanged."""
+    if mask is None or t.dim() != 3 or t.shape[:2] != mask.shape:
+        return t
+    return t * mask.unsqueeze(-1).to(t.dtype)
+
+
+@contextmanager
+def capture_io(
+    modules: Mapping[str, nn.Module], callback: IOCallback, mask_ref: list
+) -> Iterator[None]:
+    """Call ``callback(name, x, g, mask)`` in the backward pass of every module in ``modules``.
+
+    ``x`` is the module's (first) input and ``g = ∂L/∂y`` the gradient of its output, both
+    detached and in float32; ``mask_ref[0]`` holds the current batch's token mask (set by the
+    caller before each forward pass). The forward hooks are removed on exit, also on error; the
+    per-output tensor hooks die with the autograd graph.
+    """
+    handles = []
+
+    def make_hook(name: str):
+        def forward_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if not output.requires_grad:
+                return
+            x = inputs[0].detach()
+            mask = mask_ref[0]
+            output.register_hook(lambda g: callback(name, x.float(), g.detach().float(), mask))
+
+        return forward_hook
+
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(make_hook(name)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def calibration_mode(
+    model: nn.Module, trainable: Iterable[nn.Parameter], dropout: bool = False
+) -> Iterator[None]:
+    """Eval mode (dropout off) unless ``dropout``; only ``trainable`` parameters get gradients.
+
+    On exit every parameter's ``requires_grad`` is restored, every ``.grad`` is cleared (there
+    is no optimizer step in a calibration) and the model's train/eval modes are restored.
+    """
+    modes = {m: m.training for m in model.modules()}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    keep = {id(p) for p in trainable}
+    try:
+        model.train(dropout)
+        for p in model.parameters():
+            p.requires_grad_(id(p) in keep)
+            p.grad = None
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+        for m, training in modes.items():
+            m.training = training
+
+
+def calibration_batches(
+    loader: Iterable[Mapping[str, torch.Tensor]],
+    n_batches: int,
+    device: torch.device,
+    *,
+    progress: bool = True,
+    desc: str = "calibration",
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Up to ``n_batches`` batches from ``loader`` on ``device``, each checked to carry labels.
+
+    Raises :class:`CalibrationError` for an empty loader or a batch without ``labels``; warns,
+    naming the count used, when the loader runs out before ``n_batches``.
+    """
+    if n_batches < 1:
+        raise CalibrationError(f"n_batches must be at least 1, got {n_batches}")
+    used = 0
+    bar = tqdm(total=n_batches, desc=desc, disable=not progress, unit="batch", leave=False)
+    try:
+        for batch in loader:
+            if "labels" not in batch:
+                raise CalibrationError(
+                    f"calibration batch {used} has no 'labels' (keys: {sorted(batch)}); the Fisher "
+                    "statistics need the task loss"
+                )
+            yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            used += 1
+            bar.update(1)
+            if used == n_batches:
+                break
+    finally:
+        bar.close()
+    if used == 0:
+        raise CalibrationError("the calibration loader yielded no batch")
+    if used < n_batches:
+        warnings.warn(
+            f"the calibration loader ran out after {used} of the {n_batches} batches asked for; "
+            f"the statistics use {used}",
+            stacklevel=2,
+        )
+
+
+def check_finite(name: str, tensor: torch.Tensor, what: str = "gradient") -> None:
+    if not torch.isfinite(tensor).all():
+        raise CalibrationError(
+            f"non-finite {what} (NaN or inf) in module {name!r} during calibration; check the data "
+            "and the model's dtype (fp16 overflows easily)"
+        )

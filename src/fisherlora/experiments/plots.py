@@ -1,0 +1,61 @@
+"""Plots written into run directories (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+
+
+def layer_and_kind(name: str) -> tuple[str, str]:
+    """Split a module name at its layer index: ``bert.encoder.layer.3.attention.self.query`` →
+    ``("3", "attention.self.query")``; names without one (``bert.pooler.dense``) → ``("-", name)``
+    shortened to its last two parts."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if re.fullmatch(r"\d+", part):
+            return part, ".".join(parts[i + 1 :]) or parts[i - 1]
+    return "-", ".".join(parts[-2:])
+
+
+def module_grid(values: Mapping[str, float]) -> pd.DataFrame:
+    """Per-module values as a table: one row per layer (numeric order, un-numbered last), one
+    column per module type (in order of first appearance)."""
+    rows = [(*layer_and_kind(name), value) for name, value in values.items()]
+    frame = pd.DataFrame(rows, columns=["layer", "module", "value"])
+    table = frame.pivot_table(
+        index="layer", columns="module", values="value", aggfunc="first", sort=False
+    )
+    order = sorted(table.index, key=lambda layer: (layer == "-", int(layer) if layer != "-" else 0))
+    return table.loc[order, list(dict.fromkeys(frame["module"]))]
+
+
+def plot_rank_map(ranks: Mapping[str, int], base_rank: int, path: str | Path, title: str) -> None:
+    """Heatmap of allocated ranks (layer × module type), each cell annotated with its rank;
+    colours diverge around the base rank, so gains and losses read at a glance."""
+    table = module_grid(ranks)
+    values = table.to_numpy(dtype=float)
+    spread = max(1.0, float(abs(pd.DataFrame(values - base_rank).stack()).max()))
+    fig, ax = plt.subplots(figsize=(1.3 * table.shape[1] + 2.5, 0.45 * table.shape[0] + 1.8))
+    image = ax.imshow(
+        values, cmap="RdBu", vmin=base_rank - spread, vmax=base_rank + spread, aspect="auto"
+    )
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if values[i, j] == values[i, j]:  # not NaN (a module type missing in this layer)
+                ax.text(j, i, f"{int(values[i, j])}", ha="center", va="center", fontsize=9)
+    ax.set_xticks(range(table.shape[1]), table.columns, rotation=30, ha="right")
+    ax.set_yticks(range(table.shape[0]), table.index)
+    ax.set_xlabel("module type")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label=f"rank (base {base_rank})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

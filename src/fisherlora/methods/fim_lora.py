@@ -1,0 +1,373 @@
+"""FIM-LoRA: task-informative rank allocation from calibration-time Fisher information.
+
+1. LoRA is injected at base rank r on every target module (A random, B = 0).
+2. ``n_batches`` forward/backward passes on training data (dropout off, no optimizer step)
+   accumulate the diagonal empirical Fisher of each module's B:
+
+       batch:        F_m = (1/T) Σ_t (∂L_t/∂B_m)²                 (L_t the loss of batch t)
+       per_example:  F_m = (1/N) Σ_i (∂ℓ_i/∂B_m)²                 (ℓ_i the loss of example i)
+
+   B's gradient is read because A's is exactly zero while B = 0 (∂L/∂A = s Bᵀ g xᵀ = 0).
+3. A module's score is ``mean(F_m)`` (or ``max``, or the norm ``‖F_m‖₂``).
+4. Integer ranks in proportion to the scores, ``r_min ≤ r_m ≤ r_max``, summing exactly to the
+   budget ``Σ_m r`` (or, counted in parameters, to the largest total ``Σ_m r_m (n_m + m_m)`` not
+   above ``Σ_m r (n_m + m_m)``): :func:`fisherlora.allocate.water_fill`.
+5. Every adapter is resized in place and keeps its scaling ``s`` (``α_m = s · r_m``), written to
+   the config's ``rank_pattern`` / ``alpha_pattern`` so that stock PEFT reloads the adapter.
+
+``random-rank`` is the control: the same allocator fed seeded uniform random scores.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from fisherlora.adapters import apply_ranks, lora_layers
+from fisherlora.allocate import water_fill
+from fisherlora.capture import (
+    apply_mask,
+    calibration_batches,
+    calibration_mode,
+    capture_io,
+    check_finite,
+    token_mask,
+)
+from fisherlora.errors import ConfigError
+from fisherlora.methods.base import AdapterMethod
+from fisherlora.stats import all_reduce_mean, all_reduce_sum, per_example_sq_grad, reduce_score
+
+BUDGETS = ("ranks", "params")
+SCORES = ("mean", "max", "l2")
+ESTIMATORS = ("batch", "per_example")
+
+
+@dataclass
+class RankPlan:
+    """The outcome of a rank allocation: per-module scores, old and new ranks, and the budget."""
+
+    scores: dict[str, float]
+    old_ranks: dict[str, int]
+    ranks: dict[str, int]
+    alphas: dict[str, float]
+    costs: dict[str, int]  # parameters per rank unit: n_m + m_m
+    budget: int  # in ranks or in parameters, see budget_mode
+    budget_mode: str
+    r_min: int
+    r_max: int
+    score: str
+    estimator: str
+    calibration_batches: int
+    calibration_s: float
+    allocation_s: float
+
+    @property
+    def base_rank(self) -> int:
+        return max(set(self.old_ranks.values()), key=list(self.old_ranks.values()).count)
+
+    def spent(self) -> int:
+        """What the allocation uses of the budget, in the budget's unit."""
+        if self.budget_mode == "ranks":
+            return sum(self.ranks.values())
+        return sum(self.ranks[m] * self.costs[m] for m in self.ranks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"spent": self.spent()}
+
+    def rank_table(self):
+        """Ranks as a ``pandas.DataFrame``: one row per layer, one column per module type."""
+        from fisherlora.experiments.plots import module_grid
+
+        return module_grid(self.ranks)
+
+    def save(self, out_dir: str | Path, title: str = "FIM-LoRA rank map") -> None:
+        """Write ``ranks.json`` and the annotated heatmap ``rank_map.png`` into ``out_dir``."""
+        from fisherlora.experiments.plots import plot_rank_map
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ranks.json").write_text(json.dumps(self.to_dict(), indent=2))
+        plot_rank_map(self.ranks, self.base_rank, out / "rank_map.png", title)
+
+
+def _check_options(budget: str, score: str, estimator: str) -> None:
+    for label, value, choices in (
+        ("budget", budget, BUDGETS),
+        ("score", score, SCORES),
+        ("estimator", estimator, ESTIMATORS),
+    ):
+        if value not in choices:
+            raise ConfigError(f"unknown {label} {value!r}; choose one of {list(choices)}")
+
+
+def _allocation_problem(
+    model: PeftModel, budget: str, r_min: int | None, r_max: int | None
+) -> tuple[dict[str, int], dict[str, int], int, dict[str, int] | None, int, int]:
+    """Current ranks, per-rank costs ``n_m + m_m``, the budget (in ranks or parameters), the
+    costs to pass to the allocator (``None`` in ranks mode) and the rank bounds."""
+    adapter, layers = lora_layers(model)
+    old = {name: layer.r[adapter] for name, layer in layers.items()}
+    costs = {name: layer.in_features + layer.out_features for name, layer in layers.items()}
+    r = model.peft_config[adapter].r
+    low = max(1, r // 2) if r_min is None else r_min
+    high = 2 * r if r_max is None else r_max
+    if budget == "ranks":
+        return old, costs, sum(old.values()), None, low, high
+    return old, costs, sum(old[m] * costs[m] for m in old), costs, low, high
+
+
+def check_budget(
+    model: PeftModel, *, budget: str = "ranks", r_min: int | None = None, r_max: int | None = None
+) -> None:
+    """Raise ``ConfigError`` naming the numbers when the budget and bounds are infeasible."""
+    old, _, total, unit_costs, low, high = _allocation_problem(model, budget, r_min, r_max)
+    water_fill(dict.fromkeys(old, 1.0), total, low, high, unit_costs)
+
+
+def plan_ranks(
+    model: PeftModel,
+    scores: Mapping[str, float],
+    *,
+    r_min: int | None = None,
+    r_max: int | None = None,
+    budget: str = "ranks",
+    keep_scaling: bool = True,
+) -> RankPlan:
+    """Allocate ranks in proportion to ``scores`` and resize ``model`` in place (steps 4-5)."""
+    started = time.perf_counter()
+    old, costs, total, unit_costs, low, high = _allocation_problem(model, budget, r_min, r_max)
+    allocated = water_fill(dict(scores), total, low, high, unit_costs)
+    ranks = {name: allocated[name] for name in old}  # in the model's module order
+    alphas = apply_ranks(model, ranks, keep_scaling=keep_scaling)
+    return RankPlan(
+        scores=dict(scores),
+        old_ranks=old,
+        ranks=ranks,
+        alphas=alphas,
+        costs=costs,
+        budget=total,
+        budget_mode=budget,
+        r_min=low,
+        r_max=high,
+        score="",
+        estimator="",
+        calibration_batches=0,
+        calibration_s=0.0,
+        allocation_s=time.perf_counter() - started,
+    )
+
+
+def fisher_of_b(
+    model: PeftModel,
+    dataloader: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    n_batches: int = 8,
+    estimator: str = "batch",
+    dropout: bool = False,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Diagonal empirical Fisher of every LoRA B (float32, ``[out, r]``) and the batches used.
+
+    Raises ``CalibrationError`` naming the module on a NaN/inf gradient, for an empty loader or a
+    batch without labels. Only B gets gradients during the passes; all flags, modes and grads are
+    restored afterwards.
+    """
+    adapter, layers = lora_layers(model)
+    b_weights = {name: layer.lora_B[adapter].weight for name, layer in layers.items()}
+    fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in b_weights.items()}
+    device = next(iter(b_weights.values())).device
+    mask_ref: list = [None]
+    examples = torch.zeros((), dtype=torch.float64, device=device)
+    batch_size = [0]
+
+    def accumulate_per_example(name: str, u: torch.Tensor, g: torch.Tensor, mask) -> None:
+        # ∂ℓ_i/∂B = N · G_i for a loss averaged over the N examples of the batch.
+        sq = per_example_sq_grad(apply_mask(u, mask), g) * batch_size[0] ** 2
+        check_finite(name, sq)
+        fisher[name] += sq
+
+    per_example = estimator == "per_example"
+    hooks = capture_io(
+        {n: layer.lora_B[adapter] for n, layer in layers.items()} if per_example else {},
+        accumulate_per_example,
+        mask_ref,
+    )
+    used = 0
+    with calibration_mode(model, b_weights.values(), dropout=dropout), hooks:
+        for batch in calibration_batches(
+            dataloader, n_batches, device, progress=progress, desc="FIM-LoRA calibration"
+        ):
+            mask_ref[0] = token_mask(batch)
+            batch_size[0] = batch["labels"].shape[0]
+            model(**batch).loss.backward()
+            if not per_example:
+                for name, weight in b_weights.items():
+                    grad = all_reduce_mean(weight.grad.float())
+                    check_finite(name, grad)
+                    fisher[name] += grad.square()
+            for weight in b_weights.values():
+                weight.grad = None
+            examples += batch_size[0]
+            used += 1
+    count = all_reduce_sum(examples) if per_example else torch.tensor(float(used))
+    for name in fisher:
+        if per_example:
+            all_reduce_sum(fisher[name])
+        fisher[name] /= count.to(torch.float32)
+    return fisher, used
+
+
+def allocate_ranks(
+    model: PeftModel,
+    dataloader: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    n_batches: int = 8,
+    r_min: int | None = None,
+    r_max: int | None = None,
+    budget: str = "ranks",
+    score: str = "mean",
+    estimator: str = "batch",
+    keep_scaling: bool = True,
+    dropout: bool = False,
+    progress: bool = True,
+) -> RankPlan:
+    """FIM-LoRA: re-allocate the LoRA ranks of ``model`` by calibration-time Fisher information.
+
+    Args:
+        model: a ``PeftModel`` with one freshly initialised LoRA adapter (B = 0) at base rank r.
+            Changed in place: adapter shapes, ``rank_pattern``, ``alpha_pattern``; nothing else.
+        dataloader: batches of training data with ``labels`` (calibration never sees test data).
+        n_batches: forward/backward passes; fewer available gives a warning naming the count used.
+        r_min, r_max: rank bounds, default ``max(1, r // 2)`` and ``2 r``.
+        budget: ``"ranks"`` (Σ r_m = M r exactly) or ``"params"`` (Σ r_m (n_m + m_m) ≤ M r (n + m)
+            in total, the largest such allocation).
+        score: ``"mean"``, ``"max"`` or ``"l2"`` reduction of each module's Fisher diagonal.
+        estimator: ``"batch"`` (squared gradient of each batch loss, as the paper) or
+            ``"per_example"`` (mean of per-example squared gradients, from hooks).
+        keep_scaling: keep each module's scaling s of rank r (``α_m = s r_m``); else ``s_m = α/r_m``.
+        dropout: keep dropout on during calibration (off by default).
+        progress: show a progress bar.
+
+    Returns:
+        The :class:`RankPlan`. Raises ``ConfigError`` (bad options, infeasible bounds, no LoRA
+        layers, B ≠ 0) or ``CalibrationError`` (empty loader, no labels, NaN/inf gradients),
+        in every case before the model is changed.
+    """
+    _check_options(budget, score, estimator)
+    adapter, layers = lora_layers(model)
+    trained = [
+        n for n, layer in layers.items() if layer.lora_B[adapter].weight.detach().abs().sum() > 0
+    ]
+    if trained:
+        raise ConfigError(
+            f"allocate_ranks needs freshly initialised adapters (B = 0); B is non-zero in {trained[:3]}"
+        )
+    check_budget(model, budget=budget, r_min=r_min, r_max=r_max)
+    started = time.perf_counter()
+    fisher, used = fisher_of_b(
+        model,
+        dataloader,
+        n_batches=n_batches,
+        estimator=estimator,
+        dropout=dropout,
+        progress=progress,
+    )
+    calibration_s = time.perf_counter() - started
+    scores = {name: reduce_score(f, score) for name, f in fisher.items()}
+    plan = plan_ranks(
+        model, scores, r_min=r_min, r_max=r_max, budget=budget, keep_scaling=keep_scaling
+    )
+    plan.score, plan.estimator = score, estimator
+    plan.calibration_batches, plan.calibration_s = used, calibration_s
+    return plan
+
+
+def random_ranks(
+    model: PeftModel,
+    *,
+    seed: int = 0,
+    r_min: int | None = None,
+    r_max: int | None = None,
+    budget: str = "ranks",
+    keep_scaling: bool = True,
+) -> RankPlan:
+    """The random-rank control: :func:`allocate_ranks` with seeded uniform scores, no calibration."""
+    _check_options(budget, "mean", "batch")
+    _, layers = lora_layers(model)
+    rng = random.Random(seed)
+    scores = {name: rng.random() for name in sorted(layers)}
+    plan = plan_ranks(
+        model, scores, r_min=r_min, r_max=r_max, budget=budget, keep_scaling=keep_scaling
+    )
+    plan.score, plan.estimator = "uniform-random", f"seed {seed}"
+    return plan
+
+
+class FimLoRA(AdapterMethod):
+    """Runner method ``fim-lora``: :func:`allocate_ranks` before the optimizer exists."""
+
+    name = "fim-lora"
+
+    def __init__(
+        self,
+        calib_batches: int = 8,
+        r_min: int | None = None,
+        r_max: int | None = None,
+        budget: str = "ranks",
+        score: str = "mean",
+        estimator: str = "batch",
+        keep_scaling: bool = True,
+        progress: bool = True,
+    ) -> None:
+        _check_options(budget, score, estimator)
+        self.options = dict(
+            n_batches=calib_batches,
+            r_min=r_min,
+            r_max=r_max,
+            budget=budget,
+            score=score,
+            estimator=estimator,
+            keep_scaling=keep_scaling,
+            progress=progress,
+        )
+        self.plan: RankPlan | None = None
+
+    def prepare(self, model: PeftModel, calibration_loader) -> dict[str, Any]:
+        self.plan = allocate_ranks(model, calibration_loader, **self.options)
+        return {"rank_plan": self.plan.to_dict()}
+
+    def save_report(self, out_dir: str | Path) -> None:
+        if self.plan is not None:
+            self.plan.save(out_dir, title=f"{self.name} rank map")
+
+
+class RandomRank(FimLoRA):
+    """Runner method ``random-rank``: the allocator fed seeded uniform random scores."""
+
+    name = "random-rank"
+
+    def __init__(
+        self,
+        seed: int = 0,
+        r_min: int | None = None,
+        r_max: int | None = None,
+        budget: str = "ranks",
+        keep_scaling: bool = True,
+    ) -> None:
+        _check_options(budget, "mean", "batch")
+        self.options = dict(
+            seed=seed, r_min=r_min, r_max=r_max, budget=budget, keep_scaling=keep_scaling
+        )
+        self.plan = None
+
+    def prepare(self, model: PeftModel, calibration_loader) -> dict[str, Any]:
+        self.plan = random_ranks(model, **self.options)
+        return {"rank_plan": self.plan.to_dict()}

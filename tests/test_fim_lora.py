@@ -1,0 +1,325 @@
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import random_batches, tiny_peft_model
+from peft import PeftModel
+
+from fisherlora.adapters import lora_layers
+from fisherlora.cli import main
+from fisherlora.errors import CalibrationError, ConfigError
+from fisherlora.methods.fim_lora import allocate_ranks, fisher_of_b, random_ranks
+
+# Most tests calibrate on fewer than the default 8 batches on purpose; one test checks the warning.
+pytestmark = pytest.mark.filterwarnings("ignore:the calibration loader ran out")
+
+
+def logits(model, batches):
+    model.eval()
+    with torch.no_grad():
+        return torch.cat(
+            [
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                for b in batches
+            ]
+        )
+
+
+def snapshot(model):
+    """Everything calibration must leave alone: weights, flags, modes, grads, hooks, attributes."""
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "grads": {n for n, p in model.named_parameters() if p.grad is not None},
+        "hooks": sum(
+            len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks)
+            for m in model.modules()
+        ),
+        "attributes": {n: sorted(vars(m)) for n, m in model.named_modules()},
+    }
+
+
+def assert_unchanged(before, after):
+    assert before.keys() == after.keys()
+    for name, tensor in before["params"].items():
+        assert torch.equal(tensor, after["params"][name]), name
+    for key in ("requires_grad", "training", "grads", "hooks", "attributes"):
+        assert before[key] == after[key], key
+
+
+def test_a_gradient_is_exactly_zero_at_init_which_is_why_b_is_read():
+    model = tiny_peft_model()
+    batch = random_batches(1)[0]
+    model(**batch).loss.backward()
+    a_grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
+    b_grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert all(torch.count_nonzero(g) == 0 for g in a_grads)
+    assert all(torch.count_nonzero(g) > 0 for g in b_grads)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("estimator", ["batch", "per_example"])
+def test_ranks_sum_to_the_budget_and_outputs_are_unchanged(arch, estimator):
+    model = tiny_peft_model(arch)
+    probe = random_batches(2, seed=9)
+    before = logits(model, probe)
+    plan = allocate_ranks(model, random_batches(4), estimator=estimator, progress=False)
+    adapter, layers = lora_layers(model)
+    assert sum(plan.ranks.values()) == plan.budget == 8 * len(layers)
+    assert all(4 <= r <= 16 for r in plan.ranks.values())
+    assert len(set(plan.ranks.values())) > 1  # the scores did move ranks
+    for name, layer in layers.items():
+        rank = plan.ranks[name]
+        assert layer.lora_A[adapter].weight.shape == (rank, layer.in_features)
+        assert layer.lora_B[adapter].weight.shape == (layer.out_features, rank)
+        assert layer.scaling[adapter] == pytest.approx(2.0)  # alpha/r of the base rank, kept
+    config = model.peft_config[adapter]
+    assert config.rank_pattern == plan.ranks
+    torch.testing.assert_close(logits(model, probe), before, rtol=0, atol=0)
+
+
+def test_calibration_changes_nothing_but_adapter_shapes():
+    model = tiny_peft_model()
+    model.train()
+    model.base_model.model.bert.encoder.layer[0].eval()  # a mixed mode must come back as it was
+    before = snapshot(model)
+    allocate_ranks(model, random_batches(3), estimator="per_example", progress=False)
+    after = snapshot(model)
+    lora = {n for n in before["params"] if "lora_" in n}
+    for name, tensor in before["params"].items():
+        if name not in lora or tensor.shape == after["params"][name].shape:
+            assert torch.equal(tensor, after["params"][name]), name
+    for key in ("requires_grad", "training", "grads", "hooks", "attributes"):
+        assert before[key] == after[key], key
+
+
+def test_resize_keeps_existing_rows_and_zero_extends_b():
+    model = tiny_peft_model()
+    adapter, layers = lora_layers(model)
+    old_a = {n: layer.lora_A[adapter].weight.detach().clone() for n, layer in layers.items()}
+    plan = allocate_ranks(model, random_batches(3), progress=False)
+    for name, layer in layers.items():
+        keep = min(8, plan.ranks[name])
+        assert torch.equal(layer.lora_A[adapter].weight[:keep], old_a[name][:keep])
+        assert torch.count_nonzero(layer.lora_B[adapter].weight) == 0
+        if plan.ranks[name] > 8:  # new rows are fresh draws, not copies or zeros
+            assert torch.count_nonzero(layer.lora_A[adapter].weight[8:]) > 0
+
+
+def test_allocation_is_deterministic_for_a_seed():
+    plans = [
+        allocate_ranks(tiny_peft_model(seed=3), random_batches(3, seed=1), progress=False)
+        for _ in range(2)
+    ]
+    assert plans[0].ranks == plans[1].ranks and plans[0].scores == plans[1].scores
+
+
+def test_per_example_equals_batch_estimator_for_single_example_batches_and_dominates_otherwise():
+    model = tiny_peft_model()
+    singles = random_batches(3, batch_size=1)
+    batch_f, _ = fisher_of_b(model, singles, estimator="batch", progress=False)
+    example_f, _ = fisher_of_b(model, singles, estimator="per_example", progress=False)
+    for name in batch_f:
+        torch.testing.assert_close(example_f[name], batch_f[name], rtol=1e-4, atol=1e-12)
+    # For one batch of N: mean_i (N G_i)^2 >= (Σ_i G_i)^2 elementwise (Jensen).
+    one = random_batches(1, batch_size=6)
+    batch_f, _ = fisher_of_b(model, one, estimator="batch", progress=False)
+    example_f, _ = fisher_of_b(model, one, estimator="per_example", progress=False)
+    for name in batch_f:
+        assert (example_f[name] >= batch_f[name] * (1 - 1e-5) - 1e-12).all(), name
+
+
+@pytest.mark.parametrize("estimator", ["batch", "per_example"])
+def test_padding_does_not_change_the_statistics(estimator):
+    model = tiny_peft_model("llama")
+    narrow = random_batches(2, seq=10, seed=4)
+    wide = []
+    for b in narrow:
+        extra = 7
+        wide.append(
+            {
+                "input_ids": torch.nn.functional.pad(b["input_ids"], (0, extra), value=0),
+                "attention_mask": torch.nn.functional.pad(b["attention_mask"], (0, extra), value=0),
+                "labels": b["labels"],
+            }
+        )
+    f_narrow, _ = fisher_of_b(model, narrow, estimator=estimator, progress=False)
+    f_wide, _ = fisher_of_b(model, wide, estimator=estimator, progress=False)
+    for name in f_narrow:
+        torch.testing.assert_close(f_wide[name], f_narrow[name], rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_trained_adapter_reloads_in_stock_peft_with_allocated_shapes_and_outputs(arch, tmp_path):
+    model = tiny_peft_model(arch, seed=1)
+    plan = allocate_ranks(model, random_batches(3), progress=False)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for batch in random_batches(3, seed=5):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    adapter, layers = lora_layers(model)
+    assert all(torch.count_nonzero(layer.lora_B[adapter].weight) > 0 for layer in layers.values())
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] == plan.ranks
+
+    reloaded = PeftModel.from_pretrained(_plain_base(arch), tmp_path)
+    _, reloaded_layers = lora_layers(reloaded)
+    for name, layer in reloaded_layers.items():
+        assert layer.r[adapter] == plan.ranks[name]
+        assert layer.lora_A[adapter].weight.shape[0] == plan.ranks[name]
+    probe = random_batches(2, seed=11)
+    torch.testing.assert_close(logits(reloaded, probe), logits(model, probe), rtol=0, atol=1e-6)
+
+
+def _plain_base(arch):
+    """The untouched base model that tiny_peft_model(arch, seed=1) wraps."""
+    return tiny_peft_model(arch, seed=1).unload()
+
+
+def test_rslora_and_plain_alpha_scaling():
+    model = tiny_peft_model(rslora=True)
+    adapter, layers = lora_layers(model)
+    scaling = {n: layer.scaling[adapter] for n, layer in layers.items()}
+    plan = allocate_ranks(model, random_batches(2), progress=False)
+    for name, layer in layers.items():
+        assert layer.scaling[adapter] == pytest.approx(scaling[name], rel=1e-12)
+        assert plan.alphas[name] == pytest.approx(scaling[name] * plan.ranks[name] ** 0.5)
+    model = tiny_peft_model()
+    plan = allocate_ranks(model, random_batches(2), keep_scaling=False, progress=False)
+    for name, layer in lora_layers(model)[1].items():
+        assert layer.scaling[adapter] == pytest.approx(16 / plan.ranks[name])
+
+
+def test_parameter_budget_is_respected_and_maximal():
+    model = tiny_peft_model()
+    plan = allocate_ranks(model, random_batches(3), budget="params", progress=False)
+    assert plan.spent() <= plan.budget == sum(8 * c for c in plan.costs.values())
+    assert all(
+        plan.ranks[m] == plan.r_max or plan.spent() + plan.costs[m] > plan.budget
+        for m in plan.ranks
+    )
+
+
+def test_random_rank_control_is_seeded_and_exact():
+    ranks = [random_ranks(tiny_peft_model(), seed=s).ranks for s in (0, 0, 1)]
+    assert ranks[0] == ranks[1] != ranks[2]
+    assert sum(ranks[2].values()) == 8 * len(ranks[2])
+
+
+def test_infeasible_bounds_raise_and_leave_the_model_unchanged():
+    model = tiny_peft_model()
+    before = snapshot(model)
+    with pytest.raises(
+        ConfigError, match=r"rank budget 104 is infeasible for 13 modules with r_min=9"
+    ):
+        allocate_ranks(model, random_batches(2), r_min=9, progress=False)
+    with pytest.raises(ConfigError, match="unknown estimator"):
+        allocate_ranks(model, random_batches(2), estimator="exact", progress=False)
+    assert_unchanged(before, snapshot(model))
+
+
+def test_bad_calibration_data_raises_and_leaves_the_model_unchanged():
+    model = tiny_peft_model()
+    before = snapshot(model)
+    with pytest.raises(CalibrationError, match="yielded no batch"):
+        allocate_ranks(model, [], progress=False)
+    no_labels = [{k: v for k, v in b.items() if k != "labels"} for b in random_batches(1)]
+    with pytest.raises(CalibrationError, match="no 'labels'"):
+        allocate_ranks(model, no_labels, progress=False)
+    assert_unchanged(before, snapshot(model))
+
+
+def test_fewer_batches_than_asked_warns_with_the_count_used():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = allocate_ranks(tiny_peft_model(), random_batches(3), n_batches=8, progress=False)
+    assert plan.calibration_batches == 3
+    assert any("after 3 of the 8 batches" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("estimator", ["batch", "per_example"])
+def test_nan_gradient_names_the_module_and_changes_nothing(estimator):
+    model = tiny_peft_model()
+    before = snapshot(model)
+    classifier = model.base_model.model.classifier
+    handle = classifier.register_forward_hook(lambda m, i, out: out * float("nan"))
+    try:
+        with pytest.raises(CalibrationError, match=r"non-finite gradient .* module 'bert\."):
+            allocate_ranks(model, random_batches(2), estimator=estimator, progress=False)
+    finally:
+        handle.remove()
+    assert_unchanged(before, snapshot(model))
+
+
+def test_hooks_are_removed_when_the_forward_pass_raises():
+    model = tiny_peft_model()
+    before = snapshot(model)
+    bad = random_batches(1)
+    bad[0]["input_ids"] = bad[0]["input_ids"] + 1000  # out of the vocabulary: embedding raises
+    with pytest.raises(IndexError):
+        allocate_ranks(model, bad, estimator="per_example", progress=False)
+    assert_unchanged(before, snapshot(model))
+
+
+def test_model_without_lora_or_with_trained_b_is_rejected():
+    with pytest.raises(ConfigError, match="PeftModel"):
+        allocate_ranks(tiny_peft_model().unload(), random_batches(1), progress=False)
+    model = tiny_peft_model()
+    adapter, layers = lora_layers(model)
+    with torch.no_grad():
+        next(iter(layers.values())).lora_B[adapter].weight.fill_(0.1)
+    with pytest.raises(ConfigError, match="B = 0"):
+        allocate_ranks(model, random_batches(1), progress=False)
+
+
+def test_runner_writes_rank_plan_and_rank_map(tmp_path, capsys):
+    csv = tmp_path / "d.csv"
+    csv.write_text(
+        "text,label\n"
+        + "\n".join(f"review {i} {'good' if i % 2 else 'bad'},{i % 2}" for i in range(60))
+    )
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--model",
+            "tiny-bert",
+            "--data",
+            str(csv),
+            "--method",
+            "fim-lora",
+            "--calib-batches",
+            "2",
+            "--r-min",
+            "2",
+            "--r-max",
+            "12",
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--eval-every",
+            "0",
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
+    capsys.readouterr()
+    assert code == 0
+    ranks = json.loads((out / "ranks.json").read_text())
+    assert sum(ranks["ranks"].values()) == ranks["budget"] and ranks["calibration_batches"] == 2
+    assert all(2 <= r <= 12 for r in ranks["ranks"].values())
+    assert (out / "rank_map.png").stat().st_size > 1000
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["timings"]["init_s"] > 0
+    assert metrics["prepare"]["rank_plan"]["ranks"] == ranks["ranks"]
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] == ranks["ranks"]
