@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from fisherlora.experiments.tasks import Task
 
@@ -41,7 +42,6 @@ def tiny_peft_model(
     arch: str = "bert", *, rank: int = 8, seed: int = 0, rslora: bool = False, **lora
 ):
     """A random hidden-32 BERT- or Llama-style classifier with LoRA on every linear target."""
-    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import (
         BertConfig,
@@ -90,8 +90,6 @@ def random_batches(
     n: int, batch_size: int = 4, seq: int = 12, seed: int = 0, pad_to: int | None = None
 ):
     """Token batches with right padding (ids 1..99, pad 0) and binary labels."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(n):
@@ -107,3 +105,37 @@ def random_batches(
             }
         )
     return batches
+
+
+def logits(model, batches):
+    model.eval()
+    with torch.no_grad():
+        return torch.cat(
+            [
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                for b in batches
+            ]
+        )
+
+
+def snapshot(model):
+    """Everything calibration must leave alone: weights, flags, modes, grads, hooks, attributes."""
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "grads": {n for n, p in model.named_parameters() if p.grad is not None},
+        "hooks": sum(
+            len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks)
+            for m in model.modules()
+        ),
+        "attributes": {n: sorted(vars(m)) for n, m in model.named_modules()},
+    }
+
+
+def assert_unchanged(before, after):
+    assert before.keys() == after.keys()
+    for name, tensor in before["params"].items():
+        assert torch.equal(tensor, after["params"][name]), name
+    for key in ("requires_grad", "training", "grads", "hooks", "attributes"):
+        assert before[key] == after[key], key

@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import random_batches, tiny_peft_model
+from conftest import assert_unchanged, logits, random_batches, snapshot, tiny_peft_model
 from peft import PeftModel
 
 from fisherlora.adapters import lora_layers
@@ -13,40 +13,6 @@ from fisherlora.methods.fim_lora import allocate_ranks, fisher_of_b, random_rank
 
 # Most tests calibrate on fewer than the default 8 batches on purpose; one test checks the warning.
 pytestmark = pytest.mark.filterwarnings("ignore:the calibration loader ran out")
-
-
-def logits(model, batches):
-    model.eval()
-    with torch.no_grad():
-        return torch.cat(
-            [
-                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                for b in batches
-            ]
-        )
-
-
-def snapshot(model):
-    """Everything calibration must leave alone: weights, flags, modes, grads, hooks, attributes."""
-    return {
-        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "training": {n: m.training for n, m in model.named_modules()},
-        "grads": {n for n, p in model.named_parameters() if p.grad is not None},
-        "hooks": sum(
-            len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks)
-            for m in model.modules()
-        ),
-        "attributes": {n: sorted(vars(m)) for n, m in model.named_modules()},
-    }
-
-
-def assert_unchanged(before, after):
-    assert before.keys() == after.keys()
-    for name, tensor in before["params"].items():
-        assert torch.equal(tensor, after["params"][name]), name
-    for key in ("requires_grad", "training", "grads", "hooks", "attributes"):
-        assert before[key] == after[key], key
 
 
 def test_a_gradient_is_exactly_zero_at_init_which_is_why_b_is_read():

@@ -6,13 +6,19 @@ Notation: a target layer computes ``y = W x + s · B A x`` with ``W ∈ R^{m×n}
 
 from __future__ import annotations
 
+import copy
 import math
 import re
+import weakref
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
 from torch import nn
 
 from fisherlora.errors import ConfigError
@@ -181,3 +187,63 @@ def check_pattern_keys(names: Sequence[str]) -> None:
             raise ConfigError(
                 f"module name {key!r} is ambiguous as a PEFT pattern key: it matches {hits}"
             )
+
+
+@dataclass(frozen=True)
+class ResidualInit:
+    """A layer whose base weight was replaced by ``W_res = W − s B₀ A₀`` at initialisation."""
+
+    a0: torch.Tensor  # [r, n]
+    b0: torch.Tensor  # [m, r]
+
+
+# Models whose base weights an initialisation changed: model -> {module name: ResidualInit}.
+# Weak keys, so the record dies with the model and nothing is attached to the model itself.
+_RESIDUALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def record_residual(model: PeftModel, name: str, a0: torch.Tensor, b0: torch.Tensor) -> None:
+    """Remember ``A₀``, ``B₀`` of ``name`` so that :func:`export_lora` can undo the residual."""
+    _RESIDUALS.setdefault(model, {})[name] = ResidualInit(a0.detach().clone(), b0.detach().clone())
+
+
+def export_lora(model: PeftModel, out_dir: str | Path) -> None:
+    """Write a stock PEFT LoRA adapter that applies to the ORIGINAL base weights.
+
+    Where an initialisation replaced ``W`` by ``W_res = W − s B₀ A₀`` (FILet, like PiSSA), the
+    trained layer computes ``W_res + s B A = W + s [B, −B₀] [A; A₀]``: the adapter is written at
+    rank ``2 r`` with those factors and ``α`` chosen so that PEFT's scaling is still ``s``, and
+    loading it with ``PeftModel.from_pretrained`` on the untouched base model reproduces the
+    trained model. Without such layers this is ``model.save_pretrained(out_dir)``.
+    """
+    residuals = _RESIDUALS.get(model)
+    if not residuals:
+        model.save_pretrained(str(out_dir))
+        return
+    adapter, layers = lora_layers(model)
+    config = copy.deepcopy(model.peft_config[adapter])
+    state = get_peft_model_state_dict(model, adapter_name=adapter)
+    rank_pattern = {name: layer.r[adapter] for name, layer in layers.items()}
+    alpha_pattern = {name: float(layer.lora_alpha[adapter]) for name, layer in layers.items()}
+    for name, init in residuals.items():
+        layer = layers[name]
+        prefix = f"base_model.model.{name}"
+        a, b = state[f"{prefix}.lora_A.weight"], state[f"{prefix}.lora_B.weight"]
+        state[f"{prefix}.lora_A.weight"] = torch.cat([a, init.a0.to(a)], dim=0).contiguous()
+        state[f"{prefix}.lora_B.weight"] = torch.cat([b, -init.b0.to(b)], dim=1).contiguous()
+        rank = 2 * layer.r[adapter]
+        scaling = layer.scaling[adapter]
+        rank_pattern[name] = rank
+        alpha_pattern[name] = scaling * (math.sqrt(rank) if config.use_rslora else rank)
+    check_pattern_keys(list(layers))
+    config.rank_pattern, config.alpha_pattern = rank_pattern, alpha_pattern
+    config.init_lora_weights = True  # the saved factors are complete; loading must not re-init
+    config.inference_mode = True
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in state.items()},
+        str(out / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )

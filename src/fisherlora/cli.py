@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import warnings
@@ -40,7 +41,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULTS.model,
         help="registry name (minilm, tiny-bert, tiny-llama), local folder or hub name",
     )
-    model.add_argument("--method", default=DEFAULTS.method, help="lora, fim-lora or random-rank")
+    model.add_argument(
+        "--method", default=DEFAULTS.method, help="lora, fim-lora, random-rank or filet"
+    )
     model.add_argument("--rank", type=int, default=DEFAULTS.rank)
     model.add_argument("--alpha", type=float, default=DEFAULTS.alpha)
     model.add_argument("--dropout", type=float, default=DEFAULTS.dropout, help="LoRA dropout")
@@ -79,6 +82,26 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULTS.estimator,
         choices=["batch", "per_example"],
         help="squared batch gradients (paper) or per-example squared gradients",
+    )
+
+    filet = parser.add_argument_group("FILet initialisation (filet)")
+    filet.add_argument(
+        "--basis",
+        default=DEFAULTS.basis,
+        choices=["svd", "gram"],
+        help="candidate directions: orthonormal singular vectors or the paper's gram basis",
+    )
+    filet.add_argument(
+        "--select",
+        default=DEFAULTS.select,
+        choices=["min", "max", "random"],
+        help="which Fisher energies to initialise in (min: the paper)",
+    )
+    filet.add_argument(
+        "--scale",
+        default=DEFAULTS.scale,
+        choices=["fisher-norm", "fisher", "singular"],
+        help="adapter magnitudes: normalised energies, raw energies or singular values",
     )
 
     loop = parser.add_argument_group("training")
@@ -122,43 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Every ``TrainConfig`` field from the flag of the same name (``--r-min`` → ``r_min``)."""
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
     if args.targets is not None and not targets:
         raise ConfigError(f"--targets {args.targets!r} names no module")
-    return TrainConfig(
-        task=args.task,
-        data=args.data,
-        test_data=args.test_data,
-        text_column=args.text_column,
-        label_column=args.label_column,
-        model=args.model,
-        method=args.method,
-        rank=args.rank,
-        alpha=args.alpha,
-        dropout=args.dropout,
-        rslora=args.rslora,
-        targets=targets,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_ratio=args.warmup_ratio,
-        max_grad_norm=args.max_grad_norm,
-        max_length=args.max_length,
-        group_by_length=not args.no_group_by_length,
-        eval_every=args.eval_every,
-        eval_batch_size=args.eval_batch_size,
-        calib_batches=args.calib_batches,
-        r_min=args.r_min,
-        r_max=args.r_max,
-        budget=args.budget,
-        score=args.score,
-        estimator=args.estimator,
-        seed=args.seed,
-        device=args.device,
-        out=args.out,
-    )
+    settings = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if hasattr(args, f.name)
+    }
+    settings |= {"targets": targets, "group_by_length": not args.no_group_by_length}
+    return TrainConfig(**settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

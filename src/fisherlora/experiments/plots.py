@@ -59,3 +59,38 @@ def plot_rank_map(ranks: Mapping[str, int], base_rank: int, path: str | Path, ti
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_energy_spectrum(
+    energies: Mapping[str, list[float]],
+    selected: Mapping[str, list[int]],
+    path: str | Path,
+    title: str,
+) -> None:
+    """One panel per module type: each layer's candidate energies in decreasing order (log scale),
+    the selected candidates marked with dots."""
+    by_kind: dict[str, list[str]] = {}
+    for name in energies:
+        by_kind.setdefault(layer_and_kind(name)[1], []).append(name)
+    fig, axes = plt.subplots(1, len(by_kind), figsize=(3.2 * len(by_kind), 3.2), squeeze=False)
+    for ax, (kind, names) in zip(axes[0], by_kind.items(), strict=True):
+        for name in names:
+            values = pd.Series(energies[name])
+            order = values.sort_values(ascending=False, kind="stable")
+            rank_of = {index: position for position, index in enumerate(order.index)}
+            (line,) = ax.plot(
+                range(len(order)), order.to_numpy(), lw=1, label=layer_and_kind(name)[0]
+            )
+            chosen = [rank_of[i] for i in selected[name]]
+            ax.plot(
+                chosen, values.iloc[selected[name]].to_numpy(), ".", color=line.get_color(), ms=5
+            )
+        ax.set_yscale("log")
+        ax.set_title(kind, fontsize=9)
+        ax.set_xlabel("candidate (by energy)")
+    axes[0][0].set_ylabel("Fisher energy $p_i q_i$")
+    axes[0][-1].legend(title="layer", fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -72,6 +72,9 @@ class TrainConfig:
     budget: str = "ranks"  # rank budget counted in "ranks" or "params"
     score: str = "mean"  # FIM-LoRA score reduction: mean, max, l2
     estimator: str = "batch"  # FIM-LoRA Fisher estimator: batch, per_example
+    basis: str = "svd"  # FILet candidate directions: svd, gram
+    select: str = "min"  # FILet selection: min, max, random
+    scale: str = "fisher-norm"  # FILet magnitudes: fisher-norm, fisher, singular
     eval_every: int = 100  # steps between evaluations; 0: only at the end
     eval_batch_size: int = 128
     seed: int = 0
@@ -202,7 +205,18 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
 
 def method_options(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     """The settings a method may take (each method's constructor picks the ones it knows)."""
-    names = ("calib_batches", "r_min", "r_max", "budget", "score", "estimator", "seed")
+    names = (
+        "calib_batches",
+        "r_min",
+        "r_max",
+        "budget",
+        "score",
+        "estimator",
+        "basis",
+        "select",
+        "scale",
+        "seed",
+    )
     return {name: getattr(config, name) for name in names} | {"progress": progress}
 
 
@@ -278,8 +292,6 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
     started = time.perf_counter()
     prepare_info = method.prepare(model, calibration_loader)
     prepare_time = time.perf_counter() - started
-    if out is not None:
-        method.save_report(out)
 
     # Re-seed so that training noise (dropout) does not depend on how much randomness the
     # method's initialisation consumed.
@@ -367,6 +379,7 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
     if out is not None:
         curve.to_csv(out / "curve.csv", index=False)
         method.export(model, out / "adapter")
+        method.save_report(out)
         metrics["timings"]["total_s"] = time.perf_counter() - run_start
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return RunResult(metrics=metrics, curve=curve, model=model)

@@ -8,6 +8,7 @@ from typing import Any
 
 from fisherlora.errors import ConfigError
 from fisherlora.methods.base import AdapterMethod, Method
+from fisherlora.methods.filet import Filet
 from fisherlora.methods.fim_lora import FimLoRA, RandomRank
 from fisherlora.methods.peers import LoRA
 
@@ -15,6 +16,7 @@ METHODS: dict[str, Callable[..., Method]] = {
     "lora": LoRA,
     "fim-lora": FimLoRA,
     "random-rank": RandomRank,
+    "filet": Filet,
 }
 
 

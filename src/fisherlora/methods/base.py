@@ -9,8 +9,8 @@ A method acts at up to five points of a fine-tuning run and does nothing at the 
                       are zeroed (where AdaLoRA's allocator and Fisher accumulators act);
 5. ``export``         write a stock PEFT adapter that ``PeftModel.from_pretrained`` loads.
 
-Optionally a method also has ``save_report(out_dir)``, which the runner calls after ``prepare``
-to write the method's own files (a rank map, an energy spectrum) into the run directory.
+A method also has ``save_report(out_dir)``, which the runner calls at the end of a run to write
+the method's own files (a rank map, an energy spectrum) into the run directory.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
+
+from fisherlora.adapters import export_lora
 
 
 @runtime_checkable
@@ -61,7 +63,7 @@ class AdapterMethod:
         return None
 
     def export(self, model: PeftModel, out_dir: str | Path) -> None:
-        model.save_pretrained(str(out_dir))
+        export_lora(model, out_dir)
 
     def save_report(self, out_dir: str | Path) -> None:
         return None

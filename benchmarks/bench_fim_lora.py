@@ -1,0 +1,172 @@
+"""FIM-LoRA cost against plain LoRA training steps, on the embedded default (MiniLM, Rotten Tomatoes).
+
+Measured, each as the median of ``--reps`` repetitions, on the same ``n_batches`` training batches:
+
+- time of ``n_batches`` plain LoRA training steps (forward, backward, clip, AdamW step);
+- FIM-LoRA calibration time (``estimator="batch"`` and ``"per_example"``) and its ratio to that;
+- allocation + resize time as a share of the calibration time;
+- peak resident memory of a process that loads the model and then runs the LoRA steps, against
+  one that loads the model and runs the calibration (separate processes, since a process's peak
+  memory only ever grows).
+
+    python benchmarks/bench_fim_lora.py --reps 5 --out benchmarks/results/fim_lora.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from fisherlora.experiments.batching import TokenizedTexts, train_loader
+from fisherlora.experiments.models import default_targets, load_model
+from fisherlora.experiments.tasks import load_task
+from fisherlora.methods.fim_lora import allocate_ranks
+
+
+def setup(n_batches: int, batch_size: int, rank: int, seed: int = 0):
+    task = load_task("rotten-tomatoes")
+    base, tokenizer = load_model("minilm", task.num_labels, seed=seed)
+    data = TokenizedTexts(task.train_texts, task.train_labels, tokenizer, max_length=128)
+    loader = train_loader(data, tokenizer.pad_token_id, batch_size, seed=seed)
+    batches = [b for _, b in zip(range(n_batches), loader, strict=False)]
+    config = LoraConfig(
+        task_type="SEQ_CLS", r=rank, lora_alpha=2 * rank, target_modules=default_targets(base)
+    )
+    return base, config, batches
+
+
+def lora_steps(model, batches) -> float:
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=5e-4)
+    start = time.perf_counter()
+    for batch in batches:
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def memory_child(mode: str, n_batches: int, batch_size: int, rank: int) -> None:
+    base, config, batches = setup(n_batches, batch_size, rank)
+    model = get_peft_model(base, config)
+    loaded = peak_rss_mb()
+    if mode == "lora":
+        lora_steps(model, batches)
+    else:
+        allocate_ranks(model, batches, n_batches=n_batches, estimator=mode, progress=False)
+    print(json.dumps({"mode": mode, "after_load_mb": loaded, "peak_mb": peak_rss_mb()}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--n-batches", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--memory-reps", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results/fim_lora.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        memory_child(args.child, args.n_batches, args.batch_size, args.rank)
+        return
+
+    base, config, batches = setup(args.n_batches, args.batch_size, args.rank)
+    lora_model = get_peft_model(base, config)
+    lora_steps(lora_model, batches[:2])  # warm-up: first-call allocations and kernels
+    base = lora_model.unload()
+    times: dict[str, list[float]] = {
+        "lora_steps": [],
+        "batch": [],
+        "per_example": [],
+        "allocation": [],
+    }
+    for rep in range(args.reps):
+        for mode in ("lora_steps", "batch", "per_example"):  # interleaved: drift hits all alike
+            torch.manual_seed(rep)
+            model = get_peft_model(base, config)
+            if mode == "lora_steps":
+                times[mode].append(lora_steps(model, batches))
+            else:
+                plan = allocate_ranks(
+                    model, batches, n_batches=args.n_batches, estimator=mode, progress=False
+                )
+                times[mode].append(plan.calibration_s)
+                if mode == "batch":
+                    times["allocation"].append(plan.allocation_s)
+            base = model.unload()
+        print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
+
+    memory: dict[str, list[dict]] = {}
+    for _ in range(args.memory_reps):
+        for mode in ("lora", "batch", "per_example"):
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                "--n-batches",
+                str(args.n_batches),
+                "--batch-size",
+                str(args.batch_size),
+                "--rank",
+                str(args.rank),
+            ]
+            line = (
+                subprocess.run(command, capture_output=True, text=True, check=True)
+                .stdout.strip()
+                .splitlines()[-1]
+            )
+            memory.setdefault(mode, []).append(json.loads(line))
+
+    median = {k: statistics.median(v) for k, v in times.items()}
+    peak = {k: statistics.median(r["peak_mb"] for r in v) for k, v in memory.items()}
+    result = {
+        "setting": vars(args)
+        | {
+            "model": "minilm",
+            "task": "rotten-tomatoes",
+            "device": "cpu",
+            "threads": torch.get_num_threads(),
+        },
+        "times_s": times,
+        "median_s": median,
+        "ratios": {
+            "calibration_batch_over_lora_steps": median["batch"] / median["lora_steps"],
+            "calibration_per_example_over_lora_steps": median["per_example"] / median["lora_steps"],
+            "per_example_over_batch": median["per_example"] / median["batch"],
+            "allocation_over_calibration": median["allocation"] / median["batch"],
+            "peak_memory_batch_over_lora": peak["batch"] / peak["lora"],
+            "peak_memory_per_example_over_lora": peak["per_example"] / peak["lora"],
+        },
+        "peak_memory_mb": peak,
+        "memory_runs": memory,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(
+        json.dumps(
+            {"median_s": median, "ratios": result["ratios"], "peak_memory_mb": peak}, indent=2
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""FILet: Fisher-guided LoRA initialisation ("Learning in the Fisher Subspace", ICML).
+
+For a target layer ``y = W x`` (``W ∈ R^{m×n}``) with LoRA update ``s B A``:
+
+1. Candidate directions from the frozen weight:
+   ``basis="gram"`` (the paper): ``V̂ = normalize_columns(WᵀW)``, ``Û = normalize_columns(W V̂)``
+   (unit-norm, not orthogonal, at most ``min(m, n)`` independent);
+   ``basis="svd"``: the orthonormal singular vectors of ``W = U Σ Vᵀ``.
+   Candidates with ``σ_i = ‖W v̂_i‖ ≈ 0`` are dropped.
+2. A calibration pass projects each token's input x and output gradient g ``= ∂L/∂y`` onto the
+   candidates, ``p_i = E[(v̂_iᵀ x)²]``, ``q_i = E[(û_iᵀ g)²]`` over unmasked tokens: the diagonals
+   of ``V̂ᵀ S_X V̂`` and ``Ûᵀ S_Y Û`` without ever storing ``S_X`` (n×n) or ``S_Y`` (m×m).
+3. Fisher energy (K-FAC): ``e_i = p_i q_i``.
+4. ``r`` candidates by ``select="min"`` (the paper), ``"max"`` or ``"random"`` (FILet-M/P/R).
+5. Magnitudes ``d_i``: ``scale="fisher"`` the raw energies ``e_i``; ``"fisher-norm"`` the energies
+   rescaled per layer to the selected singular values, ``d = e · max(σ_sel) / max(e_sel)`` (the
+   Fisher ordering kept, and with the svd basis ``‖s B A‖₂ ≤ ‖W‖₂``);
+   ``"singular"`` the ``σ_i`` themselves (FILet-SVD ablation). Then
+   ``A = diag(√(d/s)) V̂_selᵀ``, ``B = Û_sel diag(√(d/s))``, so ``s B A = Σ_i d_i û_i v̂_iᵀ``.
+6. ``W_res = W − s B A`` in float32, cast once: right after init the model computes exactly
+   what the base model computed (up to float rounding).
+7. :func:`fisherlora.adapters.export_lora` writes ``[A; A₀]``, ``[B, −B₀]`` at rank 2r, a stock
+   adapter for the original base weights.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from fisherlora.adapters import lora_layers, record_residual
+from fisherlora.capture import (
+    calibration_batches,
+    calibration_mode,
+    capture_io,
+    check_finite,
+    token_mask,
+)
+from fisherlora.errors import CalibrationError, ConfigError
+from fisherlora.methods.base import AdapterMethod
+from fisherlora.stats import all_reduce_sum
+
+BASES = ("gram", "svd")
+SELECTS = ("min", "max", "random")
+SCALES = ("fisher", "fisher-norm", "singular")
+DEGENERATE = 1e-6  # a candidate with σ_i below this fraction of the layer's largest is dropped
+
+
+@dataclass
+class FiletReport:
+    """Per-module candidate energies and singular values, the selected candidates, timings."""
+
+    energies: dict[str, list[float]]
+    singular_values: dict[str, list[float]]  # σ_i = ‖W v̂_i‖ of each candidate
+    selected: dict[str, list[int]]
+    basis: str
+    select: str
+    scale: str
+    calibration_batches: int
+    calibration_s: float
+    init_s: float
+    delta_norm_ratio: dict[str, float] = field(default_factory=dict)  # ‖s B A‖₂ / ‖W‖₂
+
+    def summary(self) -> dict[str, Any]:
+        ratios = list(self.delta_norm_ratio.values())
+        return {
+            "basis": self.basis,
+            "select": self.select,
+            "scale": self.scale,
+            "calibration_batches": self.calibration_batches,
+            "calibration_s": self.calibration_s,
+            "init_s": self.init_s,
+            "max_delta_norm_ratio": max(ratios) if ratios else 0.0,
+        }
+
+    def save(self, out_dir: str | Path) -> None:
+        """``filet.json`` and ``energy_spectrum.png`` (energies per module type, selected marked)."""
+        from fisherlora.experiments.plots import plot_energy_spectrum
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "filet.json").write_text(json.dumps(asdict(self), indent=1))
+        plot_energy_spectrum(
+            self.energies,
+            self.selected,
+            out / "energy_spectrum.png",
+            title=f"FILet energies (basis={self.basis}, select={self.select})",
+        )
+
+
+def candidate_directions(
+    weight: torch.Tensor, basis: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right directions ``V̂`` [n, k], left directions ``Û`` [m, k] and ``σ_i = ‖W v̂_i‖`` [k]."""
+    w = weight.detach().float()
+    if basis == "svd":
+        u, sigma, vh = torch.linalg.svd(w, full_matrices=False)
+        v = vh.T
+    else:
+        gram = w.T @ w
+        v = gram / torch.linalg.vector_norm(gram, dim=0).clamp_min(torch.finfo(w.dtype).tiny)
+        wv = w @ v
+        sigma = torch.linalg.vector_norm(wv, dim=0)
+        u = wv / sigma.clamp_min(torch.finfo(w.dtype).tiny)
+    keep = sigma > DEGENERATE * sigma.max()
+    return v[:, keep].contiguous(), u[:, keep].contiguous(), sigma[keep]
+
+
+def _select(energy: torch.Tensor, r: int, how: str, generator: torch.Generator) -> torch.Tensor:
+    if how == "random":
+        return torch.randperm(energy.numel(), generator=generator)[:r].sort().values
+    order = torch.argsort(energy, descending=how == "max", stable=True)
+    return order[:r]
+
+
+def _check_options(basis: str, select: str, scale: str) -> None:
+    for label, value, choices in (
+        ("basis", basis, BASES),
+        ("select", select, SELECTS),
+        ("scale", scale, SCALES),
+    ):
+        if value not in choices:
+            raise ConfigError(f"unknown FILet {label} {value!r}; choose one of {list(choices)}")
+
+
+def filet_init(
+    model: PeftModel,
+    dataloader: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    n_batches: int = 8,
+    basis: str = "svd",
+    select: str = "min",
+    scale: str = "fisher-norm",
+    seed: int = 0,
+    dropout: bool = False,
+    progress: bool = True,
+) -> FiletReport:
+    """FILet: initialise every LoRA adapter of ``model`` in its layer's Fisher subspace (see the
+    module docstring for the equations). Changes A, B and the base weights in place.
+
+    Args:
+        model: a ``PeftModel`` with one LoRA adapter on ``nn.Linear`` layers; each module keeps
+            its current rank (so rank allocation may run first).
+        dataloader: training batches with ``labels``.
+        n_batches: calibration forward/backward passes.
+        basis: ``"svd"`` (orthonormal, default) or ``"gram"`` (the paper's non-orthogonal basis).
+        select: ``"min"`` (the paper), ``"max"`` or ``"random"`` energies.
+        scale: ``"fisher-norm"`` (default), ``"fisher"`` (raw energies; numerically a no-op
+            init at typical loss scales) or ``"singular"``.
+        seed: for ``select="random"``.
+        dropout, progress: dropout during calibration (off by default); a progress bar.
+
+    Raises ``ConfigError`` (bad options, unsupported layers, a rank above the number of usable
+    candidates) or ``CalibrationError`` (empty loader, no labels, NaN/inf statistics), always
+    before any weight is changed.
+    """
+    _check_options(basis, select, scale)
+    adapter, layers = lora_layers(model)
+    started = time.perf_counter()
+    candidates = {}
+    for name, layer in layers.items():
+        weight = layer.get_base_layer().weight
+        if not weight.is_floating_point():
+            raise ConfigError(
+                f"FILet needs a floating-point base weight; {name!r} is {weight.dtype} (quantised?)"
+            )
+        v, u, sigma = candidate_directions(weight, basis)
+        if layer.r[adapter] > sigma.numel():
+            raise ConfigError(
+                f"rank {layer.r[adapter]} of {name!r} exceeds its {sigma.numel()} usable {basis} candidates"
+            )
+        candidates[name] = (v, u, sigma)
+
+    device = next(iter(layers.values())).get_base_layer().weight.device
+    sums = {
+        name: [torch.zeros(c[2].numel(), device=device) for _ in range(2)]
+        for name, c in candidates.items()
+    }
+    tokens = {name: torch.zeros((), device=device) for name in candidates}
+
+    def project(name: str, x: torch.Tensor, g: torch.Tensor, mask) -> None:
+        v, u, _ = candidates[name]
+        x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+        if mask is not None and mask.numel() == x.shape[0]:  # keep the tokens that count
+            keep = mask.reshape(-1) > 0
+            x, g = x[keep], g[keep]
+        sums[name][0] += (x @ v).square().sum(dim=0)
+        sums[name][1] += (g @ u).square().sum(dim=0)
+        tokens[name] += x.shape[0]
+
+    mask_ref: list = [None]
+    b_weights = [layer.lora_B[adapter].weight for layer in layers.values()]
+    calibration_start = time.perf_counter()
+    used = 0
+    with calibration_mode(model, b_weights, dropout=dropout), capture_io(layers, project, mask_ref):
+        for batch in calibration_batches(
+            dataloader, n_batches, device, progress=progress, desc="FILet calibration"
+        ):
+            mask_ref[0] = token_mask(batch)
+            model(**batch).loss.backward()
+            used += 1
+    calibration_s = time.perf_counter() - calibration_start
+
+    energies, selected, ratios = {}, {}, {}
+    generator = torch.Generator().manual_seed(seed)
+    for name in layers:
+        p_sum, q_sum = (all_reduce_sum(t) for t in sums[name])
+        count = all_reduce_sum(tokens[name]).clamp_min(1)
+        energy = (p_sum / count) * (q_sum / count)
+        check_finite(name, energy, "Fisher statistics")
+        if not energy.any():
+            raise CalibrationError(
+                f"all Fisher energies of {name!r} are zero; does the loss depend on it?"
+            )
+        energies[name] = energy
+        selected[name] = _select(energy.cpu(), layers[name].r[adapter], select, generator).to(
+            device
+        )
+
+    with torch.no_grad():  # nothing has changed so far; from here on every layer is rewritten
+        for name, layer in layers.items():
+            v, u, sigma = candidates[name]
+            idx = selected[name]
+            if scale == "singular":
+                magnitude = sigma[idx]
+            elif scale == "fisher":
+                magnitude = energies[name][idx]
+            else:
+                e_sel = energies[name][idx]
+                magnitude = e_sel * (sigma[idx].max() / e_sel.max())
+            s = layer.scaling[adapter]
+            root = (magnitude / s).sqrt()
+            a = root[:, None] * v[:, idx].T
+            b = u[:, idx] * root[None, :]
+            base = layer.get_base_layer().weight
+            delta = s * (b @ a)
+            base.copy_((base.float() - delta).to(base.dtype))
+            layer.lora_A[adapter].weight.copy_(a.to(layer.lora_A[adapter].weight.dtype))
+            layer.lora_B[adapter].weight.copy_(b.to(layer.lora_B[adapter].weight.dtype))
+            record_residual(model, name, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)
+            ratios[name] = (torch.linalg.matrix_norm(delta, ord=2) / sigma.max()).item()
+
+    return FiletReport(
+        energies={n: e.tolist() for n, e in energies.items()},
+        singular_values={n: c[2].tolist() for n, c in candidates.items()},
+        selected={n: i.tolist() for n, i in selected.items()},
+        basis=basis,
+        select=select,
+        scale=scale,
+        calibration_batches=used,
+        calibration_s=calibration_s,
+        init_s=time.perf_counter() - started,
+        delta_norm_ratio=ratios,
+    )
+
+
+def subspace_overlap(a_initial: torch.Tensor, a_final: torch.Tensor) -> float:
+    """Mean squared cosine of the principal angles between the row spaces of two A matrices
+    (1: the final adapter still reads exactly the initial input directions; r/n: chance)."""
+    q0 = torch.linalg.qr(a_initial.detach().float().T).Q
+    q1 = torch.linalg.qr(a_final.detach().float().T).Q
+    return torch.linalg.svdvals(q0.T @ q1).square().mean().item()
+
+
+def adapter_grad_norms(model: PeftModel, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """‖∂L/∂A‖ and ‖∂L/∂B‖ over all adapters on one batch (dropout off), leaving no gradients:
+    how much signal the adapters get at the point training starts from."""
+    params = {n: p for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n}
+    device = next(iter(params.values())).device
+    with calibration_mode(model, params.values()):
+        model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+        norms = {
+            kind: torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for n, p in params.items() if kind in n])
+            ).item()
+            for kind in ("lora_A", "lora_B")
+        }
+    return norms
+
+
+class Filet(AdapterMethod):
+    """Runner method ``filet``: :func:`filet_init` before the optimizer exists, plus diagnostics:
+    the adapter gradient norms at the initial point, and after training how much of the initial
+    row space of A survives (principal angles)."""
+
+    name = "filet"
+
+    def __init__(
+        self,
+        calib_batches: int = 8,
+        basis: str = "svd",
+        select: str = "min",
+        scale: str = "fisher-norm",
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        _check_options(basis, select, scale)
+        self.options = dict(
+            n_batches=calib_batches,
+            basis=basis,
+            select=select,
+            scale=scale,
+            seed=seed,
+            progress=progress,
+        )
+        self.report: FiletReport | None = None
+        self.model: PeftModel | None = None
+        self.initial_a: dict[str, torch.Tensor] = {}
+        self.step0_grad_norm: dict[str, float] = {}
+
+    def prepare(self, model: PeftModel, calibration_loader) -> dict[str, Any]:
+        self.report = filet_init(model, calibration_loader, **self.options)
+        self.model = model
+        adapter, layers = lora_layers(model)
+        self.initial_a = {
+            n: layer.lora_A[adapter].weight.detach().clone() for n, layer in layers.items()
+        }
+        batch = next(iter(calibration_loader))
+        self.step0_grad_norm = adapter_grad_norms(model, batch)
+        return {"filet": self.report.summary(), "step0_grad_norm": self.step0_grad_norm}
+
+    def diagnostics(self) -> dict[str, Any]:
+        if self.model is None:
+            return {}
+        adapter, layers = lora_layers(self.model)
+        overlaps = {
+            n: subspace_overlap(self.initial_a[n], layer.lora_A[adapter].weight)
+            for n, layer in layers.items()
+        }
+        return {
+            "step0_grad_norm": self.step0_grad_norm,
+            "subspace_overlap_mean": sum(overlaps.values()) / len(overlaps),
+            "subspace_overlap": overlaps,
+        }
+
+    def save_report(self, out_dir: str | Path) -> None:
+        if self.report is not None:
+            self.report.save(out_dir)
+            (Path(out_dir) / "filet_training.json").write_text(
+                json.dumps(self.diagnostics(), indent=1)
+            )

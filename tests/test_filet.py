@@ -1,0 +1,250 @@
+import json
+
+import pytest
+import torch
+from conftest import assert_unchanged, logits, random_batches, snapshot, tiny_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import GPT2Config, GPT2ForSequenceClassification
+
+from fisherlora.adapters import export_lora, lora_layers
+from fisherlora.capture import apply_mask, calibration_mode, capture_io, token_mask
+from fisherlora.cli import main
+from fisherlora.errors import CalibrationError, ConfigError
+from fisherlora.methods.filet import candidate_directions, filet_init, subspace_overlap
+from fisherlora.methods.fim_lora import allocate_ranks
+
+pytestmark = pytest.mark.filterwarnings("ignore:the calibration loader ran out")
+
+
+def train_a_few_steps(model, seed=5, steps=3):
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for batch in random_batches(steps, seed=seed):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("rslora", [False, True])
+@pytest.mark.parametrize(
+    ("basis", "scale"),
+    [("gram", "fisher-norm"), ("svd", "fisher-norm"), ("gram", "fisher"), ("svd", "singular")],
+)
+def test_outputs_equal_the_base_model_right_after_init(arch, rslora, basis, scale):
+    model = tiny_peft_model(arch, rslora=rslora)
+    probe = random_batches(2, seed=9)
+    with model.disable_adapter():
+        base_logits = logits(model, probe)
+    report = filet_init(model, random_batches(3), basis=basis, scale=scale, progress=False)
+    assert (logits(model, probe) - base_logits).abs().max() <= 1e-5
+    adapter, layers = lora_layers(model)
+    changed = [
+        n for n, layer in layers.items() if torch.count_nonzero(layer.lora_B[adapter].weight) > 0
+    ]
+    assert changed == list(layers)  # the init is not a no-op: every B is non-zero
+    assert report.calibration_batches == 3
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_exported_adapter_on_the_original_base_reproduces_the_trained_model(arch, tmp_path):
+    model = tiny_peft_model(arch, seed=2)
+    filet_init(model, random_batches(3), progress=False)
+    train_a_few_steps(model)
+    export_lora(model, tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert set(saved["rank_pattern"].values()) == {16}  # [A; A0], [B, -B0]: rank 2r
+    original = tiny_peft_model(arch, seed=2).unload()  # the untouched base weights
+    reloaded = PeftModel.from_pretrained(original, tmp_path)
+    probe = random_batches(2, seed=11)
+    assert (logits(reloaded, probe) - logits(model, probe)).abs().max() <= 1e-4
+
+
+def test_export_after_rank_allocation_and_filet(tmp_path):
+    model = tiny_peft_model(seed=4)
+    plan = allocate_ranks(model, random_batches(3), progress=False)
+    filet_init(model, random_batches(3), basis="gram", progress=False)
+    train_a_few_steps(model)
+    export_lora(model, tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] == {n: 2 * r for n, r in plan.ranks.items()}
+    reloaded = PeftModel.from_pretrained(tiny_peft_model(seed=4).unload(), tmp_path)
+    probe = random_batches(2, seed=11)
+    assert (logits(reloaded, probe) - logits(model, probe)).abs().max() <= 1e-4
+
+
+def test_energies_equal_the_dense_covariance_reference():
+    """p_i = v̂_iᵀ S_X v̂_i and q_i = û_iᵀ S_Y û_i with S_X, S_Y over unmasked tokens."""
+    model = tiny_peft_model("llama")
+    batches = random_batches(3, seq=10, pad_to=14)
+    adapter, layers = lora_layers(model)
+    candidates = {
+        n: candidate_directions(layer.get_base_layer().weight, "gram")
+        for n, layer in layers.items()
+    }
+    sx = {n: 0.0 for n in layers}
+    sy = {n: 0.0 for n in layers}
+    count = {n: 0.0 for n in layers}
+    mask_ref = [None]
+
+    def dense(name, x, g, mask):
+        x, g = apply_mask(x, mask).reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+        sx[name] = sx[name] + x.T @ x
+        sy[name] = sy[name] + g.T @ g
+        count[name] += mask.sum().item()
+
+    b_weights = [layer.lora_B[adapter].weight for layer in layers.values()]
+    with calibration_mode(model, b_weights), capture_io(layers, dense, mask_ref):
+        for batch in batches:
+            mask_ref[0] = token_mask(batch)
+            model(**batch).loss.backward()
+    report = filet_init(model, batches, basis="gram", progress=False)
+    for name, (v, u, _) in candidates.items():
+        p = torch.diagonal(v.T @ sx[name] @ v) / count[name]
+        q = torch.diagonal(u.T @ sy[name] @ u) / count[name]
+        torch.testing.assert_close(
+            torch.tensor(report.energies[name]), p * q, rtol=1e-4, atol=1e-20
+        )
+
+
+def test_candidates_gram_unit_norm_svd_orthonormal_and_degenerate_dropped():
+    torch.manual_seed(0)
+    w = torch.randn(12, 3) @ torch.randn(3, 20)  # rank 3
+    v, u, sigma = candidate_directions(w, "svd")
+    assert sigma.numel() == 3
+    torch.testing.assert_close(v.T @ v, torch.eye(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(u.T @ u, torch.eye(3), atol=1e-5, rtol=0)
+    w = torch.randn(12, 20)
+    v, u, sigma = candidate_directions(w, "gram")
+    assert v.shape == (20, 20) and u.shape == (12, 20)
+    torch.testing.assert_close(v.norm(dim=0), torch.ones(20))
+    torch.testing.assert_close(u.norm(dim=0), torch.ones(20))
+    torch.testing.assert_close(sigma, (w @ v).norm(dim=0))
+    w[:, 5] = 0  # a dead input: its gram column is zero, the candidate is dropped
+    assert candidate_directions(w, "gram")[2].numel() == 19
+
+
+@pytest.mark.parametrize("select", ["min", "max"])
+def test_selection_takes_the_extreme_energies_and_a_follows_the_directions(select):
+    model = tiny_peft_model()
+    adapter, layers = lora_layers(model)
+    candidates = {
+        n: candidate_directions(layer.get_base_layer().weight, "svd") for n, layer in layers.items()
+    }
+    report = filet_init(model, random_batches(3), basis="svd", select=select, progress=False)
+    for name, layer in layers.items():
+        energy = torch.tensor(report.energies[name])
+        chosen = torch.tensor(report.selected[name])
+        rest = torch.ones_like(energy, dtype=torch.bool)
+        rest[chosen] = False
+        if select == "min":
+            assert energy[chosen].max() <= energy[rest].min()
+        else:
+            assert energy[chosen].min() >= energy[rest].max()
+        a = layer.lora_A[adapter].weight
+        directions = candidates[name][0][:, chosen].T
+        torch.testing.assert_close(a / a.norm(dim=1, keepdim=True), directions, atol=1e-4, rtol=0)
+
+
+def test_random_selection_is_seeded():
+    picks = [
+        filet_init(
+            tiny_peft_model(), random_batches(2), select="random", seed=s, progress=False
+        ).selected
+        for s in (0, 0, 1)
+    ]
+    assert picks[0] == picks[1] != picks[2]
+
+
+def test_rank_above_usable_candidates_is_rejected_unchanged():
+    model = tiny_peft_model(rank=40)  # hidden 32: at most 32 svd candidates per 32-wide layer
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=r"rank 40 of .* exceeds its 32 usable svd candidates"):
+        filet_init(model, random_batches(2), progress=False)
+    assert_unchanged(before, snapshot(model))
+
+
+def test_bad_calibration_input_changes_nothing():
+    model = tiny_peft_model()
+    before = snapshot(model)
+    with pytest.raises(CalibrationError, match="yielded no batch"):
+        filet_init(model, [], progress=False)
+    handle = model.base_model.model.classifier.register_forward_hook(
+        lambda m, i, out: out * float("nan")
+    )
+    try:
+        with pytest.raises(CalibrationError, match="non-finite Fisher statistics"):
+            filet_init(model, random_batches(2), progress=False)
+    finally:
+        handle.remove()
+    with pytest.raises(ConfigError, match="unknown FILet scale"):
+        filet_init(model, random_batches(2), scale="huge", progress=False)
+    bad = random_batches(1)
+    bad[0]["input_ids"] = bad[0]["input_ids"] + 1000
+    with pytest.raises(IndexError):
+        filet_init(model, bad, progress=False)
+    assert_unchanged(before, snapshot(model))
+
+
+def test_gpt2_conv1d_targets_are_rejected_clearly():
+    config = GPT2Config(
+        vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=32, num_labels=2, pad_token_id=0
+    )
+    model = get_peft_model(
+        GPT2ForSequenceClassification(config),
+        LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["c_attn"], fan_in_fan_out=True),
+    )
+    with pytest.raises(ConfigError, match="only LoRA on nn.Linear layers is supported"):
+        filet_init(model, random_batches(1), progress=False)
+
+
+def test_subspace_overlap_is_one_for_the_same_rows_and_small_for_unrelated_ones():
+    torch.manual_seed(0)
+    a = torch.randn(4, 64)
+    assert subspace_overlap(a, 3 * a) == pytest.approx(1.0, abs=1e-5)
+    assert subspace_overlap(a, torch.randn(4, 64)) < 0.3  # chance level is r/n = 1/16
+
+
+def test_runner_writes_spectrum_and_a_reloadable_adapter(tmp_path, capsys):
+    csv = tmp_path / "d.csv"
+    csv.write_text(
+        "text,label\n"
+        + "\n".join(f"review {i} {'good' if i % 2 else 'bad'},{i % 2}" for i in range(60))
+    )
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--model",
+            "tiny-bert",
+            "--data",
+            str(csv),
+            "--method",
+            "filet",
+            "--basis",
+            "gram",
+            "--calib-batches",
+            "2",
+            "--steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--eval-every",
+            "0",
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
+    capsys.readouterr()
+    assert code == 0
+    assert (out / "energy_spectrum.png").stat().st_size > 1000
+    training = json.loads((out / "filet_training.json").read_text())
+    assert 0.0 <= training["subspace_overlap_mean"] <= 1.0 + 1e-6
+    assert training["step0_grad_norm"]["lora_A"] > 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["prepare"]["filet"]["basis"] == "gram"
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert set(saved["rank_pattern"].values()) == {16}
