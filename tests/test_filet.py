@@ -194,7 +194,7 @@ def test_gpt2_conv1d_targets_are_rejected_clearly():
         GPT2ForSequenceClassification(config),
         LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["c_attn"], fan_in_fan_out=True),
     )
-    with pytest.raises(ConfigError, match="only LoRA on nn.Linear layers is supported"):
+    with pytest.raises(ConfigError, match=r"only LoRA on nn\.Linear layers is supported"):
         filet_init(model, random_batches(1), progress=False)
 
 
