@@ -10,7 +10,12 @@ from fisherlora.adapters import export_lora, lora_layers
 from fisherlora.capture import apply_mask, calibration_mode, capture_io, token_mask
 from fisherlora.cli import main
 from fisherlora.errors import CalibrationError, ConfigError
-from fisherlora.methods.filet import candidate_directions, filet_init, subspace_overlap
+from fisherlora.methods.filet import (
+    candidate_directions,
+    filet_init,
+    lowrank_spectral_norm,
+    subspace_overlap,
+)
 from fisherlora.methods.fim_lora import allocate_ranks
 
 pytestmark = pytest.mark.filterwarnings("ignore:the calibration loader ran out")
@@ -248,3 +253,10 @@ def test_runner_writes_spectrum_and_a_reloadable_adapter(tmp_path, capsys):
     assert metrics["prepare"]["filet"]["basis"] == "gram"
     saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert set(saved["rank_pattern"].values()) == {16}
+
+
+def test_lowrank_spectral_norm_matches_the_dense_one():
+    torch.manual_seed(1)
+    b, a = torch.randn(30, 4), torch.randn(4, 50)
+    dense = torch.linalg.matrix_norm(b @ a, ord=2)
+    torch.testing.assert_close(lowrank_spectral_norm(b, a), dense, rtol=1e-5, atol=0)

@@ -39,18 +39,17 @@ def apply_mask(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return t * mask.unsqueeze(-1).to(t.dtype)
 
 
-@contextmanager
-def capture_io(
+def register_io_hooks(
     modules: Mapping[str, nn.Module], callback: IOCallback, mask_ref: list
-) -> Iterator[None]:
-    """Call ``callback(name, x, g, mask)`` in the backward pass of every module in ``modules``.
+) -> list:
+    """Make ``callback(name, x, g, mask)`` run in the backward pass of every module in ``modules``.
 
     ``x`` is the module's (first) input and ``g = ∂L/∂y`` the gradient of its output, both
     detached and in float32; ``mask_ref[0]`` holds the current batch's token mask (set by the
-    caller before each forward pass). The forward hooks are removed on exit, also on error; the
-    per-output tensor hooks die with the autograd graph.
+    caller before each forward pass; ``None`` where no masking applies). Forward passes that
+    build no graph (``torch.no_grad``, evaluation) are ignored. Returns the forward-hook handles;
+    the per-output tensor hooks die with the autograd graph.
     """
-    handles = []
 
     def make_hook(name: str):
         def forward_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -62,9 +61,17 @@ def capture_io(
 
         return forward_hook
 
+    return [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
+
+
+@contextmanager
+def capture_io(
+    modules: Mapping[str, nn.Module], callback: IOCallback, mask_ref: list
+) -> Iterator[None]:
+    """:func:`register_io_hooks` for the duration of a ``with`` block; removed on exit, also on error."""
+    handles = []
     try:
-        for name, module in modules.items():
-            handles.append(module.register_forward_hook(make_hook(name)))
+        handles = register_io_hooks(modules, callback, mask_ref)
         yield
     finally:
         for handle in handles:

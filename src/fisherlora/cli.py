@@ -104,6 +104,26 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="adapter magnitudes: normalised energies, raw energies or singular values",
     )
 
+    fw = parser.add_argument_group("Fisher-weighted penalty (fw-lora)")
+    fw.add_argument(
+        "--fw-warmup-steps", type=int, help="warm-up K (default: 500, or steps // 5 when shorter)"
+    )
+    fw.add_argument("--fw-lambda", type=float, default=DEFAULTS.fw_lambda, help="penalty weight λ")
+    fw.add_argument(
+        "--fw-estimator",
+        default=DEFAULTS.fw_estimator,
+        choices=["sketch", "exact"],
+        help="frozen-weight gradient norm: Gaussian sketch or exact",
+    )
+    fw.add_argument("--fw-probes", type=int, default=DEFAULTS.fw_probes, help="sketch probes k")
+    fw.add_argument("--fw-normalize", default=DEFAULTS.fw_normalize, choices=["sum", "max"])
+    fw.add_argument(
+        "--fw-mode",
+        default=DEFAULTS.fw_mode,
+        choices=["loss", "decay"],
+        help="penalty in the loss (exact) or per-module AdamW weight decay",
+    )
+
     loop = parser.add_argument_group("training")
     loop.add_argument("--steps", type=int, default=DEFAULTS.steps, help="optimizer steps")
     loop.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)

@@ -52,3 +52,20 @@ def reduce_score(fisher: torch.Tensor, how: str) -> float:
     if how == "l2":
         return torch.linalg.vector_norm(fisher).item()
     raise ValueError(f"unknown score {how!r}; use 'mean', 'max' or 'l2'")
+
+
+def gram_sq_norm(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``‖Gᵀ X‖²_F``: the squared norm of the gradient a linear layer's weight would get, from its
+    inputs ``X`` [tokens, n] and output gradients ``G`` [tokens, m]; one m×n product, then freed."""
+    return (g.T @ x).square().sum()
+
+
+def sketch_product(x: torch.Tensor, g: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+    """``Gᵀ (X Ω)`` [m, k] for Gaussian probes ``Ω`` [n, k]: O(tokens (n + m) k) work.
+
+    ``‖Gᵀ X‖²_F ≈ ‖Gᵀ X Ω‖²_F / k`` is unbiased (``E[ω ωᵀ] = I``) with relative standard deviation
+    at most ``√(2/k)`` (reached for a rank-one ``GᵀX``). The products are linear in the data, so
+    summing them over micro-batches and processes before squaring estimates the norm of the
+    accumulated gradient.
+    """
+    return g.T @ (x @ probes)

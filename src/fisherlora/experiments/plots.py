@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 
@@ -36,26 +37,40 @@ def module_grid(values: Mapping[str, float]) -> pd.DataFrame:
     return table.loc[order, list(dict.fromkeys(frame["module"]))]
 
 
-def plot_rank_map(ranks: Mapping[str, int], base_rank: int, path: str | Path, title: str) -> None:
-    """Heatmap of allocated ranks (layer × module type), each cell annotated with its rank;
-    colours diverge around the base rank, so gains and losses read at a glance."""
-    table = module_grid(ranks)
-    values = table.to_numpy(dtype=float)
-    spread = max(1.0, float(abs(pd.DataFrame(values - base_rank).stack()).max()))
+def plot_module_values(
+    values: Mapping[str, float],
+    path: str | Path,
+    title: str,
+    label: str,
+    center: float | None = None,
+    integers: bool = False,
+) -> None:
+    """Heatmap of one number per module (layer × module type), each cell annotated.
+
+    With ``center`` the colours diverge around it (ranks around the base rank), so gains and
+    losses read at a glance; otherwise a sequential map.
+    """
+    table = module_grid(values)
+    cells = table.to_numpy(dtype=float)
+    finite = cells[~np.isnan(cells)]
+    if center is None:
+        colour = {"cmap": "viridis", "vmin": float(finite.min()), "vmax": float(finite.max())}
+    else:
+        spread = max(1e-12, float(np.abs(finite - center).max()))
+        colour = {"cmap": "RdBu", "vmin": center - spread, "vmax": center + spread}
     fig, ax = plt.subplots(figsize=(1.3 * table.shape[1] + 2.5, 0.45 * table.shape[0] + 1.8))
-    image = ax.imshow(
-        values, cmap="RdBu", vmin=base_rank - spread, vmax=base_rank + spread, aspect="auto"
-    )
-    for i in range(values.shape[0]):
-        for j in range(values.shape[1]):
-            if values[i, j] == values[i, j]:  # not NaN (a module type missing in this layer)
-                ax.text(j, i, f"{int(values[i, j])}", ha="center", va="center", fontsize=9)
+    image = ax.imshow(cells, aspect="auto", **colour)
+    for i in range(cells.shape[0]):
+        for j in range(cells.shape[1]):
+            if not np.isnan(cells[i, j]):  # NaN: a module type missing in this layer
+                text = f"{int(cells[i, j])}" if integers else f"{cells[i, j]:.3g}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8)
     ax.set_xticks(range(table.shape[1]), table.columns, rotation=30, ha="right")
     ax.set_yticks(range(table.shape[0]), table.index)
     ax.set_xlabel("module type")
     ax.set_ylabel("layer")
     ax.set_title(title)
-    fig.colorbar(image, ax=ax, label=f"rank (base {base_rank})")
+    fig.colorbar(image, ax=ax, label=label)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

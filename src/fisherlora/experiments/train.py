@@ -75,6 +75,12 @@ class TrainConfig:
     basis: str = "svd"  # FILet candidate directions: svd, gram
     select: str = "min"  # FILet selection: min, max, random
     scale: str = "fisher-norm"  # FILet magnitudes: fisher-norm, fisher, singular
+    fw_warmup_steps: int | None = None  # FW-LoRA warm-up K; None: 500, or steps // 5 for short runs
+    fw_lambda: float = 1e-4  # FW-LoRA λ
+    fw_estimator: str = "sketch"  # FW-LoRA frozen-gradient norm: sketch, exact
+    fw_probes: int = 8  # FW-LoRA sketch probes k
+    fw_normalize: str = "sum"  # FW-LoRA importance normalisation: sum, max
+    fw_mode: str = "loss"  # FW-LoRA: penalty in the loss, or per-module weight decay
     eval_every: int = 100  # steps between evaluations; 0: only at the end
     eval_batch_size: int = 128
     seed: int = 0
@@ -216,6 +222,13 @@ def method_options(config: TrainConfig, progress: bool = True) -> dict[str, Any]
         "select",
         "scale",
         "seed",
+        "steps",
+        "fw_warmup_steps",
+        "fw_lambda",
+        "fw_estimator",
+        "fw_probes",
+        "fw_normalize",
+        "fw_mode",
     )
     return {name: getattr(config, name) for name in names} | {"progress": progress}
 
@@ -298,7 +311,7 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
     set_seed(config.seed)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(method.param_groups(model, config.weight_decay), lr=config.lr)
     scheduler = get_linear_schedule_with_warmup(
         optimizer,
         num_warmup_steps=round(config.warmup_ratio * config.steps),
@@ -315,13 +328,14 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
     )
     for step in bar:
         step_start = time.perf_counter()
-        step_loss = 0.0
+        step_loss = step_extra = 0.0
         for _ in range(config.grad_accum):
             batch = {k: v.to(device) for k, v in next(batches).items()}
             loss = model(**batch).loss
             extra = method.loss(model, step)
             if extra is not None:
                 loss = loss + extra
+                step_extra += extra.item() / config.grad_accum
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"the training loss became {loss.item()} at step {step}; try a lower --lr"
@@ -335,7 +349,7 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
         method.after_backward(model, step)
         optimizer.zero_grad(set_to_none=True)
         step_times.append(time.perf_counter() - step_start)
-        losses_since_eval.append(step_loss)
+        losses_since_eval.append((step_loss, step_extra))
         bar.set_postfix(loss=f"{step_loss:.4f}")
 
         if step == config.steps or (config.eval_every and step % config.eval_every == 0):
@@ -345,7 +359,9 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
             curve_rows.append(
                 {
                     "step": step,
-                    "train_loss": float(np.mean(losses_since_eval)),
+                    # the loss optimised (task + method term) and the method's term alone
+                    "train_loss": float(np.mean([total for total, _ in losses_since_eval])),
+                    "extra_loss": float(np.mean([extra for _, extra in losses_since_eval])),
                     **scores,
                     "wall_time_s": time.perf_counter() - loop_start,
                 }

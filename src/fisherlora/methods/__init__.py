@@ -10,6 +10,7 @@ from fisherlora.errors import ConfigError
 from fisherlora.methods.base import AdapterMethod, Method
 from fisherlora.methods.filet import Filet
 from fisherlora.methods.fim_lora import FimLoRA, RandomRank
+from fisherlora.methods.fw_lora import FwLoRA
 from fisherlora.methods.peers import LoRA
 
 METHODS: dict[str, Callable[..., Method]] = {
@@ -17,6 +18,7 @@ METHODS: dict[str, Callable[..., Method]] = {
     "fim-lora": FimLoRA,
     "random-rank": RandomRank,
     "filet": Filet,
+    "fw-lora": FwLoRA,
 }
 
 

@@ -9,8 +9,9 @@ A method acts at up to five points of a fine-tuning run and does nothing at the 
                       are zeroed (where AdaLoRA's allocator and Fisher accumulators act);
 5. ``export``         write a stock PEFT adapter that ``PeftModel.from_pretrained`` loads.
 
-A method also has ``save_report(out_dir)``, which the runner calls at the end of a run to write
-the method's own files (a rank map, an energy spectrum) into the run directory.
+A method may also shape the optimizer's parameter groups (``param_groups``, e.g. FW-LoRA's
+per-module weight decay), and has ``save_report(out_dir)``, which the runner calls at the end of
+a run to write the method's own files (a rank map, an energy spectrum) into the run directory.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ class AdapterMethod:
         self, model: PeftModel, calibration_loader: Iterable[dict[str, torch.Tensor]]
     ) -> dict[str, Any]:
         return {}
+
+    def param_groups(self, model: PeftModel, weight_decay: float) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: by default every trainable parameter, one decay."""
+        return [
+            {
+                "params": [p for p in model.parameters() if p.requires_grad],
+                "weight_decay": weight_decay,
+            }
+        ]
 
     def loss(self, model: PeftModel, step: int) -> torch.Tensor | None:
         return None

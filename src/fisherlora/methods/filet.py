@@ -113,6 +113,13 @@ def candidate_directions(
     return v[:, keep].contiguous(), u[:, keep].contiguous(), sigma[keep]
 
 
+def lowrank_spectral_norm(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``‖B A‖₂`` from r×r work: with ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A``, ``‖B A‖₂ = ‖R_B R_Aᵀ‖₂``."""
+    r_b = torch.linalg.qr(b).R
+    r_a = torch.linalg.qr(a.T).R
+    return torch.linalg.matrix_norm(r_b @ r_a.T, ord=2)
+
+
 def _select(energy: torch.Tensor, r: int, how: str, generator: torch.Generator) -> torch.Tensor:
     if how == "random":
         return torch.randperm(energy.numel(), generator=generator)[:r].sort().values
@@ -245,7 +252,7 @@ def filet_init(
             layer.lora_A[adapter].weight.copy_(a.to(layer.lora_A[adapter].weight.dtype))
             layer.lora_B[adapter].weight.copy_(b.to(layer.lora_B[adapter].weight.dtype))
             record_residual(model, name, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)
-            ratios[name] = (torch.linalg.matrix_norm(delta, ord=2) / sigma.max()).item()
+            ratios[name] = (lowrank_spectral_norm(b, a) * s / sigma.max()).item()
 
     return FiletReport(
         energies={n: e.tolist() for n, e in energies.items()},

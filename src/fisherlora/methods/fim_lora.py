@@ -90,12 +90,19 @@ class RankPlan:
 
     def save(self, out_dir: str | Path, title: str = "FIM-LoRA rank map") -> None:
         """Write ``ranks.json`` and the annotated heatmap ``rank_map.png`` into ``out_dir``."""
-        from fisherlora.experiments.plots import plot_rank_map
+        from fisherlora.experiments.plots import plot_module_values
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "ranks.json").write_text(json.dumps(self.to_dict(), indent=2))
-        plot_rank_map(self.ranks, self.base_rank, out / "rank_map.png", title)
+        plot_module_values(
+            self.ranks,
+            out / "rank_map.png",
+            title,
+            label=f"rank (base {self.base_rank})",
+            center=self.base_rank,
+            integers=True,
+        )
 
 
 def _check_options(budget: str, score: str, estimator: str) -> None:

@@ -1,0 +1,314 @@
+"""FW-LoRA: a Fisher-weighted penalty on the LoRA updates.
+
+1. Warm-up, optimizer steps ``t ≤ K``: per module ``F_m ← α F_m + (1 − α) ‖∇W_m‖²_F`` with
+   ``∇W_m = Gᵀ X`` the gradient the frozen weight would get (never materialised as ``W.grad``):
+   ``estimator="exact"`` forms ``GᵀX`` in the backward hook; ``estimator="sketch"`` keeps
+   ``Gᵀ (X Ω)`` for k shared Gaussian probes and uses ``‖GᵀXΩ‖²_F / k`` (unbiased, relative
+   error ≤ √(2/k)). Both sum over the micro-batches of a step (and over processes) before squaring.
+2. After step K: ``I_m = F_m / Σ_k F_k`` (``normalize="max"``: ``F_m / max_k F_k``), frozen;
+   the hooks are removed, so the rest of training pays nothing for them.
+3. ``penalty = λ Σ_m (1 − I_m) ‖s B_m A_m‖²_F`` with ``I_m = 0`` during warm-up (the paper's
+   Algorithm 1), from r×r work: ``‖s B A‖²_F = s² tr((A Aᵀ)(Bᵀ B))``.
+   ``mode="decay"`` instead gives each module's A and B their own AdamW group whose decoupled
+   weight decay is ``λ (1 − I_m)`` (``λ`` during warm-up) and adds no loss.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from fisherlora.adapters import lora_layers
+from fisherlora.capture import check_finite, register_io_hooks
+from fisherlora.errors import ConfigError
+from fisherlora.methods.base import AdapterMethod
+from fisherlora.stats import all_reduce_sum, sketch_product
+
+ESTIMATORS = ("sketch", "exact")
+NORMALIZE = ("sum", "max")
+MODES = ("loss", "decay")
+
+
+class FisherPenalty:
+    """FW-LoRA's penalty for any training loop (see the module docstring for the equations).
+
+    Usage, once per optimizer step::
+
+        penalty = FisherPenalty(model, warmup_steps=500)
+        for batch in batches:                                   # micro-batches of one step
+            (model(**batch).loss + penalty.penalty()).backward()
+        optimizer.step(); penalty.step(); optimizer.zero_grad()
+
+    Args:
+        model: a ``PeftModel`` with one LoRA adapter on ``nn.Linear`` layers.
+        warmup_steps: K, the optimizer steps over which F is estimated (0: I stays 0).
+        decay: α of the moving average.
+        lam: λ, the penalty weight (``mode="decay"``: the weight-decay coefficient).
+        estimator: ``"sketch"`` (default) or ``"exact"`` (memory: one ``W``-sized sum per module
+            during warm-up).
+        probes: k, the number of Gaussian probes of the sketch.
+        normalize: ``"sum"`` (the paper) or ``"max"``.
+        mode: ``"loss"`` (default, exact penalty) or ``"decay"`` (use :meth:`param_groups`).
+        seed: the probes of step t are drawn from ``(seed, t)``, the same on every process.
+    """
+
+    def __init__(
+        self,
+        model: PeftModel,
+        *,
+        warmup_steps: int = 500,
+        decay: float = 0.98,
+        lam: float = 1e-4,
+        estimator: str = "sketch",
+        probes: int = 8,
+        normalize: str = "sum",
+        mode: str = "loss",
+        seed: int = 0,
+    ) -> None:
+        for label, value, choices in (
+            ("estimator", estimator, ESTIMATORS),
+            ("normalize", normalize, NORMALIZE),
+            ("mode", mode, MODES),
+        ):
+            if value not in choices:
+                raise ConfigError(
+                    f"unknown FW-LoRA {label} {value!r}; choose one of {list(choices)}"
+                )
+        if warmup_steps < 0 or probes < 1 or not 0.0 <= decay < 1.0 or lam < 0:
+            raise ConfigError(
+                f"FW-LoRA needs warmup_steps >= 0, probes >= 1, 0 <= decay < 1 and lam >= 0; got "
+                f"warmup_steps={warmup_steps}, probes={probes}, decay={decay}, lam={lam}"
+            )
+        self.adapter, self.layers = lora_layers(model)
+        self.names = list(self.layers)
+        self.warmup_steps, self.decay, self.lam = warmup_steps, decay, lam
+        self.estimator, self.probes, self.normalize, self.mode, self.seed = (
+            estimator,
+            probes,
+            normalize,
+            mode,
+            seed,
+        )
+        self.step_count = 0
+        self.fisher = torch.zeros(len(self.names), dtype=torch.float64)
+        self.importance_ = torch.zeros(len(self.names), dtype=torch.float64)
+        self.last_proxy: dict[str, float] = {}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._probe_cache: dict[tuple[int, str], torch.Tensor] = {}
+        self._groups: list[dict] = []
+        self._handles = (
+            register_io_hooks(self.layers, self._accumulate, [None]) if warmup_steps > 0 else []
+        )
+
+    # -- warm-up -------------------------------------------------------------------------------
+    @property
+    def warming_up(self) -> bool:
+        return self.step_count < self.warmup_steps
+
+    def _probe_matrix(self, n: int, device: torch.device) -> torch.Tensor:
+        key = (n, str(device))
+        if key not in self._probe_cache:
+            generator = torch.Generator().manual_seed(
+                self.seed * 1_000_003 + self.step_count * 7_919 + n
+            )
+            self._probe_cache[key] = torch.randn(n, self.probes, generator=generator).to(device)
+        return self._probe_cache[key]
+
+    def _accumulate(self, name: str, x: torch.Tensor, g: torch.Tensor, mask: Any) -> None:
+        # Padded tokens carry g = 0, so G^T X is the true weight gradient without any mask.
+        x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+        if self.estimator == "sketch":
+            term = sketch_product(x, g, self._probe_matrix(x.shape[-1], x.device))
+        else:
+            term = g.T @ x
+        self._pending[name] = term if name not in self._pending else self._pending[name] + term
+
+    def step(self) -> None:
+        """Advance the schedule by one optimizer step (call after ``optimizer.step()``)."""
+        if self.warming_up:
+            proxy = torch.zeros(len(self.names), dtype=torch.float64)
+            for i, name in enumerate(self.names):
+                if name in self._pending:
+                    total = all_reduce_sum(self._pending[name])
+                    value = gram_sq_norm_of(total, self.estimator, self.probes)
+                    check_finite(name, value, "frozen-weight gradient norm")
+                    proxy[i] = value.item()
+            self.last_proxy = dict(zip(self.names, proxy.tolist(), strict=True))
+            self.fisher = self.decay * self.fisher + (1 - self.decay) * proxy
+            self._pending.clear()
+            self._probe_cache.clear()
+        self.step_count += 1
+        if self.step_count == self.warmup_steps:
+            self._freeze()
+
+    def _freeze(self) -> None:
+        reference = self.fisher.sum() if self.normalize == "sum" else self.fisher.max()
+        if not reference > 0:
+            raise ConfigError(
+                "FW-LoRA saw no gradient signal during warm-up (all frozen-weight gradient norms "
+                "are zero); check that the penalty's step() runs after backward passes"
+            )
+        self.importance_ = self.fisher / reference
+        self.remove_hooks()
+        self._apply_decay()
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # -- the penalty ---------------------------------------------------------------------------
+    def penalty(self) -> torch.Tensor:
+        """``λ Σ_m (1 − I_m) s_m² tr((A Aᵀ)(Bᵀ B))``; zero in ``mode="decay"``."""
+        first = next(iter(self.layers.values())).lora_A[self.adapter].weight
+        total = torch.zeros((), device=first.device, dtype=torch.float32)
+        if self.mode == "decay" or self.lam == 0:
+            return total
+        weights = self.lam * (1 - self.importance_)
+        for i, layer in enumerate(self.layers.values()):
+            a = layer.lora_A[self.adapter].weight.float()
+            b = layer.lora_B[self.adapter].weight.float()
+            s = layer.scaling[self.adapter]
+            total = total + float(weights[i]) * s**2 * ((a @ a.T) * (b.T @ b)).sum()
+        return total
+
+    def param_groups(self) -> list[dict]:
+        """AdamW parameter groups for ``mode="decay"``: one per module with its A and B and the
+        decay ``λ (1 − I_m)`` (add a group for any other trainable parameters yourself). The
+        optimizer keeps these very dicts, so :meth:`step` updates the decays in place."""
+        self._groups = [
+            {
+                "params": [layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight],
+                "weight_decay": self.lam,
+                "fisher_module": name,
+            }
+            for name, layer in self.layers.items()
+        ]
+        self._apply_decay()
+        return self._groups
+
+    def _apply_decay(self) -> None:
+        for i, group in enumerate(self._groups):
+            group["weight_decay"] = self.lam * (1 - float(self.importance_[i]))
+
+    # -- reporting and checkpoints ---------------------------------------------------------------
+    def importance(self) -> dict[str, float]:
+        """``I_m`` per module (all zero during warm-up)."""
+        return dict(zip(self.names, self.importance_.tolist(), strict=True))
+
+    def spread(self) -> dict[str, float]:
+        """How uneven the weighting is: ``max I / min I`` and the range of ``1 − I_m``."""
+        i = self.importance_
+        return {
+            "max_over_min_importance": float(i.max() / i.min()) if i.min() > 0 else float("inf"),
+            "min_one_minus_importance": float((1 - i).min()),
+            "max_one_minus_importance": float((1 - i).max()),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step_count,
+            "fisher": self.fisher.clone(),
+            "importance": self.importance_.clone(),
+            "names": list(self.names),
+            "warmup_steps": self.warmup_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state["names"]) != self.names or state["warmup_steps"] != self.warmup_steps:
+            raise ConfigError(
+                "this FW-LoRA state belongs to other modules or another warm-up length"
+            )
+        self.step_count = int(state["step"])
+        self.fisher = state["fisher"].clone().to(torch.float64)
+        self.importance_ = state["importance"].clone().to(torch.float64)
+        self._pending.clear()
+        if not self.warming_up:
+            self.remove_hooks()
+            self._apply_decay()
+
+
+def gram_sq_norm_of(total: torch.Tensor, estimator: str, probes: int) -> torch.Tensor:
+    """``‖GᵀX‖²_F`` from the summed products: exact, or ``‖GᵀXΩ‖²_F / k`` for the sketch."""
+    squared = total.double().square().sum()
+    return squared / probes if estimator == "sketch" else squared
+
+
+class FwLoRA(AdapterMethod):
+    """Runner method ``fw-lora``: a :class:`FisherPenalty` added to the loss (or as weight decay)."""
+
+    name = "fw-lora"
+
+    def __init__(
+        self,
+        steps: int = 300,
+        fw_warmup_steps: int | None = None,
+        fw_lambda: float = 1e-4,
+        fw_estimator: str = "sketch",
+        fw_probes: int = 8,
+        fw_normalize: str = "sum",
+        fw_mode: str = "loss",
+        seed: int = 0,
+    ) -> None:
+        warmup = default_warmup(steps) if fw_warmup_steps is None else fw_warmup_steps
+        self.options = dict(
+            warmup_steps=warmup,
+            lam=fw_lambda,
+            estimator=fw_estimator,
+            probes=fw_probes,
+            normalize=fw_normalize,
+            mode=fw_mode,
+            seed=seed,
+        )
+        self.penalty: FisherPenalty | None = None
+        self.penalty_history: list[float] = []
+
+    def prepare(self, model: PeftModel, calibration_loader: Iterable) -> dict[str, Any]:
+        self.penalty = FisherPenalty(model, **self.options)
+        return {"fw_lora": {k: v for k, v in self.options.items()}}
+
+    def param_groups(self, model: PeftModel, weight_decay: float) -> list[dict]:
+        if self.penalty is None or self.penalty.mode != "decay":
+            return super().param_groups(model, weight_decay)
+        groups = self.penalty.param_groups()
+        grouped = {id(p) for g in groups for p in g["params"]}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in grouped]
+        return [*groups, {"params": rest, "weight_decay": weight_decay}]
+
+    def loss(self, model: PeftModel, step: int) -> torch.Tensor | None:
+        if self.penalty is None or self.penalty.mode == "decay":
+            return None
+        return self.penalty.penalty()
+
+    def after_backward(self, model: PeftModel, step: int) -> None:
+        self.penalty.step()
+
+    def save_report(self, out_dir: str | Path) -> None:
+        from fisherlora.experiments.plots import plot_module_values
+
+        if self.penalty is None:
+            return
+        out = Path(out_dir)
+        report = {
+            "importance": self.penalty.importance(),
+            "spread": self.penalty.spread(),
+            "warmup_steps": self.penalty.warmup_steps,
+            "steps_seen": self.penalty.step_count,
+        }
+        (out / "fw_lora.json").write_text(json.dumps(report, indent=1))
+        plot_module_values(
+            self.penalty.importance(),
+            out / "importance.png",
+            title="FW-LoRA importance $I_m$",
+            label="$I_m$",
+        )
+
+
+def default_warmup(steps: int) -> int:
+    """The paper's K = 500 where the run is long enough, else a fifth of the run."""
+    return 500 if steps >= 2500 else max(1, steps // 5)
