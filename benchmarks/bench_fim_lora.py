@@ -17,58 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from common import child_peak_memory, default_setup, peak_rss_mb, training_steps
+from peft import get_peft_model
 
-from fisherlora.experiments.batching import TokenizedTexts, train_loader
-from fisherlora.experiments.models import default_targets, load_model
-from fisherlora.experiments.tasks import load_task
 from fisherlora.methods.fim_lora import allocate_ranks
 
 
-def setup(n_batches: int, batch_size: int, rank: int, seed: int = 0):
-    task = load_task("rotten-tomatoes")
-    base, tokenizer = load_model("minilm", task.num_labels, seed=seed)
-    data = TokenizedTexts(task.train_texts, task.train_labels, tokenizer, max_length=128)
-    loader = train_loader(data, tokenizer.pad_token_id, batch_size, seed=seed)
-    batches = [b for _, b in zip(range(n_batches), loader, strict=False)]
-    config = LoraConfig(
-        task_type="SEQ_CLS", r=rank, lora_alpha=2 * rank, target_modules=default_targets(base)
-    )
-    return base, config, batches
-
-
-def lora_steps(model, batches) -> float:
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=5e-4)
-    start = time.perf_counter()
-    for batch in batches:
-        model(**batch).loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def memory_child(mode: str, n_batches: int, batch_size: int, rank: int) -> None:
-    base, config, batches = setup(n_batches, batch_size, rank)
+    base, config, batches = default_setup(n_batches, batch_size, rank)
     model = get_peft_model(base, config)
     loaded = peak_rss_mb()
     if mode == "lora":
-        lora_steps(model, batches)
+        training_steps(model, batches)
     else:
         allocate_ranks(model, batches, n_batches=n_batches, estimator=mode, progress=False)
     print(json.dumps({"mode": mode, "after_load_mb": loaded, "peak_mb": peak_rss_mb()}))
@@ -88,9 +51,9 @@ def main() -> None:
         memory_child(args.child, args.n_batches, args.batch_size, args.rank)
         return
 
-    base, config, batches = setup(args.n_batches, args.batch_size, args.rank)
+    base, config, batches = default_setup(args.n_batches, args.batch_size, args.rank)
     lora_model = get_peft_model(base, config)
-    lora_steps(lora_model, batches[:2])  # warm-up: first-call allocations and kernels
+    training_steps(lora_model, batches[:2])  # warm-up: first-call allocations and kernels
     base = lora_model.unload()
     times: dict[str, list[float]] = {
         "lora_steps": [],
@@ -103,7 +66,7 @@ def main() -> None:
             torch.manual_seed(rep)
             model = get_peft_model(base, config)
             if mode == "lora_steps":
-                times[mode].append(lora_steps(model, batches))
+                times[mode].append(sum(training_steps(model, batches)))
             else:
                 plan = allocate_ranks(
                     model, batches, n_batches=args.n_batches, estimator=mode, progress=False
@@ -114,30 +77,20 @@ def main() -> None:
             base = model.unload()
         print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
 
-    memory: dict[str, list[dict]] = {}
-    for _ in range(args.memory_reps):
-        for mode in ("lora", "batch", "per_example"):
-            command = [
-                sys.executable,
-                __file__,
-                "--child",
-                mode,
-                "--n-batches",
-                str(args.n_batches),
-                "--batch-size",
-                str(args.batch_size),
-                "--rank",
-                str(args.rank),
-            ]
-            line = (
-                subprocess.run(command, capture_output=True, text=True, check=True)
-                .stdout.strip()
-                .splitlines()[-1]
-            )
-            memory.setdefault(mode, []).append(json.loads(line))
-
+    peak = child_peak_memory(
+        __file__,
+        ["lora", "batch", "per_example"],
+        args.memory_reps,
+        [
+            "--n-batches",
+            str(args.n_batches),
+            "--batch-size",
+            str(args.batch_size),
+            "--rank",
+            str(args.rank),
+        ],
+    )
     median = {k: statistics.median(v) for k, v in times.items()}
-    peak = {k: statistics.median(r["peak_mb"] for r in v) for k, v in memory.items()}
     result = {
         "setting": vars(args)
         | {
@@ -157,7 +110,6 @@ def main() -> None:
             "peak_memory_per_example_over_lora": peak["per_example"] / peak["lora"],
         },
         "peak_memory_mb": peak,
-        "memory_runs": memory,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -29,6 +29,25 @@ def keyword_texts(n: int, seed: int) -> tuple[list[str], list[int]]:
     return texts, labels
 
 
+@pytest.fixture
+def small_csv(tmp_path):
+    """A 60-row CSV a tiny model can train on for a few steps."""
+    path = tmp_path / "reviews.csv"
+    rows = [f"review {i} {'good' if i % 2 else 'bad'},{i % 2}" for i in range(60)]
+    path.write_text("text,label\n" + "\n".join(rows))
+    return path
+
+
+def run_tiny(data, out, *extra: str) -> int:
+    """``fisherlora train`` on tiny-bert with ``data``, a few cheap settings and ``extra`` flags."""
+    from fisherlora.cli import main
+
+    common = ["--model", "tiny-bert", "--batch-size", "8", "--eval-every", "0", "--no-progress"]
+    return main(
+        ["train", *common, "--device", "cpu", "--data", str(data), "--out", str(out), *extra]
+    )
+
+
 @pytest.fixture(scope="session")
 def keyword_task() -> Task:
     train_texts, train_labels = keyword_texts(512, seed=0)

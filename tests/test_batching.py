@@ -41,3 +41,10 @@ def test_single_short_batch_is_kept():
         [3, 1, 2], batch_size=8, generator=torch.Generator().manual_seed(0)
     )
     assert [sorted(b) for b in sampler] == [[0, 1, 2]] and len(sampler) == 1
+
+
+def test_every_public_name_resolves():
+    import fisherlora
+
+    for name in fisherlora.__all__:
+        assert getattr(fisherlora, name) is not None, name

@@ -27,16 +27,6 @@ TINY = [
 ]
 
 
-@pytest.fixture
-def small_csv(tmp_path):
-    path = tmp_path / "reviews.csv"
-    path.write_text(
-        "text,label\n"
-        + "\n".join(f"review {i} {'good' if i % 2 else 'bad'},{i % 2}" for i in range(40))
-    )
-    return path
-
-
 def run_cli(args, capsys):
     code = main(args)
     captured = capsys.readouterr()

@@ -2,13 +2,12 @@ import json
 
 import pytest
 import torch
-from conftest import assert_unchanged, logits, random_batches, snapshot, tiny_peft_model
+from conftest import assert_unchanged, logits, random_batches, run_tiny, snapshot, tiny_peft_model
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from fisherlora.adapters import export_lora, lora_layers
 from fisherlora.capture import apply_mask, calibration_mode, capture_io, token_mask
-from fisherlora.cli import main
 from fisherlora.errors import CalibrationError, ConfigError
 from fisherlora.methods.filet import (
     candidate_directions,
@@ -210,38 +209,11 @@ def test_subspace_overlap_is_one_for_the_same_rows_and_small_for_unrelated_ones(
     assert subspace_overlap(a, torch.randn(4, 64)) < 0.3  # chance level is r/n = 1/16
 
 
-def test_runner_writes_spectrum_and_a_reloadable_adapter(tmp_path, capsys):
-    csv = tmp_path / "d.csv"
-    csv.write_text(
-        "text,label\n"
-        + "\n".join(f"review {i} {'good' if i % 2 else 'bad'},{i % 2}" for i in range(60))
-    )
+def test_runner_writes_spectrum_and_a_reloadable_adapter(tmp_path, small_csv, capsys):
+    csv = small_csv
     out = tmp_path / "run"
-    code = main(
-        [
-            "train",
-            "--model",
-            "tiny-bert",
-            "--data",
-            str(csv),
-            "--method",
-            "filet",
-            "--basis",
-            "gram",
-            "--calib-batches",
-            "2",
-            "--steps",
-            "3",
-            "--batch-size",
-            "8",
-            "--eval-every",
-            "0",
-            "--no-progress",
-            "--device",
-            "cpu",
-            "--out",
-            str(out),
-        ]
+    code = run_tiny(
+        csv, out, "--method", "filet", "--basis", "gram", "--calib-batches", "2", "--steps", "3"
     )
     capsys.readouterr()
     assert code == 0

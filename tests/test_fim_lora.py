@@ -3,11 +3,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_unchanged, logits, random_batches, snapshot, tiny_peft_model
+from conftest import assert_unchanged, logits, random_batches, run_tiny, snapshot, tiny_peft_model
 from peft import PeftModel
 
 from fisherlora.adapters import lora_layers
-from fisherlora.cli import main
 from fisherlora.errors import CalibrationError, ConfigError
 from fisherlora.methods.fim_lora import allocate_ranks, fisher_of_b, random_ranks
 
@@ -243,40 +242,22 @@ def test_model_without_lora_or_with_trained_b_is_rejected():
         allocate_ranks(model, random_batches(1), progress=False)
 
 
-def test_runner_writes_rank_plan_and_rank_map(tmp_path, capsys):
-    csv = tmp_path / "d.csv"
-    csv.write_text(
-        "text,label\n"
-        + "\n".join(f"review {i} {'good' if i % 2 else 'bad'},{i % 2}" for i in range(60))
-    )
+def test_runner_writes_rank_plan_and_rank_map(tmp_path, small_csv, capsys):
+    csv = small_csv
     out = tmp_path / "run"
-    code = main(
-        [
-            "train",
-            "--model",
-            "tiny-bert",
-            "--data",
-            str(csv),
-            "--method",
-            "fim-lora",
-            "--calib-batches",
-            "2",
-            "--r-min",
-            "2",
-            "--r-max",
-            "12",
-            "--steps",
-            "2",
-            "--batch-size",
-            "8",
-            "--eval-every",
-            "0",
-            "--no-progress",
-            "--device",
-            "cpu",
-            "--out",
-            str(out),
-        ]
+    code = run_tiny(
+        csv,
+        out,
+        "--method",
+        "fim-lora",
+        "--calib-batches",
+        "2",
+        "--r-min",
+        "2",
+        "--r-max",
+        "12",
+        "--steps",
+        "2",
     )
     capsys.readouterr()
     assert code == 0

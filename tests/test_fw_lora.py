@@ -4,10 +4,9 @@ import math
 
 import pytest
 import torch
-from conftest import random_batches, tiny_peft_model
+from conftest import random_batches, run_tiny, tiny_peft_model
 
 from fisherlora.adapters import lora_layers
-from fisherlora.cli import main
 from fisherlora.errors import ConfigError
 from fisherlora.methods.fw_lora import FisherPenalty
 from fisherlora.stats import sketch_product
@@ -204,38 +203,22 @@ def test_bad_options_and_models_are_rejected():
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0  # nothing registered
 
 
-def test_runner_reports_importance_spread_and_penalty_share(tmp_path, capsys):
-    csv = tmp_path / "d.csv"
-    csv.write_text(
-        "text,label\n"
-        + "\n".join(f"review {i} {'good' if i % 2 else 'bad'},{i % 2}" for i in range(60))
-    )
+def test_runner_reports_importance_spread_and_penalty_share(tmp_path, small_csv, capsys):
+    csv = small_csv
     out = tmp_path / "run"
-    code = main(
-        [
-            "train",
-            "--model",
-            "tiny-bert",
-            "--data",
-            str(csv),
-            "--method",
-            "fw-lora",
-            "--steps",
-            "6",
-            "--fw-warmup-steps",
-            "2",
-            "--fw-lambda",
-            "0.1",
-            "--batch-size",
-            "8",
-            "--eval-every",
-            "3",
-            "--no-progress",
-            "--device",
-            "cpu",
-            "--out",
-            str(out),
-        ]
+    code = run_tiny(
+        csv,
+        out,
+        "--method",
+        "fw-lora",
+        "--steps",
+        "6",
+        "--fw-warmup-steps",
+        "2",
+        "--fw-lambda",
+        "0.1",
+        "--eval-every",
+        "3",
     )
     capsys.readouterr()
     assert code == 0

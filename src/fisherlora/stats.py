@@ -54,12 +54,6 @@ def reduce_score(fisher: torch.Tensor, how: str) -> float:
     raise ValueError(f"unknown score {how!r}; use 'mean', 'max' or 'l2'")
 
 
-def gram_sq_norm(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``‖Gᵀ X‖²_F``: the squared norm of the gradient a linear layer's weight would get, from its
-    inputs ``X`` [tokens, n] and output gradients ``G`` [tokens, m]; one m×n product, then freed."""
-    return (g.T @ x).square().sum()
-
-
 def sketch_product(x: torch.Tensor, g: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
     """``Gᵀ (X Ω)`` [m, k] for Gaussian probes ``Ω`` [n, k]: O(tokens (n + m) k) work.
 

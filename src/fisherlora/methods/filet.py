@@ -241,7 +241,9 @@ def filet_init(
                 magnitude = energies[name][idx]
             else:
                 e_sel = energies[name][idx]
-                magnitude = e_sel * (sigma[idx].max() / e_sel.max())
+                magnitude = e_sel * (
+                    sigma[idx].max() / e_sel.max().clamp_min(torch.finfo(e_sel.dtype).tiny)
+                )
             s = layer.scaling[adapter]
             root = (magnitude / s).sqrt()
             a = root[:, None] * v[:, idx].T

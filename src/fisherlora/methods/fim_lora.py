@@ -335,7 +335,7 @@ class FimLoRA(AdapterMethod):
         progress: bool = True,
     ) -> None:
         _check_options(budget, score, estimator)
-        self.options = dict(
+        options = dict(
             n_batches=calib_batches,
             r_min=r_min,
             r_max=r_max,
@@ -345,10 +345,11 @@ class FimLoRA(AdapterMethod):
             keep_scaling=keep_scaling,
             progress=progress,
         )
+        self._allocate = lambda model, loader: allocate_ranks(model, loader, **options)
         self.plan: RankPlan | None = None
 
     def prepare(self, model: PeftModel, calibration_loader) -> dict[str, Any]:
-        self.plan = allocate_ranks(model, calibration_loader, **self.options)
+        self.plan = self._allocate(model, calibration_loader)
         return {"rank_plan": self.plan.to_dict()}
 
     def save_report(self, out_dir: str | Path) -> None:
@@ -370,11 +371,8 @@ class RandomRank(FimLoRA):
         keep_scaling: bool = True,
     ) -> None:
         _check_options(budget, "mean", "batch")
-        self.options = dict(
+        options = dict(
             seed=seed, r_min=r_min, r_max=r_max, budget=budget, keep_scaling=keep_scaling
         )
+        self._allocate = lambda model, loader: random_ranks(model, **options)
         self.plan = None
-
-    def prepare(self, model: PeftModel, calibration_loader) -> dict[str, Any]:
-        self.plan = random_ranks(model, **self.options)
-        return {"rank_plan": self.plan.to_dict()}

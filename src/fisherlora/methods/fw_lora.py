@@ -132,12 +132,16 @@ class FisherPenalty:
         """Advance the schedule by one optimizer step (call after ``optimizer.step()``)."""
         if self.warming_up:
             proxy = torch.zeros(len(self.names), dtype=torch.float64)
-            for i, name in enumerate(self.names):
-                if name in self._pending:
-                    total = all_reduce_sum(self._pending[name])
-                    value = gram_sq_norm_of(total, self.estimator, self.probes)
-                    check_finite(name, value, "frozen-weight gradient norm")
-                    proxy[i] = value.item()
+            for i, (name, layer) in enumerate(self.layers.items()):
+                # Every process reduces every module, also one its batches did not reach.
+                width = self.probes if self.estimator == "sketch" else layer.in_features
+                weight = layer.get_base_layer().weight
+                local = self._pending.get(
+                    name, torch.zeros(layer.out_features, width, device=weight.device)
+                )
+                value = gram_sq_norm_of(all_reduce_sum(local), self.estimator, self.probes)
+                check_finite(name, value, "frozen-weight gradient norm")
+                proxy[i] = value.item()
             self.last_proxy = dict(zip(self.names, proxy.tolist(), strict=True))
             self.fisher = self.decay * self.fisher + (1 - self.decay) * proxy
             self._pending.clear()

@@ -1,0 +1,116 @@
+"""FILet init cost against PEFT's PiSSA (full SVD), EVA and LoRA-GA inits, on the embedded default.
+
+Each init starts from a fresh copy of MiniLM and includes ``get_peft_model``; the data-driven ones
+get the same ``n_batches`` Rotten Tomatoes training batches of 32. Times are medians of ``--reps``
+interleaved repetitions, also as "training-step equivalents" (the median time of one plain LoRA
+training step in the same run). Peak memory: VmHWM of a fresh process per init, median of
+``--memory-reps``, against one running 8 LoRA training steps.
+
+    python benchmarks/bench_filet.py --reps 5 --out benchmarks/results/filet_init.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from common import child_peak_memory, default_setup, peak_rss_mb, training_steps
+from peer_inits import eva_init, loraga_init, pissa_init
+from peft import get_peft_model
+
+from fisherlora.methods.filet import filet_init
+
+INITS = {
+    "filet-svd": lambda base, config, batches: _filet(base, config, batches, "svd"),
+    "filet-gram": lambda base, config, batches: _filet(base, config, batches, "gram"),
+    "pissa": lambda base, config, batches: pissa_init(base, config),
+    "eva": eva_init,
+    "lora-ga": loraga_init,
+}
+
+
+def _filet(base, config, batches, basis):
+    model = get_peft_model(base, config)
+    filet_init(model, batches, n_batches=len(batches), basis=basis, progress=False)
+    return model
+
+
+def memory_child(mode: str, n_batches: int) -> None:
+    base, config, batches = default_setup(n_batches)
+    if mode == "lora":
+        training_steps(get_peft_model(base, config), batches)
+    else:
+        INITS[mode](base, config, batches)
+    print(json.dumps({"mode": mode, "peak_mb": peak_rss_mb()}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--n-batches", type=int, default=8)
+    parser.add_argument("--memory-reps", type=int, default=3)
+    parser.add_argument("--inits", default=",".join(INITS))
+    parser.add_argument("--out", default="benchmarks/results/filet_init.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        memory_child(args.child, args.n_batches)
+        return
+
+    base, config, batches = default_setup(args.n_batches)
+    inits = args.inits.split(",")
+    times: dict[str, list[float]] = {name: [] for name in ["lora_step", *inits]}
+    training_steps(get_peft_model(copy.deepcopy(base), config), batches[:2])  # warm-up
+    for rep in range(args.reps):
+        times["lora_step"].append(
+            statistics.median(training_steps(get_peft_model(copy.deepcopy(base), config), batches))
+        )
+        for name in inits:
+            fresh = copy.deepcopy(base)
+            torch.manual_seed(rep)
+            start = time.perf_counter()
+            INITS[name](fresh, config, batches)
+            times[name].append(time.perf_counter() - start)
+        print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+
+    peak = child_peak_memory(
+        __file__, ["lora", *inits], args.memory_reps, ["--n-batches", str(args.n_batches)]
+    )
+    median = {k: statistics.median(v) for k, v in times.items()}
+    step = median["lora_step"]
+    result = {
+        "setting": vars(args)
+        | {
+            "model": "minilm",
+            "task": "rotten-tomatoes",
+            "device": "cpu",
+            "threads": torch.get_num_threads(),
+        },
+        "times_s": times,
+        "median_s": median,
+        "training_step_equivalents": {k: v / step for k, v in median.items() if k != "lora_step"},
+        "peak_memory_mb": peak,
+        "peak_memory_over_lora_steps": {
+            k: v / peak["lora"] for k, v in peak.items() if k != "lora"
+        },
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in ("median_s", "training_step_equivalents", "peak_memory_over_lora_steps")
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
