@@ -101,6 +101,23 @@ class FisherPenalty:
         self._pending: dict[str, torch.Tensor] = {}
         self._probe_cache: dict[tuple[int, str], torch.Tensor] = {}
         self._groups: list[dict] = []
+        self._coefficients: torch.Tensor | None = None
+        shapes: dict[tuple, list[int]] = {}
+        for i, layer in enumerate(self.layers.values()):
+            shapes.setdefault(
+                tuple(layer.lora_A[self.adapter].weight.shape)
+                + tuple(layer.lora_B[self.adapter].weight.shape),
+                [],
+            ).append(i)
+        layers = list(self.layers.values())
+        self._by_shape = [
+            (
+                torch.tensor(indices),
+                [layers[i].lora_A[self.adapter].weight for i in indices],
+                [layers[i].lora_B[self.adapter].weight for i in indices],
+            )
+            for indices in shapes.values()
+        ]
         self._handles = (
             register_io_hooks(self.layers, self._accumulate, [None]) if warmup_steps > 0 else []
         )
@@ -158,6 +175,7 @@ class FisherPenalty:
                 "are zero); check that the penalty's step() runs after backward passes"
             )
         self.importance_ = self.fisher / reference
+        self._coefficients = None
         self.remove_hooks()
         self._apply_decay()
 
@@ -173,12 +191,20 @@ class FisherPenalty:
         total = torch.zeros((), device=first.device, dtype=torch.float32)
         if self.mode == "decay" or self.lam == 0:
             return total
-        weights = self.lam * (1 - self.importance_)
-        for i, layer in enumerate(self.layers.values()):
-            a = layer.lora_A[self.adapter].weight.float()
-            b = layer.lora_B[self.adapter].weight.float()
-            s = layer.scaling[self.adapter]
-            total = total + float(weights[i]) * s**2 * ((a @ a.T) * (b.T @ b)).sum()
+        if self._coefficients is None:  # λ (1 − I_m) s_m², refreshed when I changes
+            scaling = torch.tensor(
+                [layer.scaling[self.adapter] for layer in self.layers.values()], dtype=torch.float64
+            )
+            self._coefficients = (
+                (self.lam * (1 - self.importance_) * scaling**2).float().to(first.device)
+            )
+        # Modules of one shape are stacked: a few batched r×r products instead of one per module
+        # keeps the per-step cost (and the autograd graph) small.
+        for indices, a_list, b_list in self._by_shape:
+            a = torch.stack([w.float() for w in a_list])  # [G, r, n]
+            b = torch.stack([w.float() for w in b_list])  # [G, m, r]
+            traces = ((a @ a.mT) * (b.mT @ b)).sum(dim=(1, 2))
+            total = total + (self._coefficients[indices] * traces).sum()
         return total
 
     def param_groups(self) -> list[dict]:
@@ -231,6 +257,7 @@ class FisherPenalty:
         self.step_count = int(state["step"])
         self.fisher = state["fisher"].clone().to(torch.float64)
         self.importance_ = state["importance"].clone().to(torch.float64)
+        self._coefficients = None
         self._pending.clear()
         if not self.warming_up:
             self.remove_hooks()
