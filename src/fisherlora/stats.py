@@ -1,7 +1,9 @@
 """Reducers over captured statistics, and the one place that all-reduces across processes.
 
 Under ``torch.distributed`` every statistic is summed (with its count) over all processes, so each
-process ends with the numbers one process would compute on the union of the data. Without an
+process ends with the numbers one process would compute on the union of the data. Gradients are
+those of the global batch loss, the mean of the processes' equally sized local losses (as DDP
+averages them): a local gradient is ``world_size`` times its share of the global one. Without an
 initialised process group every function here is the identity.
 """
 
@@ -13,6 +15,10 @@ import torch.distributed as dist
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -320,7 +320,7 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
 
     curve_rows: list[dict[str, float]] = []
     step_times: list[float] = []
-    losses_since_eval: list[float] = []
+    losses_since_eval: list[tuple[float, float]] = []  # (loss, method term) per step
     eval_time = 0.0
     loop_start = time.perf_counter()
     bar = tqdm(

@@ -45,7 +45,7 @@ from fisherlora.capture import (
 )
 from fisherlora.errors import CalibrationError, ConfigError
 from fisherlora.methods.base import AdapterMethod
-from fisherlora.stats import all_reduce_sum
+from fisherlora.stats import all_reduce_sum, world_size
 
 BASES = ("gram", "svd")
 SELECTS = ("min", "max", "random")
@@ -219,6 +219,7 @@ def filet_init(
     generator = torch.Generator().manual_seed(seed)
     for name in layers:
         p_sum, q_sum = (all_reduce_sum(t) for t in sums[name])
+        q_sum = q_sum / world_size() ** 2  # g of the global batch loss = local g / world size
         count = all_reduce_sum(tokens[name]).clamp_min(1)
         energy = (p_sum / count) * (q_sum / count)
         check_finite(name, energy, "Fisher statistics")

@@ -27,7 +27,7 @@ from fisherlora.adapters import lora_layers
 from fisherlora.capture import check_finite, register_io_hooks
 from fisherlora.errors import ConfigError
 from fisherlora.methods.base import AdapterMethod
-from fisherlora.stats import all_reduce_sum, sketch_product
+from fisherlora.stats import all_reduce_mean, sketch_product
 
 ESTIMATORS = ("sketch", "exact")
 NORMALIZE = ("sum", "max")
@@ -156,7 +156,8 @@ class FisherPenalty:
                 local = self._pending.get(
                     name, torch.zeros(layer.out_features, width, device=weight.device)
                 )
-                value = gram_sq_norm_of(all_reduce_sum(local), self.estimator, self.probes)
+                # the frozen weight's gradient under DDP: the mean over processes
+                value = gram_sq_norm_of(all_reduce_mean(local), self.estimator, self.probes)
                 check_finite(name, value, "frozen-weight gradient norm")
                 proxy[i] = value.item()
             self.last_proxy = dict(zip(self.names, proxy.tolist(), strict=True))

@@ -1,0 +1,104 @@
+"""Two CPU processes (gloo), each holding half of every batch, must compute what one process computes
+on the whole batches: Fisher scores and rank plans, FILet energies and inits, FW-LoRA importances."""
+
+import os
+import pickle
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import random_batches, tiny_peft_model
+
+from fisherlora.adapters import lora_layers
+from fisherlora.methods.filet import filet_init
+from fisherlora.methods.fim_lora import allocate_ranks, fisher_of_b
+from fisherlora.methods.fw_lora import FisherPenalty
+
+pytestmark = pytest.mark.filterwarnings("ignore:the calibration loader ran out")
+WORLD = 2
+
+
+def halves(batches, rank):
+    """This process's share: rows rank*k .. (rank+1)*k of every batch."""
+    out = []
+    for batch in batches:
+        k = batch["labels"].shape[0] // WORLD
+        out.append({key: value[rank * k : (rank + 1) * k] for key, value in batch.items()})
+    return out
+
+
+def compute(batches):
+    """Every statistic under test, for the given (local or whole) batches."""
+    torch.manual_seed(0)
+    results = {}
+    for estimator in ("batch", "per_example"):
+        fisher, _ = fisher_of_b(
+            tiny_peft_model("llama"), batches, estimator=estimator, progress=False
+        )
+        results[f"fisher_{estimator}"] = fisher
+    model = tiny_peft_model("llama")
+    results["ranks"] = allocate_ranks(model, batches, progress=False).ranks
+    model = tiny_peft_model("llama")
+    report = filet_init(model, batches, basis="gram", progress=False)
+    results["filet_energies"] = {n: torch.tensor(e) for n, e in report.energies.items()}
+    adapter, layers = lora_layers(model)
+    results["filet_A"] = {
+        n: layer.lora_A[adapter].weight.detach().clone() for n, layer in layers.items()
+    }
+    model = tiny_peft_model("llama")
+    for estimator in ("exact", "sketch"):
+        penalty = FisherPenalty(model, warmup_steps=len(batches), estimator=estimator)
+        for batch in batches:
+            model(**batch).loss.backward()
+            model.zero_grad()
+            penalty.step()
+        results[f"importance_{estimator}"] = penalty.importance()
+        results[f"proxy_{estimator}"] = penalty.last_proxy
+    return results
+
+
+def worker(rank, port, queue):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        result = compute(halves(random_batches(3, batch_size=4, seed=7), rank))
+        queue.put((rank, pickle.dumps(result)))  # bytes: no shared-memory tensors to outlive us
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_same(a, b, path=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_same(a[key], b[key], f"{path}/{key}")
+    elif torch.is_tensor(a):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-10, msg=path)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-12), path
+    else:
+        assert a == b, path
+
+
+def test_two_processes_match_one_process_on_the_union_of_their_data():
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    port = free_port()
+    processes = [context.Process(target=worker, args=(rank, port, queue)) for rank in range(WORLD)]
+    for process in processes:
+        process.start()
+    results = {rank: pickle.loads(data) for rank, data in (queue.get() for _ in range(WORLD))}
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    single = compute(random_batches(3, batch_size=4, seed=7))
+    assert_same(results[0], results[1], "rank0 vs rank1")
+    assert_same(results[0], single, "distributed vs single")
