@@ -80,6 +80,12 @@ def main() -> None:
         "median_step_s_per_rep": per_rep,
         "median_step_s": median,
         "step_time_over_lora": {m: median[m] / median["lora"] for m in MODES if m != "lora"},
+        # the ratio within each repetition, then its median: robust to drift between repetitions
+        "median_of_per_rep_ratios": {
+            m: statistics.median(a / b for a, b in zip(per_rep[m], per_rep["lora"], strict=True))
+            for m in MODES
+            if m != "lora"
+        },
         "peak_memory_mb": peak,
         "peak_memory_over_lora": {m: peak[m] / peak["lora"] for m in MODES if m != "lora"},
     }

@@ -21,7 +21,11 @@ from fisherlora.experiments.train import TrainConfig, train
 
 VARIANTS = {
     "lora": {"method": "lora"},
-    "filet gram/fisher (paper: raw energies)": {"method": "filet", "basis": "gram", "scale": "fisher"},
+    "filet gram/fisher (paper: raw energies)": {
+        "method": "filet",
+        "basis": "gram",
+        "scale": "fisher",
+    },
     "filet gram/fisher-norm": {"method": "filet", "basis": "gram", "scale": "fisher-norm"},
     "filet svd/fisher": {"method": "filet", "basis": "svd", "scale": "fisher"},
     "filet svd/fisher-norm": {"method": "filet", "basis": "svd", "scale": "fisher-norm"},

@@ -72,6 +72,7 @@ def test_run_directory_holds_every_artifact_and_the_adapter_reloads(tmp_path, ke
     assert list(curve.columns) == [
         "step",
         "train_loss",
+        "extra_loss",
         "accuracy",
         "macro_f1",
         "mcc",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,8 +18,10 @@ from tqdm.auto import tqdm
 
 from fisherlora.errors import CalibrationError
 
-# (module name, input x, output gradient g, token mask or None)
-IOCallback = Callable[[str, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
+# (module name, what was kept of the input x, output gradient g, token mask or None)
+IOCallback = Callable[[str, Any, torch.Tensor, "torch.Tensor | None"], None]
+# (module name, input x, token mask or None) -> what the backward callback needs of x
+InputTransform = Callable[[str, torch.Tensor, "torch.Tensor | None"], Any]
 
 
 def token_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
@@ -40,24 +43,32 @@ def apply_mask(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def register_io_hooks(
-    modules: Mapping[str, nn.Module], callback: IOCallback, mask_ref: list
+    modules: Mapping[str, nn.Module],
+    callback: IOCallback,
+    mask_ref: list,
+    keep_input: InputTransform | None = None,
 ) -> list:
-    """Make ``callback(name, x, g, mask)`` run in the backward pass of every module in ``modules``.
+    """Make ``callback(name, kept, g, mask)`` run in the backward pass of every module in ``modules``.
 
-    ``x`` is the module's (first) input and ``g = ∂L/∂y`` the gradient of its output, both
-    detached and in float32; ``mask_ref[0]`` holds the current batch's token mask (set by the
-    caller before each forward pass; ``None`` where no masking applies). Forward passes that
-    build no graph (``torch.no_grad``, evaluation) are ignored. Returns the forward-hook handles;
-    the per-output tensor hooks die with the autograd graph.
+    ``g = ∂L/∂y`` is the gradient of the module's output (detached, float32). ``kept`` is what the
+    backward pass needs of the module's (first) input ``x``: ``x`` itself, or, with
+    ``keep_input``, ``keep_input(name, x, mask)`` computed in the forward pass, so that a
+    statistic that needs only a small function of ``x`` (a sketch ``X Ω``, or nothing at all
+    when the x-side statistic is accumulated right there) does not hold ``x`` until backward.
+    ``mask_ref[0]`` holds the current batch's token mask (set by the caller before each forward
+    pass; ``None`` where no masking applies). Forward passes that build no graph
+    (``torch.no_grad``, evaluation) are ignored. Returns the forward-hook handles; the
+    per-output tensor hooks die with the autograd graph.
     """
 
     def make_hook(name: str):
         def forward_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if not output.requires_grad:
                 return
-            x = inputs[0].detach()
             mask = mask_ref[0]
-            output.register_hook(lambda g: callback(name, x.float(), g.detach().float(), mask))
+            x = inputs[0].detach().float()
+            kept = x if keep_input is None else keep_input(name, x, mask)
+            output.register_hook(lambda g: callback(name, kept, g.detach().float(), mask))
 
         return forward_hook
 
@@ -66,12 +77,15 @@ def register_io_hooks(
 
 @contextmanager
 def capture_io(
-    modules: Mapping[str, nn.Module], callback: IOCallback, mask_ref: list
+    modules: Mapping[str, nn.Module],
+    callback: IOCallback,
+    mask_ref: list,
+    keep_input: InputTransform | None = None,
 ) -> Iterator[None]:
     """:func:`register_io_hooks` for the duration of a ``with`` block; removed on exit, also on error."""
     handles = []
     try:
-        handles = register_io_hooks(modules, callback, mask_ref)
+        handles = register_io_hooks(modules, callback, mask_ref, keep_input)
         yield
     finally:
         for handle in handles:

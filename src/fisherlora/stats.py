@@ -58,14 +58,3 @@ def reduce_score(fisher: torch.Tensor, how: str) -> float:
     if how == "l2":
         return torch.linalg.vector_norm(fisher).item()
     raise ValueError(f"unknown score {how!r}; use 'mean', 'max' or 'l2'")
-
-
-def sketch_product(x: torch.Tensor, g: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
-    """``Gᵀ (X Ω)`` [m, k] for Gaussian probes ``Ω`` [n, k]: O(tokens (n + m) k) work.
-
-    ``‖Gᵀ X‖²_F ≈ ‖Gᵀ X Ω‖²_F / k`` is unbiased (``E[ω ωᵀ] = I``) with relative standard deviation
-    at most ``√(2/k)`` (reached for a rank-one ``GᵀX``). The products are linear in the data, so
-    summing them over micro-batches and processes before squaring estimates the norm of the
-    accumulated gradient.
-    """
-    return g.T @ (x @ probes)

@@ -192,21 +192,28 @@ def filet_init(
     }
     tokens = {name: torch.zeros((), device=device) for name in candidates}
 
-    def project(name: str, x: torch.Tensor, g: torch.Tensor, mask) -> None:
-        v, u, _ = candidates[name]
-        x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-        if mask is not None and mask.numel() == x.shape[0]:  # keep the tokens that count
-            keep = mask.reshape(-1) > 0
-            x, g = x[keep], g[keep]
-        sums[name][0] += (x @ v).square().sum(dim=0)
-        sums[name][1] += (g @ u).square().sum(dim=0)
+    def keep(x: torch.Tensor, mask) -> torch.Tensor:
+        """The rows of the tokens that count (all rows for 2-D inputs such as a pooler's)."""
+        x = x.reshape(-1, x.shape[-1])
+        return x if mask is None or mask.numel() != x.shape[0] else x[mask.reshape(-1) > 0]
+
+    def project_input(name: str, x: torch.Tensor, mask) -> None:
+        # p is accumulated in the forward pass, so x need not live until backward.
+        x = keep(x, mask)
+        sums[name][0] += (x @ candidates[name][0]).square().sum(dim=0)
         tokens[name] += x.shape[0]
+
+    def project_grad(name: str, _: None, g: torch.Tensor, mask) -> None:
+        sums[name][1] += (keep(g, mask) @ candidates[name][1]).square().sum(dim=0)
 
     mask_ref: list = [None]
     b_weights = [layer.lora_B[adapter].weight for layer in layers.values()]
     calibration_start = time.perf_counter()
     used = 0
-    with calibration_mode(model, b_weights, dropout=dropout), capture_io(layers, project, mask_ref):
+    with (
+        calibration_mode(model, b_weights, dropout=dropout),
+        capture_io(layers, project_grad, mask_ref, project_input),
+    ):
         for batch in calibration_batches(
             dataloader, n_batches, device, progress=progress, desc="FILet calibration"
         ):

@@ -27,7 +27,7 @@ from fisherlora.adapters import lora_layers
 from fisherlora.capture import check_finite, register_io_hooks
 from fisherlora.errors import ConfigError
 from fisherlora.methods.base import AdapterMethod
-from fisherlora.stats import all_reduce_mean, sketch_product
+from fisherlora.stats import all_reduce_mean
 
 ESTIMATORS = ("sketch", "exact")
 NORMALIZE = ("sum", "max")
@@ -119,7 +119,9 @@ class FisherPenalty:
             for indices in shapes.values()
         ]
         self._handles = (
-            register_io_hooks(self.layers, self._accumulate, [None]) if warmup_steps > 0 else []
+            register_io_hooks(self.layers, self._accumulate, [None], self._keep_input)
+            if warmup_steps > 0
+            else []
         )
 
     # -- warm-up -------------------------------------------------------------------------------
@@ -136,13 +138,14 @@ class FisherPenalty:
             self._probe_cache[key] = torch.randn(n, self.probes, generator=generator).to(device)
         return self._probe_cache[key]
 
-    def _accumulate(self, name: str, x: torch.Tensor, g: torch.Tensor, mask: Any) -> None:
+    def _keep_input(self, name: str, x: torch.Tensor, mask: Any) -> torch.Tensor:
+        # The sketch needs only X Ω ([tokens, k]) in backward, not x itself.
+        x = x.reshape(-1, x.shape[-1])
+        return x if self.estimator == "exact" else x @ self._probe_matrix(x.shape[-1], x.device)
+
+    def _accumulate(self, name: str, kept: torch.Tensor, g: torch.Tensor, mask: Any) -> None:
         # Padded tokens carry g = 0, so G^T X is the true weight gradient without any mask.
-        x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-        if self.estimator == "sketch":
-            term = sketch_product(x, g, self._probe_matrix(x.shape[-1], x.device))
-        else:
-            term = g.T @ x
+        term = g.reshape(-1, g.shape[-1]).T @ kept  # G^T X, or the sketch G^T (X Ω)
         self._pending[name] = term if name not in self._pending else self._pending[name] + term
 
     def step(self) -> None:
