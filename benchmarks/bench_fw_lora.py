@@ -1,9 +1,11 @@
 """FW-LoRA step cost against plain LoRA training steps, on the embedded default.
 
-Per repetition (interleaved), ``--steps`` AdamW steps on the same MiniLM batches of 32 for:
+``--steps`` MiniLM batches of 32, each run ``--reps`` times by every mode back to back (one
+AdamW step each, modes in rotating order, so machine drift hits all alike):
 plain LoRA; FW-LoRA during warm-up with the sketch (k = 8) and with the exact estimator (hooks on,
 penalty in the loss, ``step()`` after each optimizer step); FW-LoRA after warm-up (hooks removed,
-only the r×r-trace penalty). Reported: median step time of each, ratios to LoRA, and peak memory
+only the r×r-trace penalty). Reported: median step time of each, ratios to LoRA (of the medians,
+and the median of the per-batch ratios), and peak memory
 (VmHWM of a fresh process per mode, median of ``--memory-reps``).
 
     python benchmarks/bench_fw_lora.py --reps 5 --out benchmarks/results/fw_lora.json
@@ -15,10 +17,12 @@ import argparse
 import copy
 import json
 import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import child_peak_memory, default_setup, peak_rss_mb, training_steps
+from common import child_peak_memory, default_setup, peak_rss_mb
 from peft import get_peft_model
 
 from fisherlora.methods.fw_lora import FisherPenalty
@@ -26,17 +30,40 @@ from fisherlora.methods.fw_lora import FisherPenalty
 MODES = ("lora", "warmup-sketch", "warmup-exact", "after-warmup")
 
 
+def make_stepper(mode: str, base, config, first_batch) -> Callable[[dict], float]:
+    """A fresh model for ``mode`` and a function that runs one timed AdamW step on a batch."""
+    model = get_peft_model(copy.deepcopy(base), config).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=5e-4)
+    penalty = None
+    if mode != "lora":
+        warmup = 1 if mode == "after-warmup" else 10**9
+        penalty = FisherPenalty(
+            model,
+            warmup_steps=warmup,
+            estimator=mode.split("-")[-1] if mode.startswith("warmup") else "sketch",
+        )
+
+    def step(batch: dict) -> float:
+        start = time.perf_counter()
+        loss = model(**batch).loss
+        if penalty is not None:
+            loss = loss + penalty.penalty()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if penalty is not None:
+            penalty.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    step(first_batch)  # first-call allocations; for after-warmup this step ends the warm-up
+    return step
+
+
 def run_mode(mode: str, base, config, batches) -> list[float]:
-    model = get_peft_model(copy.deepcopy(base), config)
-    if mode == "lora":
-        return training_steps(model, batches)
-    if mode == "after-warmup":
-        penalty = FisherPenalty(model, warmup_steps=1)
-        training_steps(model, batches[:1], penalty.penalty, penalty.step)  # warm-up ends here
-        return training_steps(model, batches, penalty.penalty, penalty.step)
-    estimator = mode.split("-")[1]
-    penalty = FisherPenalty(model, warmup_steps=10**9, estimator=estimator)
-    return training_steps(model, batches, penalty.penalty, penalty.step)
+    step = make_stepper(mode, base, config, batches[0])
+    return [step(batch) for batch in batches]
 
 
 def memory_child(mode: str, n_batches: int) -> None:
@@ -58,15 +85,25 @@ def main() -> None:
         return
 
     base, config, batches = default_setup(args.steps)
-    run_mode("lora", base, config, batches[:2])  # warm-up: first-call allocations
-    per_rep: dict[str, list[float]] = {mode: [] for mode in MODES}
+    # Step-level interleaving: every batch is run by every mode back to back (in a rotating
+    # order), so drift of the machine's speed hits all modes alike; ratios are per batch.
+    steppers = {mode: make_stepper(mode, base, config, batches[0]) for mode in MODES}
+    step_times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    ratios: dict[str, list[float]] = {mode: [] for mode in MODES if mode != "lora"}
     for rep in range(args.reps):
-        for mode in MODES:
-            per_rep[mode].append(statistics.median(run_mode(mode, base, config, batches)))
+        for i, batch in enumerate(batches):
+            order = MODES[i % len(MODES) :] + MODES[: i % len(MODES)]
+            times = {mode: steppers[mode](batch) for mode in order}
+            for mode in MODES:
+                step_times[mode].append(times[mode])
+                if mode != "lora":
+                    ratios[mode].append(times[mode] / times["lora"])
         print(
-            f"rep {rep}: " + ", ".join(f"{m} {v[-1]:.3f}s" for m, v in per_rep.items()), flush=True
+            f"rep {rep}: "
+            + ", ".join(f"{m} {statistics.median(v):.3f}s" for m, v in step_times.items()),
+            flush=True,
         )
-    median = {mode: statistics.median(v) for mode, v in per_rep.items()}
+    median = {mode: statistics.median(v) for mode, v in step_times.items()}
     peak = child_peak_memory(__file__, list(MODES), args.memory_reps, ["--steps", "8"])
     result = {
         "setting": vars(args)
@@ -77,15 +114,11 @@ def main() -> None:
             "device": "cpu",
             "threads": torch.get_num_threads(),
         },
-        "median_step_s_per_rep": per_rep,
+        "step_times_s": step_times,
         "median_step_s": median,
         "step_time_over_lora": {m: median[m] / median["lora"] for m in MODES if m != "lora"},
-        # the ratio within each repetition, then its median: robust to drift between repetitions
-        "median_of_per_rep_ratios": {
-            m: statistics.median(a / b for a, b in zip(per_rep[m], per_rep["lora"], strict=True))
-            for m in MODES
-            if m != "lora"
-        },
+        # the ratio on the same batch, back to back, then its median: robust to drift
+        "median_of_per_batch_ratios": {m: statistics.median(v) for m, v in ratios.items()},
         "peak_memory_mb": peak,
         "peak_memory_over_lora": {m: peak[m] / peak["lora"] for m in MODES if m != "lora"},
     }
@@ -95,7 +128,12 @@ def main() -> None:
         json.dumps(
             {
                 k: result[k]
-                for k in ("median_step_s", "step_time_over_lora", "peak_memory_over_lora")
+                for k in (
+                    "median_step_s",
+                    "step_time_over_lora",
+                    "median_of_per_batch_ratios",
+                    "peak_memory_over_lora",
+                )
             },
             indent=2,
         )
