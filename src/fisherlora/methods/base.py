@@ -43,6 +43,11 @@ class Method(Protocol):
 
     def export(self, model: PeftModel, out_dir: str | Path) -> None: ...
 
+    # The runner also calls these two; AdapterMethod gives every method the plain versions.
+    def param_groups(self, model: PeftModel, weight_decay: float) -> list[dict[str, Any]]: ...
+
+    def save_report(self, out_dir: str | Path) -> None: ...
+
 
 class AdapterMethod:
     """Plain LoRA behaviour at every step; a method overrides only the steps where it differs."""
