@@ -11,8 +11,10 @@ A run directory holds ``config.json`` (written first), ``curve.csv``, ``adapter/
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
+import os
 import platform
 import random
 import resource
@@ -154,11 +156,41 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window, so that runs made one after another in one process
+    (``fisherlora compare``) each report their own peak. On Linux the resident-set peak is reset
+    through ``/proc/self/clear_refs``; where that is not possible the peak stays process-wide."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated GPU memory on CUDA; otherwise the process's peak resident set size."""
+    """Peak allocated GPU memory on CUDA; otherwise the peak resident set size since the last
+    :func:`reset_peak_memory` (Linux), or of the whole process (elsewhere)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` to ``path`` so that the file is either absent or complete (a completion
+    marker must never be half-written by an interrupt)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 def library_versions() -> dict[str, str]:
@@ -237,6 +269,7 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
     """Fine-tune ``config.model`` on ``config.task`` with ``config.method`` and evaluate it."""
     run_start = time.perf_counter()
     device = resolve_device(config.device)
+    reset_peak_memory(device)
     method = get_method(config.method, method_options(config, progress))
     task = task or load_task(
         config.task,
@@ -300,7 +333,7 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
 
     base_model.to(device)
     started = time.perf_counter()
-    model = method.build(base_model, lora_config)
+    model = method.build(base_model, lora_config, calibration_loader)
     build_time = time.perf_counter() - started
     started = time.perf_counter()
     prepare_info = method.prepare(model, calibration_loader)
@@ -397,5 +430,5 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
         method.export(model, out / "adapter")
         method.save_report(out)
         metrics["timings"]["total_s"] = time.perf_counter() - run_start
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_json_atomic(out / "metrics.json", metrics)
     return RunResult(metrics=metrics, curve=curve, model=model)

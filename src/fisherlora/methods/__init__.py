@@ -1,4 +1,9 @@
-"""Methods by name. Each is a small object with the steps of :class:`~fisherlora.methods.base.Method`."""
+"""Methods by name. Each is a small object with the steps of :class:`~fisherlora.methods.base.Method`.
+
+Ours: ``fim-lora``, ``filet``, ``fw-lora`` (and their ``+`` compositions, e.g.
+``fim-lora+filet+fw-lora``) and the ``random-rank`` control. The peers, through PEFT's own
+implementations: ``lora``, ``dora``, ``pissa``, ``eva``, ``lora-ga``, ``corda``, ``adalora``.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +13,62 @@ from typing import Any
 
 from fisherlora.errors import ConfigError
 from fisherlora.methods.base import AdapterMethod, Method
+from fisherlora.methods.compose import Composed, check_composition
 from fisherlora.methods.filet import Filet
 from fisherlora.methods.fim_lora import FimLoRA, RandomRank
 from fisherlora.methods.fw_lora import FwLoRA
-from fisherlora.methods.peers import LoRA
+from fisherlora.methods.peers import PEERS
 
 METHODS: dict[str, Callable[..., Method]] = {
-    "lora": LoRA,
     "fim-lora": FimLoRA,
     "random-rank": RandomRank,
     "filet": Filet,
     "fw-lora": FwLoRA,
+    **PEERS,
 }
+
+# Methods that change the ranks per module (the report draws their rank maps).
+RANK_ALLOCATING = ("fim-lora", "random-rank", "eva", "adalora")
+
+
+def _single(name: str, options: Mapping[str, Any]) -> Method:
+    if name not in METHODS:
+        raise ConfigError(
+            f"unknown method {name!r}; available methods are {sorted(METHODS)}, "
+            "and '+' combinations of fim-lora/random-rank, filet and fw-lora"
+        )
+    factory = METHODS[name]
+    accepted = inspect.signature(factory).parameters
+    return factory(**{k: v for k, v in options.items() if k in accepted})
 
 
 def get_method(name: str, options: Mapping[str, Any] | None = None) -> Method:
     """A fresh method object for ``name``, built from the ``options`` its constructor accepts
-    (the runner passes all of its method settings; each method takes the ones it knows)."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; available methods are {sorted(METHODS)}")
-    factory = METHODS[name]
-    accepted = inspect.signature(factory).parameters
-    return factory(**{k: v for k, v in (options or {}).items() if k in accepted})
+    (the runner passes all of its method settings; each method takes the ones it knows).
+    ``a+b+c`` composes our methods (see :mod:`fisherlora.methods.compose`)."""
+    options = options or {}
+    parts = [p.strip() for p in name.split("+")]
+    if len(parts) == 1:
+        return _single(parts[0], options)
+    if any(not p for p in parts):
+        raise ConfigError(f"method {name!r} has an empty part")
+    for part in parts:
+        if part not in METHODS:
+            _single(part, options)  # raises the unknown-method error
+    members = [_single(p, options) for p in check_composition(parts)]
+    return Composed(name, members)
 
 
-__all__ = ["METHODS", "AdapterMethod", "Method", "get_method"]
+def method_names(spec: str) -> list[str]:
+    """Parse a comma-separated list of method names, checking each (and each combination)."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise ConfigError(f"no method named in {spec!r}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"a method is listed twice in {spec!r}")
+    for name in names:
+        get_method(name)
+    return names
+
+
+__all__ = ["METHODS", "RANK_ALLOCATING", "AdapterMethod", "Method", "get_method", "method_names"]

@@ -2,7 +2,9 @@
 
 A method acts at up to five points of a fine-tuning run and does nothing at the others:
 
-1. ``build``          inject the adapters into the base model (PEFT's ``get_peft_model``);
+1. ``build``          inject the adapters into the base model (PEFT's ``get_peft_model``); it
+                      also gets the calibration batches, for the peers whose PEFT
+                      implementation reads data before the adapters exist (LoRA-GA, CorDA);
 2. ``prepare``        before the optimizer exists: calibration passes, rank allocation, inits;
 3. ``loss``           an extra term added to the task loss at every micro-batch;
 4. ``after_backward`` once per optimizer step, after ``optimizer.step()``, before the gradients
@@ -31,7 +33,12 @@ from fisherlora.adapters import export_lora
 class Method(Protocol):
     name: str
 
-    def build(self, base_model: PreTrainedModel, lora_config: LoraConfig) -> PeftModel: ...
+    def build(
+        self,
+        base_model: PreTrainedModel,
+        lora_config: LoraConfig,
+        calibration_loader: Iterable[dict[str, torch.Tensor]] | None = None,
+    ) -> PeftModel: ...
 
     def prepare(
         self, model: PeftModel, calibration_loader: Iterable[dict[str, torch.Tensor]]
@@ -54,7 +61,12 @@ class AdapterMethod:
 
     name = "lora"
 
-    def build(self, base_model: PreTrainedModel, lora_config: LoraConfig) -> PeftModel:
+    def build(
+        self,
+        base_model: PreTrainedModel,
+        lora_config: LoraConfig,
+        calibration_loader: Iterable[dict[str, torch.Tensor]] | None = None,
+    ) -> PeftModel:
         return get_peft_model(base_model, lora_config)
 
     def prepare(

@@ -1,8 +1,94 @@
-"""The methods we compare against, each through PEFT's own implementation."""
+"""The methods we compare against, each through PEFT's own implementation (PEFT 0.21).
+
+Every peer gets the same ``LoraConfig`` as our methods (rank r, α, targets, dropout) and the same
+calibration data (the first ``calib_batches`` training batches, in the calibration order), so a
+comparison differs only in the method. Where PEFT 0.21.2 cannot run a peer on our models as is,
+the harness adapts the *data it is fed*, never what the peer computes; each workaround is written
+next to the peer and listed in :data:`WORKAROUNDS`, which the comparison report prints.
+
+Peers that replace the base weight by a residual (PiSSA, LoRA-GA, CorDA: ``W_res = W − s B₀ A₀``)
+have their initial factors recorded, so :func:`~fisherlora.adapters.export_lora` writes a stock
+adapter that applies to the ORIGINAL base model, exactly as it does for FILet.
+"""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import itertools
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from peft import (
+    AdaLoraConfig,
+    EvaConfig,
+    LoraConfig,
+    LoraGAConfig,
+    PeftModel,
+    get_peft_model,
+    initialize_lora_eva_weights,
+    preprocess_loraga,
+)
+from peft.tuners.lora.config import CordaConfig  # not exported at the top level in PEFT 0.21
+from peft.tuners.lora.corda import preprocess_corda
+from transformers import PreTrainedModel
+
+from fisherlora.adapters import lora_layers, record_residual, target_matches
+from fisherlora.errors import CalibrationError
 from fisherlora.methods.base import AdapterMethod
+
+Batches = Iterable[dict[str, torch.Tensor]]
+
+# What the harness does differently from a plain call of the peer, by method (for the report).
+WORKAROUNDS: dict[str, str] = {
+    "eva": (
+        "EVA's batches carry no labels (its label mask does not broadcast with one label per "
+        "sequence), and a layer-input function keeps 2-D inputs (BERT's pooler sees one row per "
+        "sequence) as they are instead of indexing them as [sequence, token]; consecutive "
+        "batches are merged where one holds fewer than r x rho sequences. EVA's incremental SVD "
+        "and rank redistribution are unchanged."
+    ),
+    "corda": (
+        "CorDA's covariance hook assumes one sequence per forward pass (squeeze(0)), so the "
+        "harness runs the calibration sentences one at a time without padding, as CorDA's own "
+        "examples do. A 2-D input (BERT's pooler, [1, hidden]) is given a token axis during the "
+        "covariance pass so squeeze(0) leaves [1, hidden] and the covariance is x^T x, as for "
+        "every other layer. CorDA's decomposition is unchanged."
+    ),
+    "adalora": (
+        "AdaLoRA starts at ceil(1.5 r) ranks per module and prunes to a final budget of r per "
+        "module on average (target_r = r), with tinit = 10 % and tfinal = 20 % of the steps and "
+        "a reallocation every 1 % of the steps; update_and_allocate runs after every optimizer "
+        "step, before the gradients are zeroed."
+    ),
+}
+
+
+def _with(lora_config: LoraConfig, **changes: Any) -> LoraConfig:
+    """A fresh copy of ``lora_config`` with ``changes`` applied (``__post_init__`` runs again)."""
+    return dataclasses.replace(copy.deepcopy(lora_config), **changes)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _first_batches(loader: Batches | None, n: int, method: str) -> list[dict[str, torch.Tensor]]:
+    if loader is None:
+        raise CalibrationError(f"{method} needs calibration data; none was given")
+    batches = list(itertools.islice(iter(loader), n))
+    if not batches:
+        raise CalibrationError(f"{method}: the calibration loader yielded no batches")
+    return batches
+
+
+def _record_initial_factors(model: PeftModel) -> None:
+    """Remember every layer's ``A₀``, ``B₀`` so that the export undoes ``W_res = W − s B₀ A₀``."""
+    adapter, layers = lora_layers(model)
+    for name, layer in layers.items():
+        record_residual(model, name, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)
 
 
 class LoRA(AdapterMethod):
@@ -10,3 +96,270 @@ class LoRA(AdapterMethod):
     rsLoRA), A Kaiming-uniform, B = 0, so the model starts as the base model."""
 
     name = "lora"
+
+
+class DoRA(AdapterMethod):
+    """DoRA (Liu et al., 2024), PEFT ``use_dora=True``: ``h = m ⊙ (W + s B A) x / ‖W + s B A‖_c``
+    with a trainable magnitude vector ``m`` (one value per output feature, initialised to the
+    column norms of W), so it trains ``out_features`` more parameters per module than LoRA."""
+
+    name = "dora"
+
+    def build(
+        self,
+        base_model: PreTrainedModel,
+        lora_config: LoraConfig,
+        calibration_loader: Batches | None = None,
+    ) -> PeftModel:
+        return get_peft_model(base_model, _with(lora_config, use_dora=True))
+
+
+class PiSSA(AdapterMethod):
+    """PiSSA (Meng et al., 2024), PEFT ``init_lora_weights="pissa"`` (full SVD): with
+    ``W = U S Vᵀ``, ``B₀ = U_r S_r^½ / √s``, ``A₀ = S_r^½ V_rᵀ / √s`` and ``W_res = W − s B₀ A₀``,
+    so the adapter starts in W's principal subspace and the outputs are unchanged."""
+
+    name = "pissa"
+
+    def build(
+        self,
+        base_model: PreTrainedModel,
+        lora_config: LoraConfig,
+        calibration_loader: Batches | None = None,
+    ) -> PeftModel:
+        model = get_peft_model(base_model, _with(lora_config, init_lora_weights="pissa"))
+        _record_initial_factors(model)
+        return model
+
+
+def _eva_layer_inputs(layer_input: Any, model_input: torch.Tensor, layer_name: str) -> torch.Tensor:
+    """EVA's ``prepare_layer_inputs_fn``: PEFT's language-modelling rule, plus 2-D inputs.
+
+    3-D inputs ``[batch, seq, hidden]`` keep the non-padding token rows, as PEFT's default does
+    (``model_input`` is the ``nonzero()`` of the attention mask). A 2-D input (BERT's pooler sees
+    ``hidden[:, 0]``) is used as is; its slice is non-contiguous, which EVA's input hashing
+    (``view(-1)``) rejects, hence the copy.
+    """
+    x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
+    if x.ndim == 2:
+        return x.contiguous()
+    return x[model_input.T.unbind()]
+
+
+def _pad_cat(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Right-padded batches concatenated along the batch axis (2-D tensors zero-padded)."""
+    longest = max(b["input_ids"].shape[1] for b in batches)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, longest - t.shape[1])) if t.ndim == 2 else t
+
+    return {k: torch.cat([pad(b[k]) for b in batches]) for k in batches[0]}
+
+
+def eva_batches(batches: Batches, min_rows: int) -> list[dict[str, torch.Tensor]]:
+    """Drop ``labels`` and merge consecutive batches until each holds ``>= min_rows`` sequences.
+
+    A layer whose input has fewer rows than its ``r · ρ`` components skips the step; the pooler
+    (one row per sequence) would then never converge and EVA would loop for ever. The merge only
+    regroups rows (added padding is masked out)."""
+    chunks: list[list[dict[str, torch.Tensor]]] = []
+    current: list[dict[str, torch.Tensor]] = []
+    for batch in batches:
+        current.append({k: v for k, v in batch.items() if k != "labels"})
+        if sum(b["input_ids"].shape[0] for b in current) >= min_rows:
+            chunks.append(current)
+            current = []
+    if current:
+        if not chunks:
+            raise CalibrationError(f"EVA needs at least {min_rows} calibration sequences (r · ρ)")
+        chunks[-1].extend(current)
+    return [_pad_cat(c) for c in chunks]
+
+
+class EVA(AdapterMethod):
+    """EVA (Paischer et al., 2024), PEFT ``initialize_lora_eva_weights`` with the default
+    ``EvaConfig`` (ρ = 2, τ = 0.99): ``A₀`` = the top right-singular vectors of each layer's
+    input activations (incremental SVD over calibration batches until they converge), ranks
+    redistributed across layers by explained variance (total unchanged), ``B₀ = 0``."""
+
+    name = "eva"
+
+    def __init__(self, calib_batches: int = 8) -> None:
+        self.calib_batches = calib_batches
+
+    def build(
+        self,
+        base_model: PreTrainedModel,
+        lora_config: LoraConfig,
+        calibration_loader: Batches | None = None,
+    ) -> PeftModel:
+        config = _with(
+            lora_config, init_lora_weights="eva", eva_config=lora_config.eva_config or EvaConfig()
+        )
+        return get_peft_model(base_model, config)
+
+    def prepare(self, model: PeftModel, calibration_loader: Batches) -> dict[str, Any]:
+        config = model.peft_config[model.active_adapter]
+        min_rows = math.ceil(max([config.r, *config.rank_pattern.values()]) * config.eva_config.rho)
+        # EVA cycles over its loader until every layer's SVD converges; it gets the whole
+        # calibration order (one epoch of training data) and stops early.
+        device = _device_of(model)
+        loader = [
+            {k: v.to(device) for k, v in b.items()}
+            for b in eva_batches(_first_batches(calibration_loader, 10**9, "eva"), min_rows)
+        ]
+        initialize_lora_eva_weights(
+            model,
+            dataloader=loader,
+            prepare_layer_inputs_fn=_eva_layer_inputs,
+            show_progress_bar=False,
+        )
+        ranks = {n: layer.r[model.active_adapter] for n, layer in lora_layers(model)[1].items()}
+        return {"eva_ranks": ranks}
+
+
+class LoRAGA(AdapterMethod):
+    """LoRA-GA (Wang et al., 2024), PEFT ``preprocess_loraga`` with the default ``LoraGAConfig``
+    (direction ``ArB2r``, ``scale="stable"``, γ = 16): with the mean full-weight gradient
+    ``G = U S Vᵀ`` over the calibration batches, ``A₀ = V[:, :r]ᵀ``, ``B₀ = U[:, r:2r] S · m^¼/√γ``
+    and ``W_res = W − s B₀ A₀``, so the first step approximates full fine-tuning's."""
+
+    name = "lora-ga"
+
+    def __init__(self, calib_batches: int = 8) -> None:
+        self.calib_batches = calib_batches
+
+    def build(
+        self,
+        base_model: PreTrainedModel,
+        lora_config: LoraConfig,
+        calibration_loader: Batches | None = None,
+    ) -> PeftModel:
+        batches = _first_batches(calibration_loader, self.calib_batches, "lora-ga")
+        config = _with(
+            lora_config,
+            init_lora_weights="lora_ga",
+            lora_ga_config=lora_config.lora_ga_config or LoraGAConfig(),
+        )
+        device = _device_of(base_model)
+
+        def train_step() -> None:
+            for batch in batches:
+                base_model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+
+        preprocess_loraga(base_model, config, train_step)
+        model = get_peft_model(base_model, config)
+        _record_initial_factors(model)
+        return model
+
+
+def _token_axis_for_2d_inputs(base_model: torch.nn.Module, lora_config: LoraConfig) -> list:
+    """Hooks that give 2-D inputs of target linears a token axis ([n, d] → [n, 1, d]) and take
+    it off the output again, so CorDA's ``squeeze(0)`` leaves a 2-D matrix (see WORKAROUNDS)."""
+    handles = []
+    widened: set[int] = set()  # modules whose current call got the extra axis
+
+    def add_axis(module, args):
+        if args[0].ndim != 2:
+            return None
+        widened.add(id(module))
+        return (args[0].unsqueeze(1), *args[1:])
+
+    def drop_axis(module, args, output):
+        if id(module) not in widened:
+            return None
+        widened.discard(id(module))
+        return output.squeeze(1)
+
+    for name, module in base_model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(
+            target_matches(name, t) for t in lora_config.target_modules
+        ):
+            handles.append(module.register_forward_pre_hook(add_axis))
+            handles.append(module.register_forward_hook(drop_axis))
+    return handles
+
+
+class CorDA(AdapterMethod):
+    """CorDA (Yang et al., 2024), PEFT ``preprocess_corda`` in its instruction-previewed mode
+    (``corda_method="ipm"``): with the input covariance ``C = Σ XᵀX`` of each layer over the
+    calibration sentences, ``W C = U S Vᵀ``; the adapter takes the top-r components,
+    ``B₀ A₀ = U_r S_r (V_rᵀ C⁻¹)`` (split by ``S_r^½``) and ``W_res = W − s B₀ A₀``."""
+
+    name = "corda"
+
+    def __init__(self, calib_batches: int = 8) -> None:
+        self.calib_batches = calib_batches
+
+    def build(
+        self,
+        base_model: PreTrainedModel,
+        lora_config: LoraConfig,
+        calibration_loader: Batches | None = None,
+    ) -> PeftModel:
+        batches = _first_batches(calibration_loader, self.calib_batches, "corda")
+        config = _with(
+            lora_config,
+            init_lora_weights="corda",
+            corda_config=lora_config.corda_config or CordaConfig(corda_method="ipm"),
+        )
+        device = _device_of(base_model)
+
+        @torch.no_grad()
+        def run_model() -> None:
+            for batch in batches:
+                for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+                    keep = mask.bool()
+                    base_model(
+                        input_ids=ids[keep][None].to(device),
+                        attention_mask=mask[keep][None].to(device),
+                    )
+
+        handles = _token_axis_for_2d_inputs(base_model, config)
+        try:
+            preprocess_corda(base_model, config, run_model=run_model)
+        finally:
+            for handle in handles:
+                handle.remove()
+        model = get_peft_model(base_model, config)
+        _record_initial_factors(model)
+        return model
+
+
+class AdaLoRA(AdapterMethod):
+    """AdaLoRA (Zhang et al., 2023), PEFT ``AdaLoraConfig``: ``ΔW = P Λ Q`` (SVD form), pruned
+    by the sensitivity ``|w · ∂L/∂w|`` (smoothed) from ``init_r = ⌈1.5 r⌉`` per module to a total
+    budget of ``r`` per module (``target_r = r``), plus the orthogonality penalty on P, Q."""
+
+    name = "adalora"
+
+    def __init__(self, steps: int = 300) -> None:
+        self.steps = steps
+
+    def build(
+        self,
+        base_model: PreTrainedModel,
+        lora_config: LoraConfig,
+        calibration_loader: Batches | None = None,
+    ) -> PeftModel:
+        r = lora_config.r
+        config = AdaLoraConfig(
+            task_type=lora_config.task_type,
+            target_modules=lora_config.target_modules,
+            lora_alpha=lora_config.lora_alpha,
+            lora_dropout=lora_config.lora_dropout,
+            init_r=max(r + 1, math.ceil(1.5 * r)),
+            target_r=r,
+            total_step=self.steps,
+            tinit=self.steps // 10,
+            tfinal=self.steps // 5,
+            deltaT=max(1, self.steps // 100),
+        )
+        return get_peft_model(base_model, config)
+
+    def after_backward(self, model: PeftModel, step: int) -> None:
+        # PEFT counts steps from 0; the gradients of this step are still in place.
+        model.base_model.update_and_allocate(step - 1)
+
+
+PEERS = {m.name: m for m in (LoRA, DoRA, PiSSA, EVA, LoRAGA, CorDA, AdaLoRA)}
