@@ -1,21 +1,27 @@
-"""The ``fisherlora`` command line: ``fisherlora train ...``."""
+"""The ``fisherlora`` command line: ``fisherlora train ...`` and ``fisherlora compare ...``."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import warnings
 from collections.abc import Sequence
 
 from fisherlora.errors import ConfigError, FisherLoraError
+from fisherlora.experiments.compare import ALL_METHODS, QUICK, CompareConfig, compare, parse_ints
+from fisherlora.experiments.report import write_report
 from fisherlora.experiments.train import TrainConfig, train
+from fisherlora.methods import method_names
 
 DEFAULTS = TrainConfig()
 
 
-def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = True) -> None:
+    """The settings of a run. ``single_run=False`` (compare) leaves out what a comparison varies
+    (method, seed, rank, out) and lets ``--steps`` / ``--eval-every`` default to the preset."""
     data = parser.add_argument_group("data")
     data.add_argument(
         "--task",
@@ -41,11 +47,19 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULTS.model,
         help="registry name (minilm, tiny-bert, tiny-llama), local folder or hub name",
     )
-    model.add_argument(
-        "--method", default=DEFAULTS.method, help="lora, fim-lora, random-rank or filet"
-    )
-    model.add_argument("--rank", type=int, default=DEFAULTS.rank)
-    model.add_argument("--alpha", type=float, default=DEFAULTS.alpha)
+    if single_run:
+        model.add_argument(
+            "--method",
+            default=DEFAULTS.method,
+            help="lora, fim-lora, random-rank, filet, fw-lora, a '+' combination of ours "
+            "(fim-lora+filet+fw-lora), or a peer: dora, pissa, eva, lora-ga, corda, adalora",
+        )
+        model.add_argument("--rank", type=int, default=DEFAULTS.rank)
+        model.add_argument("--alpha", type=float, default=DEFAULTS.alpha)
+    else:
+        model.add_argument(
+            "--alpha", type=float, help="LoRA alpha at every rank (default: 2 x rank)"
+        )
     model.add_argument("--dropout", type=float, default=DEFAULTS.dropout, help="LoRA dropout")
     model.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
     model.add_argument(
@@ -125,7 +139,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     loop = parser.add_argument_group("training")
-    loop.add_argument("--steps", type=int, default=DEFAULTS.steps, help="optimizer steps")
+    loop.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULTS.steps if single_run else None,
+        help="optimizer steps" + ("" if single_run else " (default 300; 150 with --quick)"),
+    )
     loop.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     loop.add_argument(
         "--grad-accum",
@@ -140,16 +159,43 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument(
         "--eval-every",
         type=int,
-        default=DEFAULTS.eval_every,
-        help="steps between evaluations (0: only at the end)",
+        default=DEFAULTS.eval_every if single_run else None,
+        help="steps between evaluations (0: only at the end"
+        + (")" if single_run else "; default 100, 75 with --quick)"),
     )
     loop.add_argument("--eval-batch-size", type=int, default=DEFAULTS.eval_batch_size)
-    loop.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    if single_run:
+        loop.add_argument("--seed", type=int, default=DEFAULTS.seed)
     loop.add_argument("--device", default=DEFAULTS.device, help="auto, cpu, cuda or cuda:N")
-    loop.add_argument(
-        "--out", help="run directory (config.json, curve.csv, metrics.json, adapter/)"
-    )
+    if single_run:
+        loop.add_argument(
+            "--out", help="run directory (config.json, curve.csv, metrics.json, adapter/)"
+        )
     loop.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    grid = parser.add_argument_group("comparison")
+    grid.add_argument(
+        "--methods",
+        help=f"comma-separated methods (default: all, {ALL_METHODS}; with --quick: "
+        f"{QUICK['methods']})",
+    )
+    grid.add_argument("--seeds", help="comma-separated seeds (default 0,1,2; with --quick: 0)")
+    grid.add_argument("--rank", help="the LoRA rank r, i.e. the budget of r per module (default 8)")
+    grid.add_argument("--ranks", help="sweep several budgets, e.g. 1,2,4,8 (overrides --rank)")
+    grid.add_argument(
+        "--quick",
+        action="store_true",
+        help="the README preset: LoRA and our methods, one seed, 150 steps (<= 10 min, 2 CPUs)",
+    )
+    grid.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the report from finished runs; train nothing",
+    )
+    grid.add_argument("--out", required=True, help="comparison directory (resumable)")
+    _add_train_arguments(parser, single_run=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="fine-tune one model with one method and evaluate it"
     )
     _add_train_arguments(train_parser)
+    compare_parser = commands.add_parser(
+        "compare",
+        help="run several methods over seeds and ranks on one task and write a report",
+    )
+    _add_compare_arguments(compare_parser)
     return parser
 
 
@@ -175,7 +226,30 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if hasattr(args, f.name)
     }
     settings |= {"targets": targets, "group_by_length": not args.no_group_by_length}
-    return TrainConfig(**settings)
+    return TrainConfig(**{k: v for k, v in settings.items() if v is not None or k in NULLABLE})
+
+
+# Settings whose None means something (the default of the method or the architecture).
+NULLABLE = {f.name for f in dataclasses.fields(TrainConfig) if f.default is None}
+
+
+def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:
+    """The comparison from the flags; ``--quick`` fills in what the user did not set."""
+    preset = QUICK if args.quick else {}
+    args.steps = args.steps if args.steps is not None else preset.get("steps", DEFAULTS.steps)
+    if args.eval_every is None:
+        args.eval_every = preset.get("eval_every", DEFAULTS.eval_every)
+    methods = method_names(args.methods or preset.get("methods", ALL_METHODS))
+    seeds = parse_ints(args.seeds or preset.get("seeds", "0,1,2"), "--seeds", minimum=0)
+    ranks = parse_ints(args.ranks or args.rank or str(DEFAULTS.rank), "--ranks", minimum=1)
+    return CompareConfig(
+        methods=methods,
+        seeds=seeds,
+        ranks=ranks,
+        out=args.out,
+        base=config_from_args(args),
+        alpha=args.alpha,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -191,6 +265,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = {k: result.metrics[k] for k in ("method", "accuracy", "macro_f1", "mcc")}
             summary["total_s"] = round(result.metrics["timings"]["total_s"], 1)
             print(json.dumps(summary))
+        elif args.command == "compare":
+            config = compare_config_from_args(args)
+            command = "fisherlora " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+            if args.report_only:
+                report = write_report(config, command=command)
+            else:
+                report = compare(config, progress=not args.no_progress, command=command)
+            print(f"report: {report} and {report.with_suffix('.html')}")
     except (FisherLoraError, FloatingPointError) as err:
         print(f"fisherlora: error: {err}", file=sys.stderr)
         return 2

@@ -109,3 +109,112 @@ def plot_energy_spectrum(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# --- comparison plots (fisherlora compare) -------------------------------------------------
+
+
+def plot_learning_curves(
+    curves: Mapping[str, list[pd.DataFrame]], path: str | Path, title: str
+) -> None:
+    """Held-out accuracy against the step: the mean over seeds per method, with a ±1 std band."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method, frames in curves.items():
+        if not frames:
+            continue
+        table = pd.concat([f.set_index("step")["accuracy"] for f in frames], axis=1)
+        mean, std = table.mean(axis=1), table.std(axis=1, ddof=1).fillna(0.0)
+        ax.plot(mean.index, mean.values, marker="o", markersize=3, label=method)
+        ax.fill_between(mean.index, (mean - std).values, (mean + std).values, alpha=0.15)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion_matrices(
+    matrices: Mapping[str, np.ndarray], class_names: list[str], path: str | Path, title: str
+) -> None:
+    """One panel per method: the confusion matrix summed over seeds, as row shares (recall)."""
+    n = len(matrices)
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.5 * rows), squeeze=False)
+    for ax, (method, matrix) in zip(list(axes.flat)[:n], matrices.items(), strict=True):
+        shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+        ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+        for (i, j), count in np.ndenumerate(matrix):
+            colour = "white" if shares[i, j] > 0.5 else "black"
+            ax.text(
+                j,
+                i,
+                f"{shares[i, j]:.2f}\n({count})",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color=colour,
+            )
+        ax.set_title(method, fontsize=8)
+        ax.set_xticks(range(len(class_names)), class_names, fontsize=6)
+        ax.set_yticks(range(len(class_names)), class_names, fontsize=6)
+        ax.set_xlabel("predicted", fontsize=7)
+        ax.set_ylabel("true", fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bars(
+    labels: list[str],
+    values: list[float],
+    errors: list[float] | None,
+    path: str | Path,
+    title: str,
+    ylabel: str,
+    reference: float | None = None,
+) -> None:
+    """One bar per method, with error bars (±1 std over seeds) and an optional reference line."""
+    fig, ax = plt.subplots(figsize=(max(5, 0.55 * len(labels) + 2), 3.8))
+    x = np.arange(len(labels))
+    ax.bar(x, values, yerr=errors, capsize=3, color="tab:blue", alpha=0.8)
+    if reference is not None:
+        ax.axhline(reference, color="tab:red", linestyle="--", linewidth=1, label="LoRA")
+        ax.legend(fontsize=7)
+    finite = [v for v in values if np.isfinite(v)]
+    if finite and ylabel.startswith("accuracy"):
+        spread = [e for e in (errors or []) if np.isfinite(e)] or [0.0]
+        ax.set_ylim(min(finite) - 3 * max(spread) - 0.01, max(finite) + 3 * max(spread) + 0.01)
+    ax.set_xticks(x, labels, rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_runtime_bars(
+    labels: list[str], parts: Mapping[str, list[float]], path: str | Path, title: str
+) -> None:
+    """Stacked bars of where each method's time went (e.g. init, training, evaluation)."""
+    fig, ax = plt.subplots(figsize=(max(5, 0.55 * len(labels) + 2), 3.8))
+    x = np.arange(len(labels))
+    bottom = np.zeros(len(labels))
+    for part, values in parts.items():
+        ax.bar(x, values, bottom=bottom, label=part)
+        bottom += np.asarray(values, dtype=float)
+    ax.set_xticks(x, labels, rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("seconds (median over seeds)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

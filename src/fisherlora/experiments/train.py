@@ -10,6 +10,7 @@ A run directory holds ``config.json`` (written first), ``curve.csv``, ``adapter/
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -165,10 +166,8 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         return
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def peak_memory_mb(device: torch.device) -> float:
