@@ -57,11 +57,8 @@ def keyword_task() -> Task:
     )
 
 
-def tiny_peft_model(
-    arch: str = "bert", *, rank: int = 8, seed: int = 0, rslora: bool = False, **lora
-):
-    """A random hidden-32 BERT- or Llama-style classifier with LoRA on every linear target."""
-    from peft import LoraConfig, get_peft_model
+def tiny_base(arch: str = "bert", seed: int = 0):
+    """A random hidden-32 BERT- or Llama-style classifier and its LoRA targets (every linear)."""
     from transformers import (
         BertConfig,
         BertForSequenceClassification,
@@ -80,21 +77,25 @@ def tiny_peft_model(
             num_labels=2,
             hidden_dropout_prob=0.1,
         )
-        base, targets = BertForSequenceClassification(config), ["query", "key", "value", "dense"]
-    else:
-        config = LlamaConfig(
-            vocab_size=100,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            num_labels=2,
-            pad_token_id=0,
-        )
-        base = LlamaForSequenceClassification(config)
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    lora_config = LoraConfig(
+        return BertForSequenceClassification(config), ["query", "key", "value", "dense"]
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        num_labels=2,
+        pad_token_id=0,
+    )
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return LlamaForSequenceClassification(config), targets
+
+
+def tiny_lora_config(targets, rank: int = 8, rslora: bool = False, **lora):
+    from peft import LoraConfig
+
+    return LoraConfig(
         task_type="SEQ_CLS",
         r=rank,
         lora_alpha=2 * rank,
@@ -102,7 +103,16 @@ def tiny_peft_model(
         use_rslora=rslora,
         **lora,
     )
-    return get_peft_model(base, lora_config)
+
+
+def tiny_peft_model(
+    arch: str = "bert", *, rank: int = 8, seed: int = 0, rslora: bool = False, **lora
+):
+    """A random hidden-32 BERT- or Llama-style classifier with LoRA on every linear target."""
+    from peft import get_peft_model
+
+    base, targets = tiny_base(arch, seed)
+    return get_peft_model(base, tiny_lora_config(targets, rank, rslora, **lora))
 
 
 def random_batches(

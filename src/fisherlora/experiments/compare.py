@@ -6,8 +6,8 @@ atomically, so rerunning the same command skips finished runs and redoes only un
 an interrupt never leaves a finished-looking run behind. ``OUT/compare.json`` pins the shared
 settings, so a rerun with different settings cannot mix incomparable runs in one report.
 
-The loop is seed-major (every method at seed 0, then every method at seed 1, ...), so a
-comparison cut short still has paired runs of every method.
+The loop is seed-major (every method at every rank for seed 0, then for seed 1, ...), so a
+comparison cut short still has paired runs of every method at every rank.
 """
 
 from __future__ import annotations
@@ -147,8 +147,8 @@ def compare(config: CompareConfig, *, progress: bool = True, command: str = "") 
     )
     runs = [
         (rank, method, seed)
-        for rank in config.ranks
         for seed in config.seeds
+        for rank in config.ranks
         for method in config.methods
     ]
     todo = [r for r in runs if not is_finished(config.run_dir(*r))]
@@ -160,7 +160,7 @@ def compare(config: CompareConfig, *, progress: bool = True, command: str = "") 
         run_dir = config.run_dir(rank, method, seed)
         (run_dir / "error.txt").unlink(missing_ok=True)
         try:
-            train(config.run_config(rank, method, seed), task=task, progress=False)
+            train(config.run_config(rank, method, seed), task=task, progress=progress)
         except (FisherLoraError, FloatingPointError, RuntimeError, ValueError) as err:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "error.txt").write_text(

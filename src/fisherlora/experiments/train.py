@@ -356,7 +356,11 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
     eval_time = 0.0
     loop_start = time.perf_counter()
     bar = tqdm(
-        range(1, config.steps + 1), desc=f"{method.name} train", disable=not progress, unit="step"
+        range(1, config.steps + 1),
+        desc=f"{method.name} train",
+        disable=not progress,
+        unit="step",
+        leave=False,
     )
     for step in bar:
         step_start = time.perf_counter()

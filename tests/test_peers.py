@@ -1,0 +1,107 @@
+"""The peers run through PEFT's own implementations on BERT- and Llama-style models: outputs are
+unchanged at init, the export reloads on the untouched base, and the harness workarounds hold."""
+
+import copy
+
+import pytest
+import torch
+from conftest import logits, random_batches, tiny_base, tiny_lora_config
+from peft import PeftModel
+
+from fisherlora.errors import CalibrationError
+from fisherlora.experiments.train import TrainConfig, train
+from fisherlora.methods import get_method
+from fisherlora.methods.peers import eva_batches
+
+PEERS = ["dora", "pissa", "eva", "lora-ga", "corda", "adalora"]
+
+
+def build_and_prepare(name: str, arch: str, rank: int = 4):
+    base, targets = tiny_base(arch, seed=3)
+    base.eval()
+    original = copy.deepcopy(base)
+    batches = random_batches(8, batch_size=4, seq=12, seed=5)
+    method = get_method(name, {"calib_batches": 8, "steps": 20})
+    model = method.build(base, tiny_lora_config(targets, rank), batches)
+    method.prepare(model, batches)
+    return original, model, method, batches
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("name", PEERS)
+def test_outputs_equal_the_base_model_right_after_init(name, arch):
+    original, model, _, batches = build_and_prepare(name, arch)
+    torch.testing.assert_close(logits(model, batches), logits(original, batches), atol=1e-5, rtol=0)
+    # the peer did initialise something other than LoRA's B = 0 where it should
+    if name in ("pissa", "lora-ga", "corda"):
+        b = [p for n, p in model.named_parameters() if "lora_B" in n]
+        assert all(p.abs().sum() > 0 for p in b)
+
+
+@pytest.mark.parametrize("name", ["dora", "pissa", "eva", "lora-ga", "corda", "adalora"])
+def test_exported_adapter_reloads_on_the_untouched_base(name, tmp_path):
+    original, model, method, batches = build_and_prepare(name, "bert")
+    torch.manual_seed(0)
+    with torch.no_grad():  # stand-in for training: move every adapter parameter
+        for n, p in model.named_parameters():
+            if p.requires_grad and "lora_" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    trained = logits(model, batches)
+    method.export(model, tmp_path)
+    reloaded = PeftModel.from_pretrained(original, tmp_path)
+    torch.testing.assert_close(logits(reloaded, batches), trained, atol=1e-4, rtol=0)
+
+
+def test_corda_workaround_covers_the_2d_pooler_and_leaves_no_hook():
+    base, targets = tiny_base("bert", seed=3)
+    batches = random_batches(8, batch_size=4, seed=5)
+    method = get_method("corda", {"calib_batches": 8})
+    model = method.build(base, tiny_lora_config(targets, 4), batches)
+    pooler = model.base_model.model.bert.pooler.dense
+    assert pooler.lora_B["default"].weight.abs().sum() > 0  # CorDA initialised the pooler too
+    base_layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in base_layers)
+    assert not any(hasattr(m, "eigens") or hasattr(m, "covariance_matrix") for m in base_layers)
+
+
+def test_eva_batches_drop_labels_and_merge_to_enough_rows():
+    batches = random_batches(5, batch_size=4, seq=10, seed=1)
+    merged = eva_batches(batches, min_rows=8)
+    assert [b["input_ids"].shape[0] for b in merged] == [8, 12]
+    assert all("labels" not in b for b in merged)
+    assert sum(int(b["attention_mask"].sum()) for b in merged) == sum(
+        int(b["attention_mask"].sum()) for b in batches
+    )
+    with pytest.raises(CalibrationError, match="at least 64 calibration sequences"):
+        eva_batches(batches, min_rows=64)
+
+
+@pytest.mark.parametrize("name", ["lora-ga", "corda", "eva"])
+def test_data_driven_peers_reject_missing_or_empty_calibration_data(name):
+    base, targets = tiny_base("bert")
+    method = get_method(name, {"calib_batches": 2})
+    with pytest.raises(CalibrationError, match=r"no batches|needs calibration data"):
+        model = method.build(base, tiny_lora_config(targets, 4), [])
+        method.prepare(model, [])
+
+
+def test_adalora_prunes_to_the_matched_budget(keyword_task):
+    config = TrainConfig(
+        model="tiny-bert",
+        method="adalora",
+        rank=4,
+        alpha=8,
+        steps=30,
+        batch_size=16,
+        lr=1e-2,
+        eval_every=0,
+        max_length=16,
+        device="cpu",
+    )
+    result = train(config, task=keyword_task, progress=False)
+    model = result.model
+    adapter = model.active_adapter
+    kept = model.peft_config[adapter].rank_pattern  # module -> mask of kept ranks
+    assert kept, "update_and_allocate never fixed the final ranks"
+    assert sum(sum(mask) for mask in kept.values()) == 4 * len(kept)
+    assert any(sum(mask) != 4 for mask in kept.values())  # the budget was redistributed
