@@ -1,10 +1,11 @@
-"""FILet init cost against PEFT's PiSSA (full SVD), EVA and LoRA-GA inits, on the embedded default.
+"""FILet init cost against PEFT's PiSSA (full SVD), EVA, LoRA-GA and CorDA inits, on the default.
 
 Each init starts from a fresh copy of MiniLM and includes ``get_peft_model``; the data-driven ones
-get the same ``n_batches`` Rotten Tomatoes training batches of 32. Times are medians of ``--reps``
-interleaved repetitions, also as "training-step equivalents" (the median time of one plain LoRA
-training step in the same run). Peak memory: VmHWM of a fresh process per init, median of
-``--memory-reps``, against one running 8 LoRA training steps.
+get the same ``n_batches`` Rotten Tomatoes training batches of 32. The peers run exactly as
+``fisherlora compare`` runs them (``fisherlora.methods.peers``: build, then prepare). Times are
+medians of ``--reps`` interleaved repetitions, also as "training-step equivalents" (the median
+time of one plain LoRA training step in the same run). Peak memory: VmHWM of a fresh process per
+init, median of ``--memory-reps``, against one running 8 LoRA training steps.
 
     python benchmarks/bench_filet.py --reps 5 --out benchmarks/results/filet_init.json
 """
@@ -20,17 +21,29 @@ from pathlib import Path
 
 import torch
 from common import child_peak_memory, default_setup, peak_rss_mb, training_steps
-from peer_inits import eva_init, loraga_init, pissa_init
 from peft import get_peft_model
 
+from fisherlora.methods import get_method
 from fisherlora.methods.filet import filet_init
+
+
+def _peer(name: str):
+    def init(base, config, batches):
+        method = get_method(name, {"calib_batches": len(batches)})
+        model = method.build(base, config, batches)
+        method.prepare(model, batches)
+        return model
+
+    return init
+
 
 INITS = {
     "filet-svd": lambda base, config, batches: _filet(base, config, batches, "svd"),
     "filet-gram": lambda base, config, batches: _filet(base, config, batches, "gram"),
-    "pissa": lambda base, config, batches: pissa_init(base, config),
-    "eva": eva_init,
-    "lora-ga": loraga_init,
+    "pissa": _peer("pissa"),
+    "eva": _peer("eva"),
+    "lora-ga": _peer("lora-ga"),
+    "corda": _peer("corda"),
 }
 
 
