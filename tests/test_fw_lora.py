@@ -228,3 +228,38 @@ def test_runner_reports_importance_spread_and_penalty_share(tmp_path, small_csv,
     curve = (out / "curve.csv").read_text().splitlines()
     assert curve[0].split(",")[:3] == ["step", "train_loss", "extra_loss"]
     assert all(float(row.split(",")[2]) > 0 for row in curve[1:])  # the penalty is in the loss
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_shared_input_computes_the_kept_input_once_per_input_tensor(arch):
+    from fisherlora.capture import register_io_hooks
+
+    model = tiny_peft_model(arch, seed=1).eval()  # no dropout: both passes see the same inputs
+    _, layers = lora_layers(model)
+    batch = random_batches(1, seed=2)[0]
+    seen = {}
+    for shared in (False, True):
+        calls, kept_by_name = [], {}
+
+        def keep(name, x, mask, calls=calls):
+            calls.append(name)
+            return x.reshape(-1, x.shape[-1]) @ torch.ones(x.shape[-1], 2)
+
+        def callback(name, kept, g, mask, kept_by_name=kept_by_name):
+            kept_by_name[name] = kept
+
+        handles = register_io_hooks(layers, callback, [None], keep, shared_input=shared)
+        try:
+            model(**batch).loss.backward()
+        finally:
+            for handle in handles:
+                handle.remove()
+        seen[shared] = (calls, kept_by_name)
+    (all_calls, unshared), (few_calls, shared_kept) = seen[False], seen[True]
+    assert len(all_calls) == len(layers)
+    # per layer 4 distinct inputs: bert q/k/v, attention output, FFN in, FFN out (+ the pooler);
+    # llama q/k/v_proj, o_proj, gate/up_proj, down_proj
+    assert len(few_calls) == 4 * 2 + (1 if arch == "bert" else 0)
+    assert unshared.keys() == shared_kept.keys()
+    for name in unshared:
+        torch.testing.assert_close(shared_kept[name], unshared[name])

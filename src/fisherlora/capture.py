@@ -8,6 +8,7 @@ attribute is left on any module.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -47,6 +48,7 @@ def register_io_hooks(
     callback: IOCallback,
     mask_ref: list,
     keep_input: InputTransform | None = None,
+    shared_input: bool = False,
 ) -> list:
     """Make ``callback(name, kept, g, mask)`` run in the backward pass of every module in ``modules``.
 
@@ -55,19 +57,30 @@ def register_io_hooks(
     ``keep_input``, ``keep_input(name, x, mask)`` computed in the forward pass, so that a
     statistic that needs only a small function of ``x`` (a sketch ``X Ω``, or nothing at all
     when the x-side statistic is accumulated right there) does not hold ``x`` until backward.
-    ``mask_ref[0]`` holds the current batch's token mask (set by the caller before each forward
-    pass; ``None`` where no masking applies). Forward passes that build no graph
-    (``torch.no_grad``, evaluation) are ignored. Returns the forward-hook handles; the
+    ``shared_input=True`` declares that ``keep_input`` does not depend on the module: modules
+    called one after another on the very same input tensor (query/key/value, gate/up) then
+    compute it once. ``mask_ref[0]`` holds the current batch's token mask (set by the caller
+    before each forward pass; ``None`` where no masking applies). Forward passes that build no
+    graph (``torch.no_grad``, evaluation) are ignored. Returns the forward-hook handles; the
     per-output tensor hooks die with the autograd graph.
     """
+    # The last input seen and what was kept of it; a weak reference, so that a freed tensor
+    # whose id() is reused can never be mistaken for it.
+    last: list = [None, None]
 
     def make_hook(name: str):
         def forward_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if not output.requires_grad:
                 return
             mask = mask_ref[0]
-            x = inputs[0].detach().float()
-            kept = x if keep_input is None else keep_input(name, x, mask)
+            raw = inputs[0]
+            if shared_input and last[0] is not None and last[0]() is raw:
+                kept = last[1]
+            else:
+                x = raw.detach().float()
+                kept = x if keep_input is None else keep_input(name, x, mask)
+                if shared_input:
+                    last[0], last[1] = weakref.ref(raw), kept
             output.register_hook(lambda g: callback(name, kept, g.detach().float(), mask))
 
         return forward_hook

@@ -119,7 +119,9 @@ class FisherPenalty:
             for indices in shapes.values()
         ]
         self._handles = (
-            register_io_hooks(self.layers, self._accumulate, [None], self._keep_input)
+            register_io_hooks(
+                self.layers, self._accumulate, [None], self._keep_input, shared_input=True
+            )
             if warmup_steps > 0
             else []
         )
@@ -129,40 +131,53 @@ class FisherPenalty:
     def warming_up(self) -> bool:
         return self.step_count < self.warmup_steps
 
-    def _probe_matrix(self, n: int, device: torch.device) -> torch.Tensor:
-        key = (n, str(device))
+    def _probe_matrix_t(self, n: int, device: torch.device) -> torch.Tensor:
+        """Ωᵀ ([k, n], contiguous) of this step for inputs of width n, shared by all such layers."""
+        key = (n, device)
         if key not in self._probe_cache:
             generator = torch.Generator().manual_seed(
                 self.seed * 1_000_003 + self.step_count * 7_919 + n
             )
-            self._probe_cache[key] = torch.randn(n, self.probes, generator=generator).to(device)
+            omega = torch.randn(n, self.probes, generator=generator)
+            self._probe_cache[key] = omega.T.contiguous().to(device)
         return self._probe_cache[key]
 
     def _keep_input(self, name: str, x: torch.Tensor, mask: Any) -> torch.Tensor:
-        # The sketch needs only X Ω ([tokens, k]) in backward, not x itself.
+        # The sketch needs only (X Ω)ᵀ = Ωᵀ Xᵀ ([k, tokens]) in backward, not x itself. Formed
+        # with k as the short output side: on CPU BLAS that is ~3x faster than X @ Ω.
         x = x.reshape(-1, x.shape[-1])
-        return x if self.estimator == "exact" else x @ self._probe_matrix(x.shape[-1], x.device)
+        if self.estimator == "exact":
+            return x
+        return self._probe_matrix_t(x.shape[-1], x.device) @ x.mT
 
     def _accumulate(self, name: str, kept: torch.Tensor, g: torch.Tensor, mask: Any) -> None:
-        # Padded tokens carry g = 0, so G^T X is the true weight gradient without any mask.
-        term = g.reshape(-1, g.shape[-1]).T @ kept  # G^T X, or the sketch G^T (X Ω)
-        self._pending[name] = term if name not in self._pending else self._pending[name] + term
+        # Padded tokens carry g = 0, so Xᵀ G is the true weight gradient (transposed) without
+        # any mask; the sketch forms (X Ω)ᵀ G = (Gᵀ X Ω)ᵀ, of the same norm.
+        g = g.reshape(-1, g.shape[-1])
+        term = kept.mT @ g if self.estimator == "exact" else kept @ g  # [n or k, m]
+        pending = self._pending.get(name)
+        if pending is None:
+            self._pending[name] = term
+        else:
+            pending += term
 
     def step(self) -> None:
         """Advance the schedule by one optimizer step (call after ``optimizer.step()``)."""
         if self.warming_up:
-            proxy = torch.zeros(len(self.names), dtype=torch.float64)
-            for i, (name, layer) in enumerate(self.layers.items()):
+            values = []
+            for name, layer in self.layers.items():
                 # Every process reduces every module, also one its batches did not reach.
                 width = self.probes if self.estimator == "sketch" else layer.in_features
                 weight = layer.get_base_layer().weight
-                local = self._pending.get(
-                    name, torch.zeros(layer.out_features, width, device=weight.device)
-                )
+                local = self._pending.get(name)
+                if local is None:
+                    local = torch.zeros(width, layer.out_features, device=weight.device)
                 # the frozen weight's gradient under DDP: the mean over processes
-                value = gram_sq_norm_of(all_reduce_mean(local), self.estimator, self.probes)
-                check_finite(name, value, "frozen-weight gradient norm")
-                proxy[i] = value.item()
+                values.append(gram_sq_norm_of(all_reduce_mean(local), self.estimator, self.probes))
+            proxy = torch.stack(values).cpu()  # one device sync per step, not one per module
+            if not torch.isfinite(proxy).all():
+                bad = self.names[int((~torch.isfinite(proxy)).nonzero()[0])]
+                check_finite(bad, proxy[self.names.index(bad)], "frozen-weight gradient norm")
             self.last_proxy = dict(zip(self.names, proxy.tolist(), strict=True))
             self.fisher = self.decay * self.fisher + (1 - self.decay) * proxy
             self._pending.clear()
@@ -269,7 +284,8 @@ class FisherPenalty:
 
 
 def gram_sq_norm_of(total: torch.Tensor, estimator: str, probes: int) -> torch.Tensor:
-    """``‖GᵀX‖²_F`` from the summed products: exact, or ``‖GᵀXΩ‖²_F / k`` for the sketch."""
+    """``‖GᵀX‖²_F`` from the summed products (stored transposed, ``XᵀG`` or ``(XΩ)ᵀG``; the norm is
+    the same): exact, or ``‖GᵀXΩ‖²_F / k`` for the sketch."""
     squared = total.double().square().sum()
     return squared / probes if estimator == "sketch" else squared
 
