@@ -13,7 +13,8 @@ A method acts at up to five points of a fine-tuning run and does nothing at the 
 
 A method may also shape the optimizer's parameter groups (``param_groups``, e.g. FW-LoRA's
 per-module weight decay), and has ``save_report(out_dir)``, which the runner calls at the end of
-a run to write the method's own files (a rank map, an energy spectrum) into the run directory.
+a run to write the method's own files (a rank map, an energy spectrum) into the run directory,
+and ``state_dict`` / ``load_state_dict`` for checkpoints (the HF Trainer integration).
 """
 
 from __future__ import annotations
@@ -50,10 +51,15 @@ class Method(Protocol):
 
     def export(self, model: PeftModel, out_dir: str | Path) -> None: ...
 
-    # The runner also calls these two; AdapterMethod gives every method the plain versions.
+    # The runner and the Trainer integration also call these; AdapterMethod gives every method
+    # the plain versions.
     def param_groups(self, model: PeftModel, weight_decay: float) -> list[dict[str, Any]]: ...
 
     def save_report(self, out_dir: str | Path) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class AdapterMethod:
@@ -93,4 +99,12 @@ class AdapterMethod:
         export_lora(model, out_dir)
 
     def save_report(self, out_dir: str | Path) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold of the method's training-time state (FW-LoRA's F, I and
+        step); methods that act only before training have none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         return None

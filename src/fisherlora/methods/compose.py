@@ -73,3 +73,10 @@ class Composed(AdapterMethod):
     def save_report(self, out_dir: str | Path) -> None:
         for member in self.members:
             member.save_report(out_dir)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {member.name: member.state_dict() for member in self.members}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for member in self.members:
+            member.load_state_dict(state.get(member.name, {}))

@@ -339,6 +339,13 @@ class FwLoRA(AdapterMethod):
     def after_backward(self, model: PeftModel, step: int) -> None:
         self.penalty.step()
 
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.penalty is None else self.penalty.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state and self.penalty is not None:
+            self.penalty.load_state_dict(state)
+
     def save_report(self, out_dir: str | Path) -> None:
         from fisherlora.experiments.plots import plot_module_values
 

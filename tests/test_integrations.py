@@ -1,0 +1,114 @@
+"""FisherTrainer: our methods inside ``transformers.Trainer.train()``, with checkpoints."""
+
+import pytest
+import torch
+from conftest import tiny_peft_model
+from peft import LoraConfig, get_peft_model
+from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments
+
+from fisherlora.adapters import lora_layers
+from fisherlora.errors import ConfigError
+from fisherlora.experiments.models import load_model
+from fisherlora.integrations import STATE_FILE, FisherTrainer
+
+
+class KeywordDataset(torch.utils.data.Dataset):
+    def __init__(self, task, tokenizer, n=256):
+        self.items = [
+            {**tokenizer(text, truncation=True, max_length=16), "labels": label}
+            for text, label in zip(task.train_texts[:n], task.train_labels[:n], strict=True)
+        ]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def make_trainer(tmp_path, keyword_task, method="fim-lora+filet+fw-lora", **args):
+    base, tokenizer = load_model("tiny-bert", num_labels=2, seed=0)  # no dropout: deterministic
+    model = get_peft_model(
+        base,
+        LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"]),
+    )
+    settings = dict(
+        output_dir=str(tmp_path),
+        max_steps=8,
+        per_device_train_batch_size=16,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_steps=4,
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+        use_cpu=True,
+    )
+    return FisherTrainer(
+        model=model,
+        args=TrainingArguments(**(settings | args)),
+        train_dataset=KeywordDataset(keyword_task, tokenizer),
+        data_collator=DataCollatorWithPadding(tokenizer),
+        fisher_method=method,
+        fisher_options={"calib_batches": 2, "fw_warmup_steps": 3},
+    )
+
+
+class StopAfter(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def losses(trainer):
+    return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+
+def test_trainer_runs_allocation_init_and_penalty(tmp_path, keyword_task):
+    trainer = make_trainer(tmp_path, keyword_task)
+    trainer.train()
+    adapter, layers = lora_layers(trainer.model)
+    ranks = [layer.r[adapter] for layer in layers.values()]
+    assert sum(ranks) == 4 * len(layers) and len(set(ranks)) > 1  # FIM-LoRA acted, budget kept
+    fw = trainer.fisher.members[2].penalty
+    assert fw.step_count == 8  # after_backward once per optimizer step
+    assert sum(fw.importance().values()) == pytest.approx(1.0) and fw._handles == []
+    assert (tmp_path / "checkpoint-4" / STATE_FILE).exists()
+    assert len(losses(trainer)) == 8
+
+
+def test_resume_from_checkpoint_continues_the_same_run(tmp_path, keyword_task):
+    whole = make_trainer(tmp_path / "a", keyword_task)
+    whole.train()
+    interrupted = make_trainer(tmp_path / "b", keyword_task)
+    interrupted.add_callback(StopAfter(4))  # killed after its checkpoint at step 4
+    interrupted.train()
+    assert interrupted.state.global_step == 4
+    second = make_trainer(tmp_path / "b", keyword_task)
+    second.train(resume_from_checkpoint=True)
+    first_run, second_run = losses(whole), losses(second)  # the resumed history has steps 1-4 too
+    assert sorted(second_run) == list(range(1, 9))
+    for step in second_run:
+        assert second_run[step] == pytest.approx(first_run[step], rel=1e-4, abs=1e-6), step
+    importance = whole.fisher.members[2].penalty.importance()
+    resumed_importance = second.fisher.members[2].penalty.importance()
+    assert resumed_importance == pytest.approx(importance)
+
+
+def test_optimizer_passed_in_or_no_lora_is_refused(tmp_path, keyword_task):
+    model = tiny_peft_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ConfigError, match="creates the optimizer itself"):
+        FisherTrainer(
+            model=model,
+            args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True),
+            optimizers=(optimizer, None),
+        )
+    with pytest.raises(ConfigError, match=r"expected a peft\.PeftModel with a LoRA adapter"):
+        FisherTrainer(
+            model=tiny_peft_model().unload(),
+            args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True),
+        )
