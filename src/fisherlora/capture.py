@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fisherlora.errors import CalibrationError
+from fisherlora.errors import CalibrationError, ConfigError
 
 # (module name, what was kept of the input x, output gradient g, token mask or None)
 IOCallback = Callable[[str, Any, torch.Tensor, "torch.Tensor | None"], None]
@@ -178,3 +178,12 @@ def check_finite(name: str, tensor: torch.Tensor, what: str = "gradient") -> Non
             f"non-finite {what} (NaN or inf) in module {name!r} during calibration; check the data "
             "and the model's dtype (fp16 overflows easily)"
         )
+
+
+def layer_groups(names: list[str], layers_per_pass: int | None) -> list[list[str]]:
+    """Consecutive groups of ``layers_per_pass`` module names (one group of all when None)."""
+    if layers_per_pass is None:
+        return [names]
+    if layers_per_pass < 1:
+        raise ConfigError(f"layers_per_pass must be at least 1, got {layers_per_pass}")
+    return [names[i : i + layers_per_pass] for i in range(0, len(names), layers_per_pass)]

@@ -74,6 +74,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
         help="forward/backward passes on training data before training",
     )
     calib.add_argument(
+        "--layers-per-pass",
+        type=int,
+        help="memory-bounded calibration: process the target layers in groups of this many "
+        "(fim-lora, filet; same result, more passes)",
+    )
+    calib.add_argument(
         "--r-min", type=int, help="smallest rank a module may get (default: rank // 2)"
     )
     calib.add_argument(

@@ -70,6 +70,7 @@ class TrainConfig:
     max_length: int = 128  # tokens per text after truncation
     group_by_length: bool = True  # batches of similar length (less padding, faster steps)
     calib_batches: int = 8  # calibration passes of data-driven methods (fim-lora, ...)
+    layers_per_pass: int | None = None  # calibrate target layers in groups (fim-lora, filet)
     r_min: int | None = None  # rank bounds of rank-allocating methods; None: max(1, r // 2)
     r_max: int | None = None  # None: 2 r
     budget: str = "ranks"  # rank budget counted in "ranks" or "params"
@@ -122,7 +123,7 @@ class TrainConfig:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.weight_decay < 0 or self.max_grad_norm < 0 or self.eval_every < 0:
             raise ConfigError("weight_decay, max_grad_norm and eval_every must not be negative")
-        for name in ("r_min", "r_max"):
+        for name in ("r_min", "r_max", "layers_per_pass"):
             value = getattr(self, name)
             if value is not None and (int(value) != value or value < 1):
                 raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
@@ -244,6 +245,7 @@ def method_options(config: TrainConfig, progress: bool = True) -> dict[str, Any]
     """The settings a method may take (each method's constructor picks the ones it knows)."""
     names = (
         "calib_batches",
+        "layers_per_pass",
         "r_min",
         "r_max",
         "budget",

@@ -25,6 +25,7 @@ For a target layer ``y = W x`` (``W ∈ R^{m×n}``) with LoRA update ``s B A``:
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Iterable, Mapping
@@ -34,6 +35,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 
 from fisherlora.adapters import lora_layers, record_residual
 from fisherlora.capture import (
@@ -41,6 +43,7 @@ from fisherlora.capture import (
     calibration_mode,
     capture_io,
     check_finite,
+    layer_groups,
     token_mask,
 )
 from fisherlora.errors import CalibrationError, ConfigError
@@ -137,55 +140,20 @@ def _check_options(basis: str, select: str, scale: str) -> None:
             raise ConfigError(f"unknown FILet {label} {value!r}; choose one of {list(choices)}")
 
 
-def filet_init(
+def _project_statistics(
     model: PeftModel,
-    dataloader: Iterable[Mapping[str, torch.Tensor]],
+    adapter: str,
+    layers: Mapping[str, LoraLayer],
+    candidates: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    batches: list,
+    n_batches: int,
+    device: torch.device,
     *,
-    n_batches: int = 8,
-    basis: str = "svd",
-    select: str = "min",
-    scale: str = "fisher-norm",
-    seed: int = 0,
-    dropout: bool = False,
-    progress: bool = True,
-) -> FiletReport:
-    """FILet: initialise every LoRA adapter of ``model`` in its layer's Fisher subspace (see the
-    module docstring for the equations). Changes A, B and the base weights in place.
-
-    Args:
-        model: a ``PeftModel`` with one LoRA adapter on ``nn.Linear`` layers; each module keeps
-            its current rank (so rank allocation may run first).
-        dataloader: training batches with ``labels``.
-        n_batches: calibration forward/backward passes.
-        basis: ``"svd"`` (orthonormal, default) or ``"gram"`` (the paper's non-orthogonal basis).
-        select: ``"min"`` (the paper), ``"max"`` or ``"random"`` energies.
-        scale: ``"fisher-norm"`` (default), ``"fisher"`` (raw energies; numerically a no-op
-            init at typical loss scales) or ``"singular"``.
-        seed: for ``select="random"``.
-        dropout, progress: dropout during calibration (off by default); a progress bar.
-
-    Raises ``ConfigError`` (bad options, unsupported layers, a rank above the number of usable
-    candidates) or ``CalibrationError`` (empty loader, no labels, NaN/inf statistics), always
-    before any weight is changed.
-    """
-    _check_options(basis, select, scale)
-    adapter, layers = lora_layers(model)
-    started = time.perf_counter()
-    candidates = {}
-    for name, layer in layers.items():
-        weight = layer.get_base_layer().weight
-        if not weight.is_floating_point():
-            raise ConfigError(
-                f"FILet needs a floating-point base weight; {name!r} is {weight.dtype} (quantised?)"
-            )
-        v, u, sigma = candidate_directions(weight, basis)
-        if layer.r[adapter] > sigma.numel():
-            raise ConfigError(
-                f"rank {layer.r[adapter]} of {name!r} exceeds its {sigma.numel()} usable {basis} candidates"
-            )
-        candidates[name] = (v, u, sigma)
-
-    device = next(iter(layers.values())).get_base_layer().weight.device
+    dropout: bool,
+    progress: bool,
+) -> tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor], int]:
+    """Calibration passes with hooks on ``layers`` only: per candidate, the summed
+    ``(v̂ᵢᵀ x)²`` and ``(ûᵢᵀ g)²`` over the unmasked tokens, and the token counts."""
     sums = {
         name: [torch.zeros(c[2].numel(), device=device) for _ in range(2)]
         for name, c in candidates.items()
@@ -208,47 +176,118 @@ def filet_init(
 
     mask_ref: list = [None]
     b_weights = [layer.lora_B[adapter].weight for layer in layers.values()]
-    calibration_start = time.perf_counter()
     used = 0
     with (
         calibration_mode(model, b_weights, dropout=dropout),
         capture_io(layers, project_grad, mask_ref, project_input),
     ):
         for batch in calibration_batches(
-            dataloader, n_batches, device, progress=progress, desc="FILet calibration"
+            batches, n_batches, device, progress=progress, desc="FILet calibration"
         ):
             mask_ref[0] = token_mask(batch)
             model(**batch).loss.backward()
             used += 1
-    calibration_s = time.perf_counter() - calibration_start
+    return sums, tokens, used
 
-    energies, selected, ratios = {}, {}, {}
-    generator = torch.Generator().manual_seed(seed)
-    for name in layers:
-        p_sum, q_sum = (all_reduce_sum(t) for t in sums[name])
-        q_sum = q_sum / world_size() ** 2  # g of the global batch loss = local g / world size
-        count = all_reduce_sum(tokens[name]).clamp_min(1)
-        energy = (p_sum / count) * (q_sum / count)
-        check_finite(name, energy, "Fisher statistics")
-        if not energy.any():
-            raise CalibrationError(
-                f"all Fisher energies of {name!r} are zero; does the loss depend on it?"
+
+def filet_init(
+    model: PeftModel,
+    dataloader: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    n_batches: int = 8,
+    basis: str = "svd",
+    select: str = "min",
+    scale: str = "fisher-norm",
+    seed: int = 0,
+    dropout: bool = False,
+    progress: bool = True,
+    layers_per_pass: int | None = None,
+) -> FiletReport:
+    """FILet: initialise every LoRA adapter of ``model`` in its layer's Fisher subspace (see the
+    module docstring for the equations). Changes A, B and the base weights in place.
+
+    Args:
+        model: a ``PeftModel`` with one LoRA adapter on ``nn.Linear`` layers; each module keeps
+            its current rank (so rank allocation may run first).
+        dataloader: training batches with ``labels``.
+        n_batches: calibration forward/backward passes.
+        basis: ``"svd"`` (orthonormal, default) or ``"gram"`` (the paper's non-orthogonal basis).
+        select: ``"min"`` (the paper), ``"max"`` or ``"random"`` energies.
+        scale: ``"fisher-norm"`` (default), ``"fisher"`` (raw energies; numerically a no-op
+            init at typical loss scales) or ``"singular"``.
+        seed: for ``select="random"``.
+        dropout, progress: dropout during calibration (off by default); a progress bar.
+        layers_per_pass: memory-bounded calibration for large models: the target layers are
+            processed in consecutive groups of this many, each with its own ``n_batches``
+            passes over the same batches (same result, ``groups`` times the passes). Peak extra
+            memory: ``max over groups Σ_{m∈group} (n_m² + m_m² + n_m + m_m)`` floats for the
+            candidate bases and statistics, plus ``Σ_m r_m (n_m + m_m)`` for the new factors;
+            ungrouped (None) the first sum runs over every layer.
+
+    Raises ``ConfigError`` (bad options, unsupported layers, a rank above the number of usable
+    candidates) or ``CalibrationError`` (empty loader, no labels, NaN/inf statistics), always
+    before any weight is changed.
+    """
+    _check_options(basis, select, scale)
+    adapter, layers = lora_layers(model)
+    started = time.perf_counter()
+    for name, layer in layers.items():  # cheap checks of every layer before any work
+        weight = layer.get_base_layer().weight
+        if not weight.is_floating_point():
+            raise ConfigError(
+                f"FILet needs a floating-point base weight; {name!r} is {weight.dtype} (quantised?)"
             )
-        energies[name] = energy
-        selected[name] = _select(energy.cpu(), layers[name].r[adapter], select, generator).to(
-            device
+    device = next(iter(layers.values())).get_base_layer().weight.device
+    # The same batches for every group of layers (a loader may reshuffle when iterated again).
+    batches = list(itertools.islice(iter(dataloader), n_batches))
+    generator = torch.Generator().manual_seed(seed)
+    energies, selected, ratios, sigmas, factors = {}, {}, {}, {}, {}
+    calibration_s, used = 0.0, 0
+    for group in layer_groups(list(layers), layers_per_pass):
+        # Bases of this group only: the n×n and m×m candidates are the memory that grows with
+        # the model; what is kept across groups is r (n + m) numbers per layer.
+        candidates = {}
+        for name in group:
+            layer = layers[name]
+            v, u, sigma = candidate_directions(layer.get_base_layer().weight, basis)
+            if layer.r[adapter] > sigma.numel():
+                raise ConfigError(
+                    f"rank {layer.r[adapter]} of {name!r} exceeds its {sigma.numel()} usable "
+                    f"{basis} candidates"
+                )
+            candidates[name] = (v, u, sigma)
+        calibration_start = time.perf_counter()
+        sums, tokens, used = _project_statistics(
+            model,
+            adapter,
+            {n: layers[n] for n in group},
+            candidates,
+            batches,
+            n_batches,
+            device,
+            dropout=dropout,
+            progress=progress,
         )
-
-    with torch.no_grad():  # nothing has changed so far; from here on every layer is rewritten
-        for name, layer in layers.items():
+        calibration_s += time.perf_counter() - calibration_start
+        for name in group:
+            layer = layers[name]
             v, u, sigma = candidates[name]
-            idx = selected[name]
+            p_sum, q_sum = (all_reduce_sum(t) for t in sums[name])
+            q_sum = q_sum / world_size() ** 2  # g of the global batch loss = local g / world size
+            count = all_reduce_sum(tokens[name]).clamp_min(1)
+            energy = (p_sum / count) * (q_sum / count)
+            check_finite(name, energy, "Fisher statistics")
+            if not energy.any():
+                raise CalibrationError(
+                    f"all Fisher energies of {name!r} are zero; does the loss depend on it?"
+                )
+            idx = _select(energy.cpu(), layer.r[adapter], select, generator).to(device)
             if scale == "singular":
                 magnitude = sigma[idx]
             elif scale == "fisher":
-                magnitude = energies[name][idx]
+                magnitude = energy[idx]
             else:
-                e_sel = energies[name][idx]
+                e_sel = energy[idx]
                 magnitude = e_sel * (
                     sigma[idx].max() / e_sel.max().clamp_min(torch.finfo(e_sel.dtype).tiny)
                 )
@@ -256,17 +295,24 @@ def filet_init(
             root = (magnitude / s).sqrt()
             a = root[:, None] * v[:, idx].T
             b = u[:, idx] * root[None, :]
+            factors[name] = (a, b)
+            energies[name], selected[name], sigmas[name] = energy, idx, sigma
+            ratios[name] = (lowrank_spectral_norm(b, a) * s / sigma.max()).item()
+        del candidates
+
+    with torch.no_grad():  # nothing has changed so far; from here on every layer is rewritten
+        for name, layer in layers.items():
+            a, b = factors[name]
+            s = layer.scaling[adapter]
             base = layer.get_base_layer().weight
-            delta = s * (b @ a)
-            base.copy_((base.float() - delta).to(base.dtype))
+            base.copy_((base.float() - s * (b @ a)).to(base.dtype))
             layer.lora_A[adapter].weight.copy_(a.to(layer.lora_A[adapter].weight.dtype))
             layer.lora_B[adapter].weight.copy_(b.to(layer.lora_B[adapter].weight.dtype))
             record_residual(model, name, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)
-            ratios[name] = (lowrank_spectral_norm(b, a) * s / sigma.max()).item()
 
     return FiletReport(
         energies={n: e.tolist() for n, e in energies.items()},
-        singular_values={n: c[2].tolist() for n, c in candidates.items()},
+        singular_values={n: sigma.tolist() for n, sigma in sigmas.items()},
         selected={n: i.tolist() for n, i in selected.items()},
         basis=basis,
         select=select,
@@ -317,6 +363,7 @@ class Filet(AdapterMethod):
         scale: str = "fisher-norm",
         seed: int = 0,
         progress: bool = True,
+        layers_per_pass: int | None = None,
     ) -> None:
         _check_options(basis, select, scale)
         self.options = dict(
@@ -326,6 +373,7 @@ class Filet(AdapterMethod):
             scale=scale,
             seed=seed,
             progress=progress,
+            layers_per_pass=layers_per_pass,
         )
         self.report: FiletReport | None = None
         self.model: PeftModel | None = None

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
@@ -39,6 +40,7 @@ from fisherlora.capture import (
     calibration_mode,
     capture_io,
     check_finite,
+    layer_groups,
     token_mask,
 )
 from fisherlora.errors import ConfigError
@@ -180,17 +182,57 @@ def fisher_of_b(
     estimator: str = "batch",
     dropout: bool = False,
     progress: bool = True,
+    layers_per_pass: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Diagonal empirical Fisher of every LoRA B (float32, ``[out, r]``) and the batches used.
+
+    ``layers_per_pass``: the B matrices take gradients (and have accumulators) in consecutive
+    groups of this many modules, each group with its own passes over the same batches (same
+    result; extra memory ``Σ_{m∈group} m_m r_m`` floats of gradients and accumulators, plus the
+    per-example estimator's transient ``batch · m_m · r_m`` per module).
 
     Raises ``CalibrationError`` naming the module on a NaN/inf gradient, for an empty loader or a
     batch without labels. Only B gets gradients during the passes; all flags, modes and grads are
     restored afterwards.
     """
     adapter, layers = lora_layers(model)
-    b_weights = {name: layer.lora_B[adapter].weight for name, layer in layers.items()}
+    all_b = {name: layer.lora_B[adapter].weight for name, layer in layers.items()}
+    device = next(iter(all_b.values())).device
+    # The same batches for every group of layers (a loader may reshuffle when iterated again).
+    batches = list(itertools.islice(iter(dataloader), n_batches))
+    fisher: dict[str, torch.Tensor] = {}
+    used = 0
+    for group in layer_groups(list(layers), layers_per_pass):
+        b_weights = {name: all_b[name] for name in group}
+        group_fisher, used = _fisher_of_group(
+            model,
+            {name: layers[name].lora_B[adapter] for name in group},
+            b_weights,
+            batches,
+            n_batches,
+            device,
+            estimator=estimator,
+            dropout=dropout,
+            progress=progress,
+        )
+        fisher.update(group_fisher)
+    return fisher, used
+
+
+def _fisher_of_group(
+    model: PeftModel,
+    b_modules: Mapping[str, torch.nn.Module],
+    b_weights: Mapping[str, torch.Tensor],
+    batches: list,
+    n_batches: int,
+    device: torch.device,
+    *,
+    estimator: str,
+    dropout: bool,
+    progress: bool,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Calibration passes in which only ``b_weights`` take gradients: their Fisher diagonals."""
     fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in b_weights.items()}
-    device = next(iter(b_weights.values())).device
     mask_ref: list = [None]
     examples = torch.zeros((), dtype=torch.float64, device=device)
     batch_size = [0]
@@ -202,15 +244,11 @@ def fisher_of_b(
         fisher[name] += sq
 
     per_example = estimator == "per_example"
-    hooks = capture_io(
-        {n: layer.lora_B[adapter] for n, layer in layers.items()} if per_example else {},
-        accumulate_per_example,
-        mask_ref,
-    )
+    hooks = capture_io(b_modules if per_example else {}, accumulate_per_example, mask_ref)
     used = 0
     with calibration_mode(model, b_weights.values(), dropout=dropout), hooks:
         for batch in calibration_batches(
-            dataloader, n_batches, device, progress=progress, desc="FIM-LoRA calibration"
+            batches, n_batches, device, progress=progress, desc="FIM-LoRA calibration"
         ):
             mask_ref[0] = token_mask(batch)
             batch_size[0] = batch["labels"].shape[0]
@@ -245,6 +283,7 @@ def allocate_ranks(
     keep_scaling: bool = True,
     dropout: bool = False,
     progress: bool = True,
+    layers_per_pass: int | None = None,
 ) -> RankPlan:
     """FIM-LoRA: re-allocate the LoRA ranks of ``model`` by calibration-time Fisher information.
 
@@ -262,6 +301,8 @@ def allocate_ranks(
         keep_scaling: keep each module's scaling s of rank r (``α_m = s r_m``); else ``s_m = α/r_m``.
         dropout: keep dropout on during calibration (off by default).
         progress: show a progress bar.
+        layers_per_pass: calibrate the modules in groups of this many (memory-bounded; same
+            result, more passes); None: all at once.
 
     Returns:
         The :class:`RankPlan`. Raises ``ConfigError`` (bad options, infeasible bounds, no LoRA
@@ -286,6 +327,7 @@ def allocate_ranks(
         estimator=estimator,
         dropout=dropout,
         progress=progress,
+        layers_per_pass=layers_per_pass,
     )
     calibration_s = time.perf_counter() - started
     scores = {name: reduce_score(f, score) for name, f in fisher.items()}
@@ -333,6 +375,7 @@ class FimLoRA(AdapterMethod):
         estimator: str = "batch",
         keep_scaling: bool = True,
         progress: bool = True,
+        layers_per_pass: int | None = None,
     ) -> None:
         _check_options(budget, score, estimator)
         options = dict(
@@ -344,6 +387,7 @@ class FimLoRA(AdapterMethod):
             estimator=estimator,
             keep_scaling=keep_scaling,
             progress=progress,
+            layers_per_pass=layers_per_pass,
         )
         self._allocate = lambda model, loader: allocate_ranks(model, loader, **options)
         self.plan: RankPlan | None = None
