@@ -55,6 +55,10 @@ class FisherPenalty:
         normalize: ``"sum"`` (the paper) or ``"max"``.
         mode: ``"loss"`` (default, exact penalty) or ``"decay"`` (use :meth:`param_groups`).
         seed: the probes of step t are drawn from ``(seed, t)``, the same on every process.
+        grad_scaler: the ``torch.amp.GradScaler`` of an fp16 run. The hooks then see gradients
+            of the *scaled* loss; each step's products are divided by the scale that step's
+            backward used, so F does not depend on the loss scale, and a step whose gradients
+            overflowed (the scaler skips its optimizer step) leaves F unchanged.
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class FisherPenalty:
         normalize: str = "sum",
         mode: str = "loss",
         seed: int = 0,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         for label, value, choices in (
             ("estimator", estimator, ESTIMATORS),
@@ -94,6 +99,9 @@ class FisherPenalty:
             mode,
             seed,
         )
+        self.grad_scaler = grad_scaler
+        self._loss_scale: float | None = None  # the scale of this step's backward passes
+        self.skipped_steps = 0
         self.step_count = 0
         self.fisher = torch.zeros(len(self.names), dtype=torch.float64)
         self.importance_ = torch.zeros(len(self.names), dtype=torch.float64)
@@ -155,6 +163,10 @@ class FisherPenalty:
         # any mask; the sketch forms (X Ω)ᵀ G = (Gᵀ X Ω)ᵀ, of the same norm.
         g = g.reshape(-1, g.shape[-1])
         term = kept.mT @ g if self.estimator == "exact" else kept @ g  # [n or k, m]
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            if self._loss_scale is None:  # read once per step (a device sync on GPU)
+                self._loss_scale = float(self.grad_scaler.get_scale())
+            term = term / self._loss_scale
         pending = self._pending.get(name)
         if pending is None:
             self._pending[name] = term
@@ -175,11 +187,16 @@ class FisherPenalty:
                 # the frozen weight's gradient under DDP: the mean over processes
                 values.append(gram_sq_norm_of(all_reduce_mean(local), self.estimator, self.probes))
             proxy = torch.stack(values).cpu()  # one device sync per step, not one per module
-            if not torch.isfinite(proxy).all():
+            scaled = self.grad_scaler is not None and self.grad_scaler.is_enabled()
+            if not torch.isfinite(proxy).all() and not scaled:
                 bad = self.names[int((~torch.isfinite(proxy)).nonzero()[0])]
                 check_finite(bad, proxy[self.names.index(bad)], "frozen-weight gradient norm")
             self.last_proxy = dict(zip(self.names, proxy.tolist(), strict=True))
-            self.fisher = self.decay * self.fisher + (1 - self.decay) * proxy
+            if torch.isfinite(proxy).all():
+                self.fisher = self.decay * self.fisher + (1 - self.decay) * proxy
+            else:  # fp16 overflow: the scaler skips this optimizer step, and F skips it too
+                self.skipped_steps += 1
+            self._loss_scale = None
             self._pending.clear()
             self._probe_cache.clear()
         self.step_count += 1

@@ -1,0 +1,73 @@
+"""Mixed precision: statistics and residuals in float32 on bf16 models; FW-LoRA's proxy does not
+depend on an fp16 GradScaler's loss scale, and overflowed steps are skipped as the scaler does."""
+
+import pytest
+import torch
+from conftest import logits, random_batches, tiny_peft_model
+
+from fisherlora.adapters import lora_layers
+from fisherlora.errors import CalibrationError
+from fisherlora.methods.filet import filet_init
+from fisherlora.methods.fim_lora import fisher_of_b
+from fisherlora.methods.fw_lora import FisherPenalty
+
+
+def bf16_model(seed=0):
+    model = tiny_peft_model("llama", seed=seed)
+    model.get_base_model().to(torch.bfloat16)
+    return model
+
+
+def test_statistics_and_residuals_are_float32_on_a_bf16_model():
+    model = bf16_model()
+    batches = random_batches(2, seed=1)
+    fisher, _ = fisher_of_b(model, batches, progress=False)
+    assert all(f.dtype == torch.float32 and torch.isfinite(f).all() for f in fisher.values())
+    before = logits(model, batches).float()
+    report = filet_init(model, batches, progress=False)
+    assert all(max(e) > 0 for e in report.energies.values())
+    _, layers = lora_layers(model)
+    assert all(layer.get_base_layer().weight.dtype == torch.bfloat16 for layer in layers.values())
+    # W_res = W − s B A is formed in float32 and rounded once: the bf16 outputs move by rounding only
+    torch.testing.assert_close(logits(model, batches).float(), before, atol=3e-2, rtol=0)
+
+
+def run_penalty(scale: float | None, batches):
+    model = tiny_peft_model("llama", seed=3)  # no dropout: both runs see the same gradients
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
+    penalty = FisherPenalty(model, warmup_steps=10, grad_scaler=scaler)
+    model.train()
+    for batch in batches:
+        loss = model(**batch).loss
+        (scaler.scale(loss) if scaler else loss).backward()
+        penalty.step()
+        model.zero_grad(set_to_none=True)
+    return penalty
+
+
+def test_fw_lora_proxy_does_not_depend_on_the_loss_scale():
+    batches = random_batches(3, seed=4)
+    plain, scaled = run_penalty(None, batches), run_penalty(2.0**12, batches)
+    assert scaled.fisher.tolist() == pytest.approx(plain.fisher.tolist(), rel=1e-5)
+
+
+def test_overflowed_step_is_skipped_under_a_scaler_and_an_error_without():
+    batches = random_batches(2, seed=5)
+    for scale in (2.0**10, None):
+        model = tiny_peft_model("llama", seed=3)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
+        penalty = FisherPenalty(model, warmup_steps=10, grad_scaler=scaler)
+        first = model(**batches[0]).loss
+        (scaler.scale(first) if scaler else first).backward()
+        penalty.step()
+        fisher_after_one = penalty.fisher.clone()
+        overflow = model.base_model.model.score.register_forward_hook(lambda m, i, o: o * 1e38)
+        loss = model(**batches[1]).loss * 1e38
+        overflow.remove()
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            penalty.step()
+            assert penalty.skipped_steps == 1 and torch.equal(penalty.fisher, fisher_after_one)
+        else:
+            with pytest.raises(CalibrationError, match="non-finite frozen-weight gradient norm"):
+                penalty.step()
