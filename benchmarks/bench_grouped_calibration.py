@@ -4,7 +4,7 @@ MiniLM with LoRA r = 8 on query/key/value/dense (37 modules), 8 Rotten Tomatoes 
 Each setting runs in a fresh process (a process's peak only grows); peak memory is that
 process's VmHWM, median of ``--reps``; time is the calibration's wall time in the same process.
 Also reported: the analytic extra memory of the FILet candidate bases per group,
-``max over groups Σ (n_m² + m_m²)`` floats.
+``max over groups Σ (n_m + m_m) · min(n_m, m_m)`` floats.
 
     python benchmarks/bench_grouped_calibration.py --reps 3 --out benchmarks/results/grouped.json
 """
@@ -48,7 +48,9 @@ def child(method: str, per_pass: str, n_batches: int) -> None:
     shapes = [layer.get_base_layer().weight.shape for layer in layers.values()]
     groups = layer_groups(list(range(len(shapes))), layers_per_pass)
     basis_mb = (
-        max(sum(shapes[i][0] ** 2 + shapes[i][1] ** 2 for i in g) for g in groups) * 4 / 2**20
+        max(sum((shapes[i][0] + shapes[i][1]) * min(shapes[i]) for i in g) for g in groups)
+        * 4
+        / 2**20
     )
     print(json.dumps({"peak_mb": peak_rss_mb(), "seconds": seconds, "bases_mb": basis_mb}))
 

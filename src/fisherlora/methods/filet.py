@@ -220,7 +220,7 @@ def filet_init(
         layers_per_pass: memory-bounded calibration for large models: the target layers are
             processed in consecutive groups of this many, each with its own ``n_batches``
             passes over the same batches (same result, ``groups`` times the passes). Peak extra
-            memory: ``max over groups Σ_{m∈group} (n_m² + m_m² + n_m + m_m)`` floats for the
+            memory: ``max over groups Σ_{m∈group} (n_m + m_m)(min(n_m, m_m) + 2)`` floats for the
             candidate bases and statistics, plus ``Σ_m r_m (n_m + m_m)`` for the new factors;
             ungrouped (None) the first sum runs over every layer.
 
