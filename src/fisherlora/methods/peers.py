@@ -91,6 +91,14 @@ def _record_initial_factors(model: PeftModel) -> None:
         record_residual(model, name, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight)
 
 
+class CalibratedPeer(AdapterMethod):
+    """A peer that reads the first ``calib_batches`` calibration batches (EVA reads on until it
+    converges), the same batches our methods calibrate on."""
+
+    def __init__(self, calib_batches: int = 8) -> None:
+        self.calib_batches = calib_batches
+
+
 class LoRA(AdapterMethod):
     """Standard LoRA (Hu et al., 2021): ``h = W x + s · B A x``, ``s = α / r`` (``α / √r`` with
     rsLoRA), A Kaiming-uniform, B = 0, so the model starts as the base model."""
@@ -176,16 +184,13 @@ def eva_batches(batches: Batches, min_rows: int) -> list[dict[str, torch.Tensor]
     return [_pad_cat(c) for c in chunks]
 
 
-class EVA(AdapterMethod):
+class EVA(CalibratedPeer):
     """EVA (Paischer et al., 2024), PEFT ``initialize_lora_eva_weights`` with the default
     ``EvaConfig`` (ρ = 2, τ = 0.99): ``A₀`` = the top right-singular vectors of each layer's
     input activations (incremental SVD over calibration batches until they converge), ranks
     redistributed across layers by explained variance (total unchanged), ``B₀ = 0``."""
 
     name = "eva"
-
-    def __init__(self, calib_batches: int = 8) -> None:
-        self.calib_batches = calib_batches
 
     def build(
         self,
@@ -218,16 +223,13 @@ class EVA(AdapterMethod):
         return {"eva_ranks": ranks}
 
 
-class LoRAGA(AdapterMethod):
+class LoRAGA(CalibratedPeer):
     """LoRA-GA (Wang et al., 2024), PEFT ``preprocess_loraga`` with the default ``LoraGAConfig``
     (direction ``ArB2r``, ``scale="stable"``, γ = 16): with the mean full-weight gradient
     ``G = U S Vᵀ`` over the calibration batches, ``A₀ = V[:, :r]ᵀ``, ``B₀ = U[:, r:2r] S · m^¼/√γ``
     and ``W_res = W − s B₀ A₀``, so the first step approximates full fine-tuning's."""
 
     name = "lora-ga"
-
-    def __init__(self, calib_batches: int = 8) -> None:
-        self.calib_batches = calib_batches
 
     def build(
         self,
@@ -280,16 +282,13 @@ def _token_axis_for_2d_inputs(base_model: torch.nn.Module, lora_config: LoraConf
     return handles
 
 
-class CorDA(AdapterMethod):
+class CorDA(CalibratedPeer):
     """CorDA (Yang et al., 2024), PEFT ``preprocess_corda`` in its instruction-previewed mode
     (``corda_method="ipm"``): with the input covariance ``C = Σ XᵀX`` of each layer over the
     calibration sentences, ``W C = U S Vᵀ``; the adapter takes the top-r components,
     ``B₀ A₀ = U_r S_r (V_rᵀ C⁻¹)`` (split by ``S_r^½``) and ``W_res = W − s B₀ A₀``."""
 
     name = "corda"
-
-    def __init__(self, calib_batches: int = 8) -> None:
-        self.calib_batches = calib_batches
 
     def build(
         self,
