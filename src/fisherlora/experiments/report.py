@@ -129,12 +129,19 @@ def summarize(runs: pd.DataFrame, config: CompareConfig, n_test: int) -> pd.Data
             )
             one_run_se = math.sqrt(acc.mean() * (1 - acc.mean()) / n_test)
             row |= {"delta_vs_lora": delta, "p_value": p, "pairs": pairs}
+            direction = "better than LoRA" if delta > 0 else "worse than LoRA"
             if method == BASELINE or pairs == 0:
                 row["note"] = "baseline" if method == BASELINE else "no LoRA run to pair with"
+            elif pairs < 2:
+                # one pair, no test: the difference of two runs has a standard error of √2·se
+                clear = abs(delta) > 2 * math.sqrt(2) * one_run_se
+                row["note"] = (
+                    f"one seed: {direction} (> 2 SE)" if clear else "one seed: within noise"
+                )
             elif abs(delta) < one_run_se or not (p < 0.05):
                 row["note"] = "within noise"
             else:
-                row["note"] = "better than LoRA" if delta > 0 else "worse than LoRA"
+                row["note"] = direction
             for column in (
                 "init_s",
                 "median_step_s",
@@ -312,10 +319,12 @@ def _notes(config: CompareConfig, summary: pd.DataFrame, failed: list, n_test: i
             f"{se:.4f}. Δ is the mean of per-seed differences to LoRA at the same seed; p is a "
             "two-sided paired t-test across seeds (– where fewer than 2 pairs). 'within noise' "
             "marks |Δ| below one run's standard error or p >= 0.05: such a difference is not "
-            "evidence that the method helps or hurts."
+            "evidence that the method helps or hurts. With one seed there is no test; a "
+            "difference is called clear only beyond 2 standard errors of a difference of two "
+            "runs (2·√2·se)."
         )
     for _, row in summary.iterrows():
-        if row["method"] != BASELINE and row["note"] == "within noise" and row["delta_vs_lora"] > 0:
+        if row["method"] != BASELINE and "within noise" in row["note"] and row["delta_vs_lora"] > 0:
             notes.append(
                 f"r = {int(row['rank'])}: {row['method']} does not beat LoRA beyond noise "
                 f"(Δ {row['delta_vs_lora']:+.4f}, p = {row['p_value']:.3f})."
