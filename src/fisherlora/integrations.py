@@ -6,7 +6,7 @@ the Method protocol:
 - ``prepare`` (FIM-LoRA rank allocation, FILet initialisation, FW-LoRA's hooks) at the start of
   ``train()``, before the Trainer creates its optimizer, on calibration batches drawn from the
   training set in a fixed, seeded order (so that a resumed run re-derives the very same ranks
-  and initialisation, which is checked against the checkpoint);
+  and initialisation; the ranks are checked against those saved in the checkpoint);
 - ``loss`` (FW-LoRA's penalty) added to the task loss of every micro-batch in ``compute_loss``;
 - ``after_backward`` (FW-LoRA's schedule) once per optimizer step, from the
   ``on_optimizer_step`` callback;
