@@ -110,6 +110,7 @@ class FisherPenalty:
         self._probe_cache: dict[tuple[int, str], torch.Tensor] = {}
         self._groups: list[dict] = []
         self._coefficients: torch.Tensor | None = None
+        self._segments: torch.Tensor | None = None  # module index of each flat product entry
         shapes: dict[tuple, list[int]] = {}
         for i, layer in enumerate(self.layers.values()):
             shapes.setdefault(
@@ -176,17 +177,7 @@ class FisherPenalty:
     def step(self) -> None:
         """Advance the schedule by one optimizer step (call after ``optimizer.step()``)."""
         if self.warming_up:
-            values = []
-            for name, layer in self.layers.items():
-                # Every process reduces every module, also one its batches did not reach.
-                width = self.probes if self.estimator == "sketch" else layer.in_features
-                weight = layer.get_base_layer().weight
-                local = self._pending.get(name)
-                if local is None:
-                    local = torch.zeros(width, layer.out_features, device=weight.device)
-                # the frozen weight's gradient under DDP: the mean over processes
-                values.append(gram_sq_norm_of(all_reduce_mean(local), self.estimator, self.probes))
-            proxy = torch.stack(values).cpu()  # one device sync per step, not one per module
+            proxy = self._frozen_grad_sq_norms().cpu()  # one device sync per step
             scaled = self.grad_scaler is not None and self.grad_scaler.is_enabled()
             if not torch.isfinite(proxy).all() and not scaled:
                 bad = self.names[int((~torch.isfinite(proxy)).nonzero()[0])]
@@ -202,6 +193,32 @@ class FisherPenalty:
         self.step_count += 1
         if self.step_count == self.warmup_steps:
             self._freeze()
+
+    def _frozen_grad_sq_norms(self) -> torch.Tensor:
+        """``‖∇W_m‖²_F`` of every module (float64, ``[modules]``) from this step's summed products.
+
+        All modules' products travel in one flat buffer: one all-reduce per step (the frozen
+        weight's gradient under DDP is the mean over processes, taken before squaring), then one
+        segmented sum of squares, instead of a collective and four kernels per module. Every
+        process reduces every module, also one its batches did not reach (zeros).
+        """
+        parts = []
+        for name, layer in self.layers.items():
+            local = self._pending.get(name)
+            if local is None:
+                width = self.probes if self.estimator == "sketch" else layer.in_features
+                weight = layer.get_base_layer().weight
+                local = torch.zeros(width, layer.out_features, device=weight.device)
+            parts.append(local.reshape(-1))
+        flat = all_reduce_mean(torch.cat(parts))
+        if self._segments is None or self._segments.device != flat.device:
+            sizes = torch.tensor([part.numel() for part in parts], device=flat.device)
+            self._segments = torch.repeat_interleave(
+                torch.arange(len(parts), device=flat.device), sizes
+            )
+        squared = torch.zeros(len(parts), dtype=torch.float64, device=flat.device)
+        squared.index_add_(0, self._segments, flat.double().square())
+        return squared / self.probes if self.estimator == "sketch" else squared
 
     def _freeze(self) -> None:
         reference = self.fisher.sum() if self.normalize == "sum" else self.fisher.max()
@@ -298,13 +315,6 @@ class FisherPenalty:
         if not self.warming_up:
             self.remove_hooks()
             self._apply_decay()
-
-
-def gram_sq_norm_of(total: torch.Tensor, estimator: str, probes: int) -> torch.Tensor:
-    """``‖GᵀX‖²_F`` from the summed products (stored transposed, ``XᵀG`` or ``(XΩ)ᵀG``; the norm is
-    the same): exact, or ``‖GᵀXΩ‖²_F / k`` for the sketch."""
-    squared = total.double().square().sum()
-    return squared / probes if estimator == "sketch" else squared
 
 
 class FwLoRA(AdapterMethod):
