@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from fisherlora.errors import ConfigError, FisherLoraError
 from fisherlora.experiments.compare import ALL_METHODS, QUICK, CompareConfig, compare, parse_ints
+from fisherlora.experiments.distributed import is_main_process, shutdown
 from fisherlora.experiments.report import write_report
 from fisherlora.experiments.train import TrainConfig, train
 from fisherlora.methods import method_names
@@ -248,6 +249,7 @@ def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:
     methods = method_names(args.methods or preset.get("methods", ALL_METHODS))
     seeds = parse_ints(args.seeds or preset.get("seeds", "0,1,2"), "--seeds", minimum=0)
     ranks = parse_ints(args.ranks or args.rank or str(DEFAULTS.rank), "--ranks", minimum=1)
+    args.rank = ranks[0]  # the base run's rank (each run sets its own); --rank arrives as text
     return CompareConfig(
         methods=methods,
         seeds=seeds,
@@ -270,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = train(config_from_args(args), progress=not args.no_progress)
             summary = {k: result.metrics[k] for k in ("method", "accuracy", "macro_f1", "mcc")}
             summary["total_s"] = round(result.metrics["timings"]["total_s"], 1)
-            print(json.dumps(summary))
+            if is_main_process():
+                print(json.dumps(summary))
         elif args.command == "compare":
             config = compare_config_from_args(args)
             command = "fisherlora " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -278,10 +281,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report = write_report(config, command=command)
             else:
                 report = compare(config, progress=not args.no_progress, command=command)
-            print(f"report: {report} and {report.with_suffix('.html')}")
+            if is_main_process():
+                print(f"report: {report} and {report.with_suffix('.html')}")
     except (FisherLoraError, FloatingPointError) as err:
         print(f"fisherlora: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        shutdown()  # leave the torchrun / accelerate process group, if one was joined
     return 0
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 from transformers import PreTrainedTokenizerBase
 
 
@@ -101,35 +102,66 @@ class LengthGroupedBatches(Sampler[list[int]]):
         return full if full else int(len(self.lengths) > 0)
 
 
+class ShardedBatches(Sampler[list[int]]):
+    """Process ``rank``'s share of a batch sampler under ``torch.distributed``: batches ``rank``,
+    ``rank + world_size``, ``rank + 2·world_size``, … of the one sequence that a single process
+    would read. A step of ``world_size`` processes therefore sees the same examples as one step
+    of one process accumulating ``world_size`` consecutive batches. Only index lists are skipped,
+    so no process collates a batch it does not use."""
+
+    def __init__(self, batches: Sampler[list[int]], rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"process rank {rank} is outside a world of size {world_size}")
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(iter(self.batches), self.rank, None, self.world_size)
+
+    def __len__(self) -> int:
+        return max(0, -(-(len(self.batches) - self.rank) // self.world_size))
+
+
 def train_loader(
     dataset: TokenizedTexts,
     pad_token_id: int,
     batch_size: int,
     seed: int,
     group_by_length: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """Shuffled training batches; each pass draws its order from a generator seeded once."""
+    """Shuffled training batches; each pass draws its order from a generator seeded once. With
+    ``world_size > 1``, process ``rank``'s share of them (:class:`ShardedBatches`)."""
     generator = torch.Generator().manual_seed(seed)
-    collate = PadToLongest(pad_token_id)
     if group_by_length:
         lengths = [len(ids) for ids in dataset.input_ids]
-        sampler = LengthGroupedBatches(lengths, batch_size, generator)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+        batches: Sampler[list[int]] = LengthGroupedBatches(lengths, batch_size, generator)
+    else:
+        batches = BatchSampler(
+            RandomSampler(dataset, generator=generator),
+            batch_size,
+            drop_last=len(dataset) > batch_size,
+        )
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=len(dataset) > batch_size,
-        generator=generator,
-        collate_fn=collate,
+        batch_sampler=ShardedBatches(batches, rank, world_size),
+        collate_fn=PadToLongest(pad_token_id),
     )
 
 
-def eval_loader(dataset: TokenizedTexts, pad_token_id: int, batch_size: int) -> DataLoader:
+def eval_loader(
+    dataset: TokenizedTexts,
+    pad_token_id: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    """Evaluation batches, longest first; with ``world_size > 1`` process ``rank``'s share (the
+    shares' confusion matrices sum to the whole test set's)."""
+    batches = BatchSampler(LongestFirst(dataset), batch_size, drop_last=False)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=LongestFirst(dataset),
+        batch_sampler=ShardedBatches(batches, rank, world_size),
         collate_fn=PadToLongest(pad_token_id),
     )
 

@@ -8,6 +8,10 @@ settings, so a rerun with different settings cannot mix incomparable runs in one
 
 The loop is seed-major (every method at every rank for seed 0, then for seed 1, ...), so a
 comparison cut short still has paired runs of every method at every rank.
+
+Under ``torchrun`` / ``accelerate launch`` every run is data-parallel (see ``train``); rank 0
+writes ``compare.json`` and the report, and the number of processes is pinned with the other
+settings (a process's batch is ``batch_size``, so other world sizes train differently).
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from fisherlora.errors import ConfigError, FisherLoraError
+from fisherlora.experiments.distributed import Process, barrier, init_distributed
 from fisherlora.experiments.report import write_report
 from fisherlora.experiments.tasks import load_task
-from fisherlora.experiments.train import TrainConfig, train
+from fisherlora.experiments.train import TrainConfig, resolve_device, train
 from fisherlora.methods import method_names
 
 ALL_METHODS = (
@@ -99,12 +104,15 @@ class CompareConfig:
         return settings | {"alpha": self.alpha, "alpha_ratio": self.alpha_ratio}
 
 
-def check_out_dir(config: CompareConfig) -> None:
+def check_out_dir(config: CompareConfig, process: Process | None = None) -> None:
     """Pin the shared settings in ``OUT/compare.json``; refuse a rerun that changed them."""
+    process = process or Process()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     pinned = out / "compare.json"
     settings = config.shared_settings()
+    if process.distributed:  # absent for one process, so one-process comparisons stay resumable
+        settings["world_size"] = process.world_size
     if pinned.exists():
         before = json.loads(pinned.read_text())["settings"]
         changed = {k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k)}
@@ -113,6 +121,8 @@ def check_out_dir(config: CompareConfig) -> None:
                 f"{out} holds a comparison with other settings ({sorted(changed)}); "
                 "use a new --out, or the same settings to resume it"
             )
+    if not process.is_main:
+        return
     pinned.write_text(
         json.dumps(
             {
@@ -134,9 +144,14 @@ def compare(config: CompareConfig, *, progress: bool = True, command: str = "") 
     """Run every unfinished run of ``config``, then write the report; returns ``report.md``.
 
     A run that fails records ``error.txt`` in its directory and the comparison goes on; the
-    report lists it. Interrupting (Ctrl-C) stops at once; rerunning resumes.
+    report lists it (under torch.distributed a failure stops every process instead, since the
+    others would wait for it in a collective). Interrupting (Ctrl-C) stops at once; rerunning
+    resumes.
     """
-    check_out_dir(config)
+    process, _ = init_distributed(resolve_device(config.base.device))
+    progress = progress and process.is_main
+    check_out_dir(config, process)
+    barrier()  # no process looks for finished runs before compare.json is checked
     base = config.base
     task = load_task(
         base.task,
@@ -162,10 +177,16 @@ def compare(config: CompareConfig, *, progress: bool = True, command: str = "") 
         try:
             train(config.run_config(rank, method, seed), task=task, progress=progress)
         except (FisherLoraError, FloatingPointError, RuntimeError, ValueError) as err:
+            if process.distributed:
+                raise
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "error.txt").write_text(
                 f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}"
             )
             bar.write(f"r={rank} {method} seed {seed} failed: {err}")
     bar.close()
-    return write_report(config, command=command)
+    report = Path(config.out) / "report.md"
+    if process.is_main:
+        report = write_report(config, command=command)
+    barrier()
+    return report

@@ -4,6 +4,13 @@ The loop is plain PyTorch a reader can follow top to bottom: AdamW, a linear sch
 warm-up, gradient clipping, optional gradient accumulation, evaluation on the held-out split at
 intervals. Methods act only through the five steps of the ``Method`` protocol.
 
+Under ``torchrun --nproc-per-node N`` (or ``accelerate launch``) the same loop runs data-parallel:
+each process reads its share of the batches (every N-th, so a step sees the examples of N
+consecutive single-process batches; ``batch_size`` is per process), the model is wrapped in
+``DistributedDataParallel`` for training, our methods calibrate on their shares and all-reduce
+their statistics, evaluation sums the shares' confusion matrices, and rank 0 alone prints and
+writes the run directory.
+
 A run directory holds ``config.json`` (written first), ``curve.csv``, ``adapter/`` and
 ``metrics.json`` (written last, so its presence marks a finished run).
 """
@@ -36,10 +43,12 @@ from transformers import get_linear_schedule_with_warmup
 from fisherlora.adapters import resolve_targets
 from fisherlora.errors import ConfigError
 from fisherlora.experiments.batching import TokenizedTexts, eval_loader, forever, train_loader
+from fisherlora.experiments.distributed import Process, barrier, init_distributed
 from fisherlora.experiments.metrics import classification_metrics, confusion_matrix
 from fisherlora.experiments.models import default_targets, load_model
 from fisherlora.experiments.tasks import Task, load_task
 from fisherlora.methods import get_method
+from fisherlora.stats import all_reduce_mean, all_reduce_sum
 
 
 @dataclass
@@ -213,7 +222,8 @@ def library_versions() -> dict[str, str]:
 def evaluate(
     model: torch.nn.Module, loader, num_labels: int, device: torch.device
 ) -> tuple[dict[str, float], np.ndarray]:
-    """Accuracy, macro-F1, MCC and the confusion matrix of ``model`` on ``loader``."""
+    """Accuracy, macro-F1, MCC and the confusion matrix of ``model`` on ``loader``; under
+    torch.distributed ``loader`` is this process's share and the confusion matrices are summed."""
     was_training = model.training
     model.eval()
     labels, predictions = [], []
@@ -223,9 +233,11 @@ def evaluate(
         predictions.append(logits.argmax(dim=-1).cpu())
         labels.append(batch["labels"].cpu())
     model.train(was_training)
+    empty = torch.zeros(0, dtype=torch.long)  # a process whose share holds no batch
     confusion = confusion_matrix(
-        torch.cat(labels).numpy(), torch.cat(predictions).numpy(), num_labels
+        torch.cat(labels or [empty]).numpy(), torch.cat(predictions or [empty]).numpy(), num_labels
     )
+    confusion = all_reduce_sum(torch.from_numpy(confusion).to(device)).cpu().numpy()
     return classification_metrics(confusion), confusion
 
 
@@ -269,7 +281,8 @@ def method_options(config: TrainConfig, progress: bool = True) -> dict[str, Any]
 def train(config: TrainConfig, *, task: Task | None = None, progress: bool = True) -> RunResult:
     """Fine-tune ``config.model`` on ``config.task`` with ``config.method`` and evaluate it."""
     run_start = time.perf_counter()
-    device = resolve_device(config.device)
+    process, device = init_distributed(resolve_device(config.device))
+    progress = progress and process.is_main
     reset_peak_memory(device)
     method = get_method(config.method, method_options(config, progress))
     task = task or load_task(
@@ -292,7 +305,7 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
         use_rslora=config.rslora,
     )
 
-    out = Path(config.out) if config.out else None
+    out = Path(config.out) if config.out and process.is_main else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").unlink(missing_ok=True)  # a rerun is unfinished until it ends
@@ -304,6 +317,7 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
                     "task": {"name": task.name, **task.sizes(), "class_names": task.class_names},
                     "versions": library_versions(),
                     "device": str(device),
+                    "world_size": process.world_size,
                 },
                 indent=2,
             )
@@ -312,6 +326,7 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
     pad_id = tokenizer.pad_token_id
     train_set = TokenizedTexts(task.train_texts, task.train_labels, tokenizer, config.max_length)
     test_set = TokenizedTexts(task.test_texts, task.test_labels, tokenizer, config.max_length)
+    share = {"rank": process.rank, "world_size": process.world_size}
     batches = forever(
         train_loader(
             train_set,
@@ -319,18 +334,22 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
             config.batch_size,
             seed=config.seed,
             group_by_length=config.group_by_length,
+            **share,
         )
     )
     # Calibration reads training data only, in an order of its own, so that the training batches
-    # are the same whichever method runs.
+    # are the same whichever method runs. Under torch.distributed our methods read their shares
+    # of the global batches and all-reduce; a peer reads the global batches whole.
+    sharded = getattr(method, "shards_calibration", False)
     calibration_loader = train_loader(
         train_set,
         pad_id,
-        config.batch_size,
+        config.batch_size if sharded else config.batch_size * process.world_size,
         seed=config.seed + 1,
         group_by_length=config.group_by_length,
+        **(share if sharded else {}),
     )
-    test_batches = eval_loader(test_set, pad_id, config.eval_batch_size)
+    test_batches = eval_loader(test_set, pad_id, config.eval_batch_size, **share)
 
     base_model.to(device)
     started = time.perf_counter()
@@ -341,10 +360,11 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
     prepare_time = time.perf_counter() - started
 
     # Re-seed so that training noise (dropout) does not depend on how much randomness the
-    # method's initialisation consumed.
-    set_seed(config.seed)
+    # method's initialisation consumed (and differs between processes).
+    set_seed(config.seed + 1_000_003 * process.rank)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    forward = wrap_data_parallel(model, process, device)
     optimizer = torch.optim.AdamW(method.param_groups(model, config.weight_decay), lr=config.lr)
     scheduler = get_linear_schedule_with_warmup(
         optimizer,
@@ -367,18 +387,22 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
     for step in bar:
         step_start = time.perf_counter()
         step_loss = step_extra = 0.0
-        for _ in range(config.grad_accum):
+        for micro in range(config.grad_accum):
             batch = {k: v.to(device) for k, v in next(batches).items()}
-            loss = model(**batch).loss
-            extra = method.loss(model, step)
-            if extra is not None:
-                loss = loss + extra
-                step_extra += extra.item() / config.grad_accum
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"the training loss became {loss.item()} at step {step}; try a lower --lr"
-                )
-            (loss / config.grad_accum).backward()
+            # DDP all-reduces the gradients in the last micro-batch's backward only
+            last = micro == config.grad_accum - 1
+            sync = contextlib.nullcontext() if last or forward is model else forward.no_sync()
+            with sync:
+                loss = forward(**batch).loss
+                extra = method.loss(model, step)
+                if extra is not None:
+                    loss = loss + extra
+                    step_extra += extra.item() / config.grad_accum
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"the training loss became {loss.item()} at step {step}; try a lower --lr"
+                    )
+                (loss / config.grad_accum).backward()
             step_loss += loss.item() / config.grad_accum
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
@@ -394,18 +418,23 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
             eval_start = time.perf_counter()
             scores, confusion = evaluate(model, test_batches, task.num_labels, device)
             eval_time += time.perf_counter() - eval_start
+            # the loss optimised (task + method term) and the method's term alone, averaged over
+            # the steps since the last evaluation and over processes
+            train_loss, extra_loss = all_reduce_mean(
+                torch.tensor(losses_since_eval, dtype=torch.float64, device=device).mean(dim=0)
+            ).tolist()
             curve_rows.append(
                 {
                     "step": step,
-                    # the loss optimised (task + method term) and the method's term alone
-                    "train_loss": float(np.mean([total for total, _ in losses_since_eval])),
-                    "extra_loss": float(np.mean([extra for _, extra in losses_since_eval])),
+                    "train_loss": train_loss,
+                    "extra_loss": extra_loss,
                     **scores,
                     "wall_time_s": time.perf_counter() - loop_start,
                 }
             )
             losses_since_eval = []
-            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+            if process.is_main:
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     bar.close()
 
     train_time = time.perf_counter() - loop_start - eval_time
@@ -436,4 +465,17 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
         method.save_report(out)
         metrics["timings"]["total_s"] = time.perf_counter() - run_start
         write_json_atomic(out / "metrics.json", metrics)
+    barrier()  # every process sees the finished run directory before it goes on
     return RunResult(metrics=metrics, curve=curve, model=model)
+
+
+def wrap_data_parallel(model: PeftModel, process: Process, device: torch.device) -> torch.nn.Module:
+    """``model`` itself for one process; otherwise a ``DistributedDataParallel`` view of it for the
+    training forward passes (its construction broadcasts rank 0's parameters, so even a peer
+    whose initialisation is not deterministic starts equal everywhere). Evaluation, methods and
+    export keep using ``model``."""
+    if not process.distributed:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )

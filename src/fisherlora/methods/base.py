@@ -66,6 +66,10 @@ class AdapterMethod:
     """Plain LoRA behaviour at every step; a method overrides only the steps where it differs."""
 
     name = "lora"
+    # Under torch.distributed each process may calibrate on its own share of the batches: our
+    # methods all-reduce their statistics (stats.py), so every process ends with the statistics
+    # of the union. PEFT's calibrated peers do not, and read every batch on every process.
+    shards_calibration = True
 
     def build(
         self,

@@ -93,7 +93,11 @@ def _record_initial_factors(model: PeftModel) -> None:
 
 class CalibratedPeer(AdapterMethod):
     """A peer that reads the first ``calib_batches`` calibration batches (EVA reads on until it
-    converges), the same batches our methods calibrate on."""
+    converges), the same batches our methods calibrate on. PEFT's calibration does not
+    all-reduce, so under torch.distributed every process reads all of them (and computes the
+    same initialisation)."""
+
+    shards_calibration = False
 
     def __init__(self, calib_batches: int = 8) -> None:
         self.calib_batches = calib_batches
