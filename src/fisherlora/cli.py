@@ -27,7 +27,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
     data.add_argument(
         "--task",
         default=DEFAULTS.task,
-        help="built-in task (rotten-tomatoes, imdb) or a Hugging Face data set name",
+        help="built-in task (rotten-tomatoes, imdb) or a Hugging Face data set name; add -gen "
+        "(classification by generation) or -lm (language modelling) for a causal LM such as "
+        "--model smollm2-135m",
     )
     data.add_argument("--data", help="your own training data: a .csv, .tsv, .jsonl or .json file")
     data.add_argument(
@@ -36,6 +38,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
     data.add_argument("--text-column", default=DEFAULTS.text_column)
     data.add_argument("--label-column", default=DEFAULTS.label_column)
     data.add_argument("--max-length", type=int, default=DEFAULTS.max_length, help="tokens per text")
+    data.add_argument(
+        "--max-test", type=int, help="evaluate on the first N test examples only (default: all)"
+    )
     data.add_argument(
         "--no-group-by-length",
         action="store_true",
@@ -270,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             result = train(config_from_args(args), progress=not args.no_progress)
-            summary = {k: result.metrics[k] for k in ("method", "accuracy", "macro_f1", "mcc")}
+            keys = ("method", "accuracy", "macro_f1", "mcc", "nll", "perplexity")
+            summary = {k: result.metrics[k] for k in keys if k in result.metrics}
             summary["total_s"] = round(result.metrics["timings"]["total_s"], 1)
             if is_main_process():
                 print(json.dumps(summary))

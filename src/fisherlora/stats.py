@@ -37,15 +37,21 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def per_example_sq_grad(u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``Σ_i (G_i)²`` elementwise, with ``G_i = Σ_t g_{i,t} u_{i,t}ᵀ`` the weight gradient of
-    example i for a linear map ``u → y`` (``g = ∂L/∂y``); shape ``[out, in]``.
+def per_example_sq_grad(
+    u: torch.Tensor, g: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``Σ_i (c_i G_i)²`` elementwise, with ``G_i = Σ_t g_{i,t} u_{i,t}ᵀ`` example i's share of the
+    weight gradient for a linear map ``u → y`` (``g = ∂L/∂y``) and ``c_i`` = ``scale[i]`` (1 if
+    not given; see ``capture.example_loss_scale``); shape ``[out, in]``.
 
     ``u``: ``[batch, seq, in]`` or ``[batch, in]``; ``g`` the matching ``[..., out]``. Padded
     tokens must already be zero in ``u`` or ``g``. Memory: ``batch · out · in`` floats.
     """
     spec = "bo,bi->boi" if u.dim() == 2 else "bto,bti->boi"
-    return torch.einsum(spec, g, u).square().sum(dim=0)
+    squared = torch.einsum(spec, g, u).square()
+    if scale is None:
+        return squared.sum(dim=0)
+    return torch.einsum("boi,b->oi", squared, scale.to(squared.dtype).square())
 
 
 def reduce_score(fisher: torch.Tensor, how: str) -> float:

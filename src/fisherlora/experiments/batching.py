@@ -32,6 +32,54 @@ class TokenizedTexts(Dataset):
     def __getitem__(self, index: int) -> tuple[list[int], int]:
         return self.input_ids[index], self.labels[index]
 
+    def collator(self, pad_token_id: int) -> PadToLongest:
+        return PadToLongest(pad_token_id)
+
+
+class PromptCompletionTexts(Dataset):
+    """Prompt + completion token ids of each pair, with label ids ``-100`` on the prompt, so that a
+    causal LM's loss is on the completion's tokens only.
+
+    A pair longer than ``max_length`` loses the start of its prompt (the completion is what is
+    scored), and a completion longer than ``max_length - 1`` its end. ``append_eos`` ends each
+    completion with the EOS token (language modelling: the model learns where a text stops).
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+        append_eos: bool = False,
+    ) -> None:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        if max_length < 2:
+            raise ValueError(f"max_length must leave room for a prompt token, got {max_length}")
+        prompt_ids = tokenizer(list(prompts))["input_ids"]
+        completion_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+        self.input_ids: list[list[int]] = []
+        self.prompt_lengths: list[int] = []
+        for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
+            if append_eos and tokenizer.eos_token_id is not None:
+                completion = [*completion, tokenizer.eos_token_id]
+            if not completion:
+                raise ValueError("a completion has no tokens; nothing would be scored")
+            completion = completion[: max_length - 1]
+            prompt = prompt[max(0, len(prompt) + len(completion) - max_length) :]
+            self.input_ids.append(prompt + completion)
+            self.prompt_lengths.append(len(prompt))
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> tuple[list[int], int]:
+        return self.input_ids[index], self.prompt_lengths[index]
+
+    def collator(self, pad_token_id: int) -> PadPromptCompletion:
+        return PadPromptCompletion(pad_token_id)
+
 
 class PadToLongest:
     """Collate ``(ids, label)`` pairs into right-padded ``input_ids``/``attention_mask``/``labels``."""
@@ -50,10 +98,31 @@ class PadToLongest:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+class PadPromptCompletion:
+    """Collate ``(ids, prompt length)`` pairs into right-padded ``input_ids`` / ``attention_mask``
+    and ``labels`` that repeat the ids on the completion and are ``-100`` elsewhere (the model
+    shifts them: the output at t is scored against the label at t + 1)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+        longest = max(len(ids) for ids, _ in items)
+        input_ids = torch.full((len(items), longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
+        labels = torch.full((len(items), longest), -100, dtype=torch.long)
+        for row, (ids, prompt_length) in enumerate(items):
+            ids_t = torch.tensor(ids, dtype=torch.long)
+            input_ids[row, : len(ids)] = ids_t
+            attention_mask[row, : len(ids)] = 1
+            labels[row, prompt_length : len(ids)] = ids_t[prompt_length:]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
 class LongestFirst(Sampler[int]):
     """Indices by decreasing length: evaluation batches then carry little padding."""
 
-    def __init__(self, dataset: TokenizedTexts) -> None:
+    def __init__(self, dataset: Texts) -> None:
         self.order = sorted(range(len(dataset)), key=lambda i: -len(dataset.input_ids[i]))
 
     def __iter__(self) -> Iterator[int]:
@@ -121,8 +190,11 @@ class ShardedBatches(Sampler[list[int]]):
         return max(0, -(-(len(self.batches) - self.rank) // self.world_size))
 
 
+Texts = TokenizedTexts | PromptCompletionTexts
+
+
 def train_loader(
-    dataset: TokenizedTexts,
+    dataset: Texts,
     pad_token_id: int,
     batch_size: int,
     seed: int,
@@ -145,12 +217,12 @@ def train_loader(
     return DataLoader(
         dataset,
         batch_sampler=ShardedBatches(batches, rank, world_size),
-        collate_fn=PadToLongest(pad_token_id),
+        collate_fn=dataset.collator(pad_token_id),
     )
 
 
 def eval_loader(
-    dataset: TokenizedTexts,
+    dataset: Texts,
     pad_token_id: int,
     batch_size: int,
     rank: int = 0,
@@ -162,7 +234,7 @@ def eval_loader(
     return DataLoader(
         dataset,
         batch_sampler=ShardedBatches(batches, rank, world_size),
-        collate_fn=PadToLongest(pad_token_id),
+        collate_fn=dataset.collator(pad_token_id),
     )
 
 

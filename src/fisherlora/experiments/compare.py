@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from fisherlora.errors import ConfigError, FisherLoraError
 from fisherlora.experiments.distributed import Process, barrier, init_distributed
+from fisherlora.experiments.generation_tasks import is_generation_task, load_generation_task
 from fisherlora.experiments.report import write_report
 from fisherlora.experiments.tasks import load_task
 from fisherlora.experiments.train import TrainConfig, resolve_device, train
@@ -84,6 +85,11 @@ class CompareConfig:
             raise ConfigError("a comparison needs at least one seed and one rank")
         if self.alpha_ratio <= 0 or (self.alpha is not None and self.alpha <= 0):
             raise ConfigError("alpha and alpha_ratio must be positive")
+        if self.base.task.endswith("-lm"):
+            raise ConfigError(
+                "compare ranks methods by accuracy; a language-modelling task (-lm) has none. "
+                "Use a classification task or its -gen form, or `fisherlora train` per method"
+            )
 
     def run_dir(self, rank: int, method: str, seed: int) -> Path:
         return Path(self.out) / f"r{rank}" / method / f"seed{seed}"
@@ -153,7 +159,8 @@ def compare(config: CompareConfig, *, progress: bool = True, command: str = "") 
     check_out_dir(config, process)
     barrier()  # no process looks for finished runs before compare.json is checked
     base = config.base
-    task = load_task(
+    load = load_generation_task if is_generation_task(base.task) else load_task
+    task = load(
         base.task,
         data=base.data,
         test_data=base.test_data,

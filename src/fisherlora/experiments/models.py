@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from fisherlora.errors import ConfigError
+from fisherlora.experiments.causal_models import CAUSAL_REGISTRY
 
 # Default LoRA targets per architecture family (matched as PEFT matches a list: by name suffix).
 DEFAULT_TARGETS = {
@@ -114,6 +115,11 @@ def load_model(
     try:
         if name in MODEL_REGISTRY:
             model, tokenizer = MODEL_REGISTRY[name](num_labels)
+        elif name in CAUSAL_REGISTRY:
+            raise ConfigError(
+                f"{name!r} is a causal LM: give it a generation task, e.g. "
+                "--task rotten-tomatoes-gen (classification by generation) or rotten-tomatoes-lm"
+            )
         else:
             try:
                 model, tokenizer = _pretrained(name, num_labels)

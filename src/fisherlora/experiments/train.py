@@ -42,8 +42,21 @@ from transformers import get_linear_schedule_with_warmup
 
 from fisherlora.adapters import resolve_targets
 from fisherlora.errors import ConfigError
-from fisherlora.experiments.batching import TokenizedTexts, eval_loader, forever, train_loader
+from fisherlora.experiments.batching import (
+    PromptCompletionTexts,
+    TokenizedTexts,
+    eval_loader,
+    forever,
+    train_loader,
+)
+from fisherlora.experiments.causal_models import load_causal_lm
 from fisherlora.experiments.distributed import Process, barrier, init_distributed
+from fisherlora.experiments.generation_eval import evaluate_generation
+from fisherlora.experiments.generation_tasks import (
+    GenerationTask,
+    is_generation_task,
+    load_generation_task,
+)
 from fisherlora.experiments.metrics import classification_metrics, confusion_matrix
 from fisherlora.experiments.models import default_targets, load_model
 from fisherlora.experiments.tasks import Task, load_task
@@ -77,6 +90,7 @@ class TrainConfig:
     warmup_ratio: float = 0.06  # share of the steps with a linearly rising learning rate
     max_grad_norm: float = 1.0  # clipping; 0 turns it off
     max_length: int = 128  # tokens per text after truncation
+    max_test: int | None = None  # evaluate on the first N test examples only; None: all
     group_by_length: bool = True  # batches of similar length (less padding, faster steps)
     calib_batches: int = 8  # calibration passes of data-driven methods (fim-lora, ...)
     layers_per_pass: int | None = None  # calibrate target layers in groups (fim-lora, filet)
@@ -112,6 +126,8 @@ class TrainConfig:
             "eval_batch_size": self.eval_batch_size,
             "calib_batches": self.calib_batches,
         }
+        if self.max_test is not None:
+            positive["max_test"] = self.max_test
         for name, value in positive.items():
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
@@ -278,14 +294,22 @@ def method_options(config: TrainConfig, progress: bool = True) -> dict[str, Any]
     return {name: getattr(config, name) for name in names} | {"progress": progress}
 
 
-def train(config: TrainConfig, *, task: Task | None = None, progress: bool = True) -> RunResult:
-    """Fine-tune ``config.model`` on ``config.task`` with ``config.method`` and evaluate it."""
+def train(
+    config: TrainConfig,
+    *,
+    task: Task | GenerationTask | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Fine-tune ``config.model`` on ``config.task`` with ``config.method`` and evaluate it.
+
+    A classification task trains a sequence classifier; a generation task (``NAME-gen``,
+    ``NAME-lm``) trains a causal LM with the loss on the completion tokens only."""
     run_start = time.perf_counter()
     process, device = init_distributed(resolve_device(config.device))
     progress = progress and process.is_main
     reset_peak_memory(device)
     method = get_method(config.method, method_options(config, progress))
-    task = task or load_task(
+    task = task or (load_generation_task if is_generation_task(config.task) else load_task)(
         config.task,
         data=config.data,
         test_data=config.test_data,
@@ -293,11 +317,15 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
         label_column=config.label_column,
     )
     set_seed(config.seed)
-    base_model, tokenizer = load_model(config.model, task.num_labels, seed=config.seed)
+    generative = isinstance(task, GenerationTask)
+    if generative:
+        base_model, tokenizer = load_causal_lm(config.model, seed=config.seed)
+    else:
+        base_model, tokenizer = load_model(config.model, task.num_labels, seed=config.seed)
     targets = list(config.targets) if config.targets else default_targets(base_model)
     resolve_targets(base_model, targets)
     lora_config = LoraConfig(
-        task_type="SEQ_CLS",
+        task_type="CAUSAL_LM" if generative else "SEQ_CLS",
         r=config.rank,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
@@ -324,9 +352,41 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
         )
 
     pad_id = tokenizer.pad_token_id
-    train_set = TokenizedTexts(task.train_texts, task.train_labels, tokenizer, config.max_length)
-    test_set = TokenizedTexts(task.test_texts, task.test_labels, tokenizer, config.max_length)
     share = {"rank": process.rank, "world_size": process.world_size}
+    if generative:
+        train_set = PromptCompletionTexts(
+            task.train_prompts,
+            task.train_completions,
+            tokenizer,
+            config.max_length,
+            append_eos=task.kind == "lm",
+        )
+    else:
+        train_set = TokenizedTexts(
+            task.train_texts, task.train_labels, tokenizer, config.max_length
+        )
+        test_set = TokenizedTexts(
+            task.test_texts[: config.max_test],
+            task.test_labels[: config.max_test],
+            tokenizer,
+            config.max_length,
+        )
+        test_batches = eval_loader(test_set, pad_id, config.eval_batch_size, **share)
+
+    def run_evaluation() -> tuple[dict[str, float], np.ndarray | None]:
+        if generative:
+            return evaluate_generation(
+                model,
+                task,
+                tokenizer,
+                max_length=config.max_length,
+                batch_size=config.eval_batch_size,
+                device=device,
+                limit=config.max_test,
+                **share,
+            )
+        return evaluate(model, test_batches, task.num_labels, device)
+
     batches = forever(
         train_loader(
             train_set,
@@ -349,7 +409,6 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
         group_by_length=config.group_by_length,
         **(share if sharded else {}),
     )
-    test_batches = eval_loader(test_set, pad_id, config.eval_batch_size, **share)
 
     base_model.to(device)
     started = time.perf_counter()
@@ -416,7 +475,7 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
 
         if step == config.steps or (config.eval_every and step % config.eval_every == 0):
             eval_start = time.perf_counter()
-            scores, confusion = evaluate(model, test_batches, task.num_labels, device)
+            scores, confusion = run_evaluation()
             eval_time += time.perf_counter() - eval_start
             # the loss optimised (task + method term) and the method's term alone, averaged over
             # the steps since the last evaluation and over processes
@@ -445,7 +504,7 @@ def train(config: TrainConfig, *, task: Task | None = None, progress: bool = Tru
         "method": method.name,
         "seed": config.seed,
         **scores,
-        "confusion_matrix": confusion.tolist(),
+        "confusion_matrix": None if confusion is None else confusion.tolist(),
         "class_names": task.class_names,
         **count_parameters(model),
         "timings": {

@@ -44,6 +44,7 @@ from fisherlora.capture import (
     capture_io,
     check_finite,
     layer_groups,
+    predicts_next_token,
     token_mask,
 )
 from fisherlora.errors import CalibrationError, ConfigError
@@ -175,6 +176,7 @@ def _project_statistics(
         sums[name][1] += (keep(g, mask) @ candidates[name][1]).square().sum(dim=0)
 
     mask_ref: list = [None]
+    next_token = predicts_next_token(model)
     b_weights = [layer.lora_B[adapter].weight for layer in layers.values()]
     used = 0
     with (
@@ -184,7 +186,7 @@ def _project_statistics(
         for batch in calibration_batches(
             batches, n_batches, device, progress=progress, desc="FILet calibration"
         ):
-            mask_ref[0] = token_mask(batch)
+            mask_ref[0] = token_mask(batch, next_token)
             model(**batch).loss.backward()
             used += 1
     return sums, tokens, used

@@ -40,7 +40,9 @@ from fisherlora.capture import (
     calibration_mode,
     capture_io,
     check_finite,
+    example_loss_scale,
     layer_groups,
+    predicts_next_token,
     token_mask,
 )
 from fisherlora.errors import ConfigError
@@ -235,11 +237,13 @@ def _fisher_of_group(
     fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in b_weights.items()}
     mask_ref: list = [None]
     examples = torch.zeros((), dtype=torch.float64, device=device)
-    batch_size = [0]
+    loss_scale: list = [None]
+    next_token = predicts_next_token(model)
 
     def accumulate_per_example(name: str, u: torch.Tensor, g: torch.Tensor, mask) -> None:
-        # ∂ℓ_i/∂B = N · G_i for a loss averaged over the N examples of the batch.
-        sq = per_example_sq_grad(apply_mask(u, mask), g) * batch_size[0] ** 2
+        # ∂ℓ_i/∂B = c_i · G_i: c_i = N for a loss averaged over the N examples of the batch,
+        # T / T_i for one averaged over T scored tokens (capture.example_loss_scale).
+        sq = per_example_sq_grad(apply_mask(u, mask), g, loss_scale[0])
         check_finite(name, sq)
         fisher[name] += sq
 
@@ -250,8 +254,10 @@ def _fisher_of_group(
         for batch in calibration_batches(
             batches, n_batches, device, progress=progress, desc="FIM-LoRA calibration"
         ):
-            mask_ref[0] = token_mask(batch)
-            batch_size[0] = batch["labels"].shape[0]
+            # Only padding is masked: a per-example gradient sums over every token (a prompt
+            # token's g is not zero when later scored tokens attend to it).
+            mask_ref[0] = token_mask({"attention_mask": batch.get("attention_mask")})
+            loss_scale[0] = example_loss_scale(batch, next_token)
             model(**batch).loss.backward()
             if not per_example:
                 for name, weight in b_weights.items():
@@ -260,7 +266,7 @@ def _fisher_of_group(
                     fisher[name] += grad.square()
             for weight in b_weights.values():
                 weight.grad = None
-            examples += batch_size[0]
+            examples += batch["labels"].shape[0]
             used += 1
     count = all_reduce_sum(examples) if per_example else torch.tensor(float(used))
     for name in fisher:

@@ -1,0 +1,277 @@
+"""Causal LMs: prompt/completion batches with -100 on the prompt, statistics that respect the
+label mask (and the causal shift), generation tasks end to end, and the embedded SmolLM2."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from conftest import keyword_texts
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from fisherlora.adapters import lora_layers
+from fisherlora.capture import example_loss_scale, predicts_next_token, token_mask
+from fisherlora.errors import ConfigError
+from fisherlora.experiments.batching import PadPromptCompletion, PromptCompletionTexts
+from fisherlora.experiments.causal_models import load_causal_lm
+from fisherlora.experiments.generation_eval import completion_log_probs
+from fisherlora.experiments.generation_tasks import as_generation_task, load_generation_task
+from fisherlora.experiments.models import load_model, minilm_path
+from fisherlora.experiments.tasks import Task
+from fisherlora.experiments.train import TrainConfig, train
+from fisherlora.methods.filet import _project_statistics, filet_init
+from fisherlora.methods.fim_lora import fisher_of_b
+from fisherlora.methods.fw_lora import FisherPenalty
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+def tiny_causal_peft(seed: int = 0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        pad_token_id=0,
+    )
+    lora = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=TARGETS)
+    return get_peft_model(LlamaForCausalLM(config), lora)
+
+
+def prompt_completion_batches(n: int, seed: int = 0, batch_size: int = 4):
+    """Batches of random prompts and completions of different lengths, right-padded."""
+    generator = torch.Generator().manual_seed(seed)
+    collate = PadPromptCompletion(0)
+    batches = []
+    for _ in range(n):
+        items = []
+        for _ in range(batch_size):
+            prompt = int(torch.randint(2, 6, (), generator=generator))
+            completion = int(torch.randint(1, 5, (), generator=generator))
+            ids = torch.randint(1, 100, (prompt + completion,), generator=generator).tolist()
+            items.append((ids, prompt))
+        batches.append(collate(items))
+    return batches
+
+
+def keyword_generation_task(kind: str):
+    train_texts, train_labels = keyword_texts(128, seed=0)
+    test_texts, test_labels = keyword_texts(24, seed=1)
+    task = Task("keywords", train_texts, train_labels, test_texts, test_labels, ["bad", "good"])
+    return as_generation_task(task, kind)
+
+
+# -- batches ------------------------------------------------------------------------------------
+def test_labels_cover_the_completion_only_and_long_pairs_lose_the_prompt_start(tokenizer):
+    texts = PromptCompletionTexts(
+        ["Review: fine\nSentiment:", "Review: " + "very " * 40 + "long\nSentiment:"],
+        [" positive", " negative"],
+        tokenizer,
+        max_length=16,
+    )
+    batch = PadPromptCompletion(tokenizer.pad_token_id)([texts[0], texts[1]])
+    completion = tokenizer(" negative", add_special_tokens=False)["input_ids"]
+    assert batch["input_ids"].shape[1] == 16  # the long pair was cut to max_length
+    long_ids, long_prompt = texts[1]
+    assert long_ids[-len(completion) :] == completion  # ... from the start of its prompt
+    assert long_ids[long_prompt:] == completion
+    for row, (ids, prompt_length) in enumerate([texts[0], texts[1]]):
+        labels = batch["labels"][row]
+        assert (labels[:prompt_length] == -100).all()
+        assert labels[prompt_length : len(ids)].tolist() == ids[prompt_length:]
+        assert (labels[len(ids) :] == -100).all()  # padding
+        assert batch["attention_mask"][row].sum() == len(ids)
+
+
+def test_the_lm_task_appends_eos_and_bad_pairs_are_refused(tokenizer):
+    with_eos = copy.deepcopy(tokenizer)
+    with_eos.eos_token = "[SEP]"
+    texts = PromptCompletionTexts(["Write:"], [" a film"], with_eos, 32, append_eos=True)
+    plain = PromptCompletionTexts(["Write:"], [" a film"], with_eos, 32)
+    assert texts[0][0] == [*plain[0][0], with_eos.sep_token_id]
+    with pytest.raises(ValueError, match="completion has no tokens"):
+        PromptCompletionTexts(["Write:"], [""], tokenizer, 32)
+    with pytest.raises(ValueError, match="prompts but"):
+        PromptCompletionTexts(["a", "b"], ["c"], tokenizer, 32)
+
+
+# -- which tokens count -------------------------------------------------------------------------
+def test_the_mask_of_a_causal_lm_is_shifted_to_the_positions_that_predict_a_label():
+    batch = PadPromptCompletion(0)([([5, 6, 7, 8, 9], 3), ([5, 6, 7], 1)])
+    # labels: [-100, -100, -100, 8, 9] and [-100, 6, 7, -100, -100]
+    assert token_mask(batch).tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 0, 0]]
+    assert token_mask(batch, next_token=True).tolist() == [[0, 0, 1, 1, 0], [1, 1, 0, 0, 0]]
+    assert predicts_next_token(tiny_causal_peft())
+    assert not predicts_next_token(load_model("tiny-bert", 2)[0])
+
+
+def test_per_example_fisher_matches_one_backward_pass_per_example():
+    """FIM-LoRA's per-example estimator on token labels: Σ_i (∂ℓ_i/∂B)² / N with ℓ_i the
+    example's own mean loss over its completion tokens, against one backward pass each."""
+    model = tiny_causal_peft().eval()
+    batches = prompt_completion_batches(2, seed=1)
+    fisher, _ = fisher_of_b(model, batches, estimator="per_example", progress=False)
+    adapter, layers = lora_layers(model)
+    reference = {name: torch.zeros_like(f) for name, f in fisher.items()}
+    examples = 0
+    for batch in batches:
+        for i in range(batch["input_ids"].shape[0]):
+            length = int(batch["attention_mask"][i].sum())
+            one = {k: v[i : i + 1, :length] for k, v in batch.items()}
+            for layer in layers.values():
+                layer.lora_B[adapter].weight.requires_grad_(True)
+            model.zero_grad()
+            model(**one).loss.backward()
+            for name, layer in layers.items():
+                reference[name] += layer.lora_B[adapter].weight.grad.square()
+            examples += 1
+    for name in fisher:
+        torch.testing.assert_close(fisher[name], reference[name] / examples, rtol=1e-4, atol=1e-12)
+
+
+def test_example_loss_scale_counts_scored_tokens():
+    batch = PadPromptCompletion(0)([([5, 6, 7, 8, 9], 3), ([5, 6, 7], 1), ([5, 6], 2)])
+    # scored tokens (shifted): 2, 2 and none (a prompt without completion contributes nothing)
+    batch["labels"][2] = -100
+    assert example_loss_scale(batch, next_token=True).tolist() == [2.0, 2.0, 0.0]
+    one_label = {"labels": torch.tensor([0, 1, 1]), "attention_mask": torch.ones(3, 4)}
+    assert example_loss_scale(one_label).tolist() == [3.0, 3.0, 3.0]
+
+
+def test_filet_counts_exactly_the_tokens_whose_prediction_is_scored():
+    model = tiny_causal_peft()
+    batches = prompt_completion_batches(3, seed=2)
+    adapter, layers = lora_layers(model)
+    candidates = {
+        name: (
+            torch.eye(layer.in_features)[:, :3],
+            torch.eye(layer.out_features)[:, :3],
+            torch.arange(3),
+        )
+        for name, layer in layers.items()
+    }
+    _, tokens, used = _project_statistics(
+        model,
+        adapter,
+        layers,
+        candidates,
+        batches,
+        3,
+        torch.device("cpu"),
+        dropout=False,
+        progress=False,
+    )
+    scored = sum(token_mask(b, next_token=True).sum() for b in batches)
+    assert used == 3
+    for name in layers:
+        assert tokens[name].item() == scored.item(), name
+
+
+def test_filet_keeps_a_causal_lms_outputs_at_init():
+    model = tiny_causal_peft().eval()
+    batches = prompt_completion_batches(2, seed=3)
+    before = model(**batches[0]).logits.detach()
+    filet_init(model, batches, basis="svd", progress=False)
+    torch.testing.assert_close(model(**batches[0]).logits, before, rtol=1e-4, atol=1e-5)
+
+
+def test_fw_lora_exact_proxy_is_the_frozen_weights_true_gradient_on_token_labels():
+    model = tiny_causal_peft()
+    batches = prompt_completion_batches(2, seed=4)
+    penalty = FisherPenalty(model, warmup_steps=5, estimator="exact")
+    for batch in batches:
+        model(**batch).loss.backward()
+    penalty.step()
+    reference = copy.deepcopy(model)
+    _, layers = lora_layers(reference)
+    weights = {n: layer.get_base_layer().weight.requires_grad_(True) for n, layer in layers.items()}
+    for batch in batches:
+        reference(**batch).loss.backward()
+    for name, weight in weights.items():
+        expected = weight.grad.double().square().sum().item()
+        assert penalty.last_proxy[name] == pytest.approx(expected, rel=1e-5), name
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+def test_completion_log_probs_agree_with_the_models_own_loss():
+    model = tiny_causal_peft().eval()
+    batch = prompt_completion_batches(1, seed=5)[0]
+    log_p, tokens = completion_log_probs(model, batch)
+    for i in range(batch["input_ids"].shape[0]):
+        length = int(batch["attention_mask"][i].sum())
+        one = {k: v[i : i + 1, :length] for k, v in batch.items()}
+        with torch.no_grad():
+            loss = model(**one).loss.item()  # the mean over the example's scored tokens
+        assert -log_p[i].item() / tokens[i].item() == pytest.approx(loss, rel=1e-5)
+
+
+# -- end to end ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["classify", "lm"])
+def test_a_generation_task_trains_and_the_adapter_reloads(kind, tmp_path):
+    config = TrainConfig(
+        model="tiny-llama-lm",
+        method="fim-lora+filet+fw-lora",
+        steps=6,
+        batch_size=8,
+        lr=1e-2,
+        eval_every=3,
+        max_length=24,
+        warmup_ratio=0.0,
+        calib_batches=2,
+        eval_batch_size=8,
+        device="cpu",
+        out=str(tmp_path),
+    )
+    result = train(config, task=keyword_generation_task(kind), progress=False)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    if kind == "classify":
+        assert 0.0 <= metrics["accuracy"] <= 1.0
+        assert sum(map(sum, metrics["confusion_matrix"])) == 24
+    else:
+        assert metrics["perplexity"] == pytest.approx(math.exp(metrics["nll"]))
+        assert metrics["confusion_matrix"] is None
+    assert result.curve["train_loss"].notna().all()
+    # the exported adapter on a fresh base reproduces the trained model
+    base, tokenizer = load_causal_lm("tiny-llama-lm", seed=0)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    batch = tokenizer(["Review: good film\nSentiment:"], return_tensors="pt")
+    with torch.no_grad():
+        expected = result.model.eval()(**batch).logits
+        torch.testing.assert_close(reloaded(**batch).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_task_and_model_kinds_must_match():
+    with pytest.raises(ConfigError, match="causal LM"):
+        load_model("smollm2-135m", 2)
+    with pytest.raises(ConfigError, match="sequence classifier"):
+        load_causal_lm("minilm")
+    with pytest.raises(ConfigError, match="not a generation task"):
+        load_generation_task("rotten-tomatoes")
+
+
+@pytest.mark.integration
+def test_smollm2_is_dequantised_once_cached_and_classifies_by_generation(tmp_path, monkeypatch):
+    monkeypatch.setenv("FISHERLORA_CACHE", str(tmp_path))
+    model, tokenizer = load_causal_lm("smollm2-135m")
+    assert (tmp_path / "smollm2-135m" / "model.safetensors").exists()
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert model.dtype == torch.float32 and getattr(model, "hf_quantizer", None) is None
+    again, _ = load_causal_lm("smollm2-135m")  # from the cache
+    batch = tokenizer(
+        ["Review: a moving, beautifully acted film.\nSentiment:"], return_tensors="pt"
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, model(**batch).logits)
+    task = load_generation_task("rotten-tomatoes-gen")
+    assert task.choices == [" negative", " positive"]
+    assert task.train_prompts[0].startswith("Review: ")
