@@ -16,10 +16,10 @@ from fisherlora.capture import example_loss_scale, predicts_next_token, token_ma
 from fisherlora.errors import ConfigError
 from fisherlora.experiments.batching import PadPromptCompletion, PromptCompletionTexts
 from fisherlora.experiments.causal_models import load_causal_lm
-from fisherlora.experiments.generation_eval import completion_log_probs
+from fisherlora.experiments.generation_eval import _predict_classes, completion_log_probs
 from fisherlora.experiments.generation_tasks import as_generation_task, load_generation_task
 from fisherlora.experiments.models import load_model, minilm_path
-from fisherlora.experiments.tasks import Task
+from fisherlora.experiments.tasks import Task, held_out_subset
 from fisherlora.experiments.train import TrainConfig, train
 from fisherlora.methods.filet import _project_statistics, filet_init
 from fisherlora.methods.fim_lora import fisher_of_b
@@ -275,3 +275,33 @@ def test_smollm2_is_dequantised_once_cached_and_classifies_by_generation(tmp_pat
     task = load_generation_task("rotten-tomatoes-gen")
     assert task.choices == [" negative", " positive"]
     assert task.train_prompts[0].startswith("Review: ")
+
+
+def test_one_token_choices_take_one_pass_and_predict_what_full_scoring_predicts(tokenizer):
+    model, _ = load_causal_lm("tiny-llama-lm", seed=3)
+    model.eval()
+    task = keyword_generation_task("classify")
+    prompts = task.test_prompts[:10]
+    assert all(len(tokenizer(c, add_special_tokens=False)["input_ids"]) == 1 for c in task.choices)
+    fast = _predict_classes(
+        model, task.choices, tokenizer, prompts, 24, 4, torch.device("cpu"), 0, 1
+    )
+    collate = PadPromptCompletion(tokenizer.pad_token_id)
+    full = torch.stack(
+        [
+            completion_log_probs(
+                model,
+                collate(list(PromptCompletionTexts(prompts, [c] * 10, tokenizer, 24))),
+            )[0]
+            for c in task.choices
+        ],
+        dim=1,
+    ).argmax(dim=1)
+    assert fast.tolist() == full.tolist()
+
+
+def test_max_test_draws_a_fixed_random_subset_not_the_first_examples():
+    subset = held_out_subset(1000, 100)
+    assert subset == held_out_subset(1000, 100) and len(set(subset)) == 100
+    assert subset == sorted(subset) and subset[-1] > 500
+    assert held_out_subset(10, None) == list(range(10)) == held_out_subset(10, 50)

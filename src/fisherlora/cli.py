@@ -39,7 +39,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
     data.add_argument("--label-column", default=DEFAULTS.label_column)
     data.add_argument("--max-length", type=int, default=DEFAULTS.max_length, help="tokens per text")
     data.add_argument(
-        "--max-test", type=int, help="evaluate on the first N test examples only (default: all)"
+        "--max-test",
+        type=int,
+        help="evaluate on N test examples, a fixed random subset (default: all)",
     )
     data.add_argument(
         "--no-group-by-length",

@@ -26,6 +26,7 @@ from fisherlora.experiments.batching import (
 )
 from fisherlora.experiments.generation_tasks import GenerationTask
 from fisherlora.experiments.metrics import classification_metrics, confusion_matrix
+from fisherlora.experiments.tasks import held_out_subset
 from fisherlora.stats import all_reduce_sum
 
 ROWS_PER_SOFTMAX = 8  # log-softmax over the vocabulary for a few rows at a time (memory)
@@ -61,59 +62,103 @@ def evaluate_generation(
     world_size: int = 1,
     limit: int | None = None,
 ) -> tuple[dict[str, float], np.ndarray | None]:
-    """Scores of ``model`` on the first ``limit`` (all) test pairs of ``task``, and the confusion
-    matrix for ``classify`` (``None`` for ``lm``)."""
+    """Scores of ``model`` on ``task``'s test pairs (``limit`` of them, a fixed random subset, if
+    given), and the confusion matrix for ``classify`` (``None`` for ``lm``)."""
     was_training = model.training
     model.eval()
-    n = len(task.test_prompts) if limit is None else min(limit, len(task.test_prompts))
-    prompts = task.test_prompts[:n]
-    pad = tokenizer.pad_token_id
+    subset = held_out_subset(len(task.test_prompts), limit)
+    prompts = [task.test_prompts[i] for i in subset]
+    labels = [task.test_labels[i] for i in subset]
     try:
         if task.kind == "lm":
-            texts = PromptCompletionTexts(
-                prompts, task.test_completions[:n], tokenizer, max_length, append_eos=True
+            completions = [task.test_completions[i] for i in subset]
+            return _evaluate_lm(
+                model,
+                tokenizer,
+                prompts,
+                completions,
+                max_length,
+                batch_size,
+                device,
+                rank,
+                world_size,
             )
-            sums = torch.zeros(2, dtype=torch.float64, device=device)  # Σ log p, tokens
-            for batch in eval_loader(texts, pad, batch_size, rank=rank, world_size=world_size):
-                log_p, tokens = completion_log_probs(model, _to(batch, device))
-                sums += torch.stack([log_p.sum().double(), tokens.sum().double()])
-            log_p_sum, tokens = all_reduce_sum(sums).tolist()
-            nll = -log_p_sum / max(tokens, 1.0)
-            return {"nll": nll, "perplexity": math.exp(min(nll, 700.0))}, None
-
-        per_choice = [
-            PromptCompletionTexts(prompts, [choice] * n, tokenizer, max_length)
-            for choice in task.choices
-        ]
-        collate = PadPromptCompletion(pad)
-        order = ShardedBatches(
-            BatchSampler(SequentialSampler(range(n)), batch_size, drop_last=False),
+        predictions = _predict_classes(
+            model,
+            task.choices,
+            tokenizer,
+            prompts,
+            max_length,
+            batch_size,
+            device,
             rank,
             world_size,
         )
-        labels, predictions = [], []
-        for indices in order:
+    finally:
+        model.train(was_training)
+    mine = [labels[i] for i in _shard(len(prompts), batch_size, rank, world_size)]
+    confusion = confusion_matrix(np.array(mine, dtype=int), predictions, task.num_labels)
+    confusion = all_reduce_sum(torch.from_numpy(confusion).to(device)).cpu().numpy()
+    return classification_metrics(confusion), confusion
+
+
+def _shard(n: int, batch_size: int, rank: int, world_size: int) -> list[int]:
+    """This process's example indices, batch by batch, in order."""
+    batches = BatchSampler(SequentialSampler(range(n)), batch_size, drop_last=False)
+    return [i for batch in ShardedBatches(batches, rank, world_size) for i in batch]
+
+
+def _evaluate_lm(
+    model, tokenizer, prompts, completions, max_length, batch_size, device, rank, world_size
+) -> tuple[dict[str, float], None]:
+    texts = PromptCompletionTexts(prompts, completions, tokenizer, max_length, append_eos=True)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # Σ log p, tokens
+    pad = tokenizer.pad_token_id
+    for batch in eval_loader(texts, pad, batch_size, rank=rank, world_size=world_size):
+        log_p, tokens = completion_log_probs(model, _to(batch, device))
+        sums += torch.stack([log_p.sum().double(), tokens.sum().double()])
+    log_p_sum, tokens = all_reduce_sum(sums).tolist()
+    nll = -log_p_sum / max(tokens, 1.0)
+    return {"nll": nll, "perplexity": math.exp(min(nll, 700.0))}, None
+
+
+@torch.no_grad()
+def _predict_classes(
+    model, choices, tokenizer, prompts, max_length, batch_size, device, rank, world_size
+) -> np.ndarray:
+    """The best-scoring choice for each of this process's prompts (in :func:`_shard` order).
+
+    Where every choice is one token, one forward pass of the prompt suffices: the scores are the
+    log-probabilities of those tokens at the prompt's last position. Otherwise each choice is
+    scored as a completion, one forward pass per choice."""
+    choice_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
+    single_token = all(len(ids) == 1 for ids in choice_ids)
+    per_choice = [
+        PromptCompletionTexts(prompts, [choice] * len(prompts), tokenizer, max_length)
+        for choice in choices
+    ]
+    collate = PadPromptCompletion(tokenizer.pad_token_id)
+    batches = BatchSampler(SequentialSampler(range(len(prompts))), batch_size, drop_last=False)
+    predictions = []
+    for indices in ShardedBatches(batches, rank, world_size):
+        if single_token:
+            # prompt i's ids are its pair's ids without the one completion token
+            items = [(per_choice[0][i][0][:-1], 0) for i in indices]
+            batch = _to(collate(items), device)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            last = batch["attention_mask"].sum(dim=1) - 1
+            at_last = logits.logits[torch.arange(len(indices), device=device), last]
+            scores = at_last[:, [ids[0] for ids in choice_ids]]
+        else:
             scores = torch.stack(
                 [
-                    completion_log_probs(model, _to(collate([texts[i] for i in indices]), device))[
-                        0
-                    ]
-                    for texts in per_choice
+                    completion_log_probs(model, _to(collate([t[i] for i in indices]), device))[0]
+                    for t in per_choice
                 ],
                 dim=1,
             )
-            predictions.append(scores.argmax(dim=1).cpu())
-            labels.append(torch.tensor([task.test_labels[i] for i in indices]))
-    finally:
-        model.train(was_training)
-    empty = torch.zeros(0, dtype=torch.long)
-    confusion = confusion_matrix(
-        torch.cat(labels or [empty]).numpy(),
-        torch.cat(predictions or [empty]).numpy(),
-        task.num_labels,
-    )
-    confusion = all_reduce_sum(torch.from_numpy(confusion).to(device)).cpu().numpy()
-    return classification_metrics(confusion), confusion
+        predictions.append(scores.argmax(dim=1).cpu())
+    return torch.cat(predictions).numpy() if predictions else np.zeros(0, dtype=int)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

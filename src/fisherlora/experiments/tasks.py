@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,15 @@ class Task:
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train_texts), "test": len(self.test_texts)}
+
+
+def held_out_subset(size: int, limit: int | None) -> list[int]:
+    """The indices of the test examples to evaluate: all of them, or ``limit`` drawn at random
+    with a fixed seed (test sets may be ordered by label, so their first ``limit`` would not do),
+    in their original order."""
+    if limit is None or limit >= size:
+        return list(range(size))
+    return sorted(random.Random(0).sample(range(size), limit))
 
 
 def hash_fraction(text: str) -> float:

@@ -59,7 +59,7 @@ from fisherlora.experiments.generation_tasks import (
 )
 from fisherlora.experiments.metrics import classification_metrics, confusion_matrix
 from fisherlora.experiments.models import default_targets, load_model
-from fisherlora.experiments.tasks import Task, load_task
+from fisherlora.experiments.tasks import Task, held_out_subset, load_task
 from fisherlora.methods import get_method
 from fisherlora.stats import all_reduce_mean, all_reduce_sum
 
@@ -90,7 +90,7 @@ class TrainConfig:
     warmup_ratio: float = 0.06  # share of the steps with a linearly rising learning rate
     max_grad_norm: float = 1.0  # clipping; 0 turns it off
     max_length: int = 128  # tokens per text after truncation
-    max_test: int | None = None  # evaluate on the first N test examples only; None: all
+    max_test: int | None = None  # evaluate on N test examples (a fixed random subset); None: all
     group_by_length: bool = True  # batches of similar length (less padding, faster steps)
     calib_batches: int = 8  # calibration passes of data-driven methods (fim-lora, ...)
     layers_per_pass: int | None = None  # calibrate target layers in groups (fim-lora, filet)
@@ -365,9 +365,10 @@ def train(
         train_set = TokenizedTexts(
             task.train_texts, task.train_labels, tokenizer, config.max_length
         )
+        subset = held_out_subset(len(task.test_texts), config.max_test)
         test_set = TokenizedTexts(
-            task.test_texts[: config.max_test],
-            task.test_labels[: config.max_test],
+            [task.test_texts[i] for i in subset],
+            [task.test_labels[i] for i in subset],
             tokenizer,
             config.max_length,
         )
