@@ -21,6 +21,7 @@ from fisherlora.experiments.generation_tasks import as_generation_task, load_gen
 from fisherlora.experiments.models import load_model, minilm_path
 from fisherlora.experiments.tasks import Task, held_out_subset
 from fisherlora.experiments.train import TrainConfig, train
+from fisherlora.methods import get_method
 from fisherlora.methods.filet import _project_statistics, filet_init
 from fisherlora.methods.fim_lora import fisher_of_b
 from fisherlora.methods.fw_lora import FisherPenalty
@@ -305,3 +306,31 @@ def test_max_test_draws_a_fixed_random_subset_not_the_first_examples():
     assert subset == held_out_subset(1000, 100) and len(set(subset)) == 100
     assert subset == sorted(subset) and subset[-1] > 500
     assert held_out_subset(10, None) == list(range(10)) == held_out_subset(10, 50)
+
+
+@pytest.mark.parametrize("name", ["dora", "pissa", "eva", "lora-ga", "corda", "adalora"])
+def test_peers_keep_a_causal_lms_outputs_at_init_on_prompt_completion_batches(name):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        pad_token_id=0,
+    )
+    base = LlamaForCausalLM(config).eval()
+    original = copy.deepcopy(base)
+    batches = prompt_completion_batches(8, seed=6)
+    method = get_method(name, {"calib_batches": 8, "steps": 20})
+    lora = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=TARGETS)
+    model = method.build(base, lora, batches)
+    method.prepare(model, batches)
+    model.eval()
+    with torch.no_grad():
+        for batch in batches[:2]:
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+            torch.testing.assert_close(
+                model(**inputs).logits, original(**inputs).logits, atol=1e-5, rtol=0
+            )
