@@ -58,11 +58,13 @@ def keyword_task() -> Task:
 
 
 def tiny_base(arch: str = "bert", seed: int = 0):
-    """A random hidden-32 BERT- or Llama-style classifier and its LoRA targets (every linear)."""
+    """A random hidden-32 BERT- or Llama-style classifier (``"causal"``: a Llama causal LM) and
+    its LoRA targets (every linear)."""
     from transformers import (
         BertConfig,
         BertForSequenceClassification,
         LlamaConfig,
+        LlamaForCausalLM,
         LlamaForSequenceClassification,
     )
 
@@ -89,6 +91,8 @@ def tiny_base(arch: str = "bert", seed: int = 0):
         pad_token_id=0,
     )
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    if arch == "causal":  # a causal LM of the same shape (no classification head)
+        return LlamaForCausalLM(config), targets
     return LlamaForSequenceClassification(config), targets
 
 
@@ -168,3 +172,12 @@ def assert_unchanged(before, after):
         assert torch.equal(tensor, after["params"][name]), name
     for key in ("requires_grad", "training", "grads", "hooks", "attributes"):
         assert before[key] == after[key], key
+
+
+def free_port() -> int:
+    """A TCP port on localhost nobody listens on (for a test's process group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

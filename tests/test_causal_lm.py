@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-from conftest import keyword_texts
+from conftest import keyword_texts, tiny_base
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from fisherlora.adapters import lora_layers
 from fisherlora.capture import example_loss_scale, predicts_next_token, token_mask
@@ -26,8 +26,6 @@ from fisherlora.methods.filet import _project_statistics, filet_init
 from fisherlora.methods.fim_lora import fisher_of_b
 from fisherlora.methods.fw_lora import FisherPenalty
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -35,18 +33,9 @@ def tokenizer():
 
 
 def tiny_causal_peft(seed: int = 0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        pad_token_id=0,
-    )
-    lora = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=TARGETS)
-    return get_peft_model(LlamaForCausalLM(config), lora)
+    base, targets = tiny_base("causal", seed)
+    lora = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=targets)
+    return get_peft_model(base, lora)
 
 
 def prompt_completion_batches(n: int, seed: int = 0, batch_size: int = 4):
@@ -310,21 +299,12 @@ def test_max_test_draws_a_fixed_random_subset_not_the_first_examples():
 
 @pytest.mark.parametrize("name", ["dora", "pissa", "eva", "lora-ga", "corda", "adalora"])
 def test_peers_keep_a_causal_lms_outputs_at_init_on_prompt_completion_batches(name):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        pad_token_id=0,
-    )
-    base = LlamaForCausalLM(config).eval()
+    base, targets = tiny_base("causal", seed=0)
+    base.eval()
     original = copy.deepcopy(base)
     batches = prompt_completion_batches(8, seed=6)
     method = get_method(name, {"calib_batches": 8, "steps": 20})
-    lora = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=TARGETS)
+    lora = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=targets)
     model = method.build(base, lora, batches)
     method.prepare(model, batches)
     model.eval()

@@ -3,13 +3,12 @@ on the whole batches: Fisher scores and rank plans, FILet energies and inits, FW
 
 import os
 import pickle
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import random_batches, tiny_peft_model
+from conftest import free_port, random_batches, tiny_peft_model
 
 from fisherlora.adapters import lora_layers
 from fisherlora.methods.filet import filet_init
@@ -67,12 +66,6 @@ def worker(rank, port, queue):
         queue.put((rank, pickle.dumps(result)))  # bytes: no shared-memory tensors to outlive us
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def assert_same(a, b, path=""):

@@ -6,7 +6,6 @@ written by rank 0. And the CLI under `torchrun` and `accelerate launch`."""
 import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import keyword_texts
+from conftest import free_port, keyword_texts
 
 from fisherlora.cli import main
 from fisherlora.experiments.tasks import Task
@@ -83,12 +82,6 @@ def worker(rank: int, port: int, out: str, queue) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_train_what_one_process_trains_on_their_union(tmp_path):
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
@@ -141,16 +134,19 @@ LAUNCHERS = {
 }
 
 
+def launch(launcher: str, flags: list[str]) -> subprocess.CompletedProcess:
+    """``fisherlora FLAGS`` started by ``launcher`` with WORLD processes (one thread each)."""
+    port = ["--master-port" if launcher == "torchrun" else "--main_process_port", str(free_port())]
+    command = [sys.executable, "-m", *LAUNCHERS[launcher], *port, "-m", "fisherlora.cli", *flags]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_the_cli_runs_under_a_launcher_and_prints_once(launcher, small_csv, tmp_path):
-    port = ["--master-port" if launcher == "torchrun" else "--main_process_port", str(free_port())]
-    command = [
-        sys.executable,
-        "-m",
-        *LAUNCHERS[launcher],
-        *port,
-        "-m",
-        "fisherlora.cli",
+    flags = [
         "train",
         "--model",
         "tiny-bert",
@@ -171,9 +167,7 @@ def test_the_cli_runs_under_a_launcher_and_prints_once(launcher, small_csv, tmp_
         "--out",
         str(tmp_path / "run"),
     ]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = launch(launcher, flags)
     summaries = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1, done.stdout  # printed by rank 0 only
     assert json.loads(summaries[0])["method"] == "fim-lora"
@@ -209,16 +203,7 @@ def test_compare_runs_under_torchrun_and_pins_the_world_size(small_csv, tmp_path
         "--out",
         str(out),
     ]
-    command = [sys.executable, "-m", *LAUNCHERS["torchrun"], "--master-port", str(free_port())]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [*command, "-m", "fisherlora.cli", *flags],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = launch("torchrun", flags)
     assert done.stdout.count("report: ") == 1  # rank 0 only
     assert (out / "report.md").exists() and (out / "results.csv").exists()
     assert len(pd.read_csv(out / "results.csv")) == 2

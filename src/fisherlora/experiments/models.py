@@ -20,14 +20,13 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
-    LlamaConfig,
     LlamaForSequenceClassification,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from fisherlora.errors import ConfigError
-from fisherlora.experiments.causal_models import CAUSAL_REGISTRY
+from fisherlora.experiments.causal_models import CAUSAL_REGISTRY, tiny_llama_config
 
 # Default LoRA targets per architecture family (matched as PEFT matches a list: by name suffix).
 DEFAULT_TARGETS = {
@@ -68,17 +67,7 @@ def _tiny_bert(num_labels: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
 
 def _tiny_llama(num_labels: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = _minilm_tokenizer()
-    config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        num_labels=num_labels,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = tiny_llama_config(tokenizer, num_labels=num_labels)
     return LlamaForSequenceClassification(config), tokenizer
 
 
