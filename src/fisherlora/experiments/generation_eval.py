@@ -135,7 +135,7 @@ def _predict_classes(
     single_token = all(len(ids) == 1 for ids in choice_ids)
     per_choice = [
         PromptCompletionTexts(prompts, [choice] * len(prompts), tokenizer, max_length)
-        for choice in choices
+        for choice in (choices[:1] if single_token else choices)
     ]
     collate = PadPromptCompletion(tokenizer.pad_token_id)
     batches = BatchSampler(SequentialSampler(range(len(prompts))), batch_size, drop_last=False)
