@@ -284,7 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(summary))
         elif args.command == "compare":
             config = compare_config_from_args(args)
-            command = "fisherlora " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+            # the command that runs the comparison (a --report-only rewrite names the same one)
+            given = [a for a in (argv or sys.argv[1:]) if a != "--report-only"]
+            command = "fisherlora " + " ".join(shlex.quote(a) for a in given)
             if args.report_only:
                 report = write_report(config, command=command)
             else:
