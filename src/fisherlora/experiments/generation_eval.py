@@ -25,7 +25,7 @@ from fisherlora.experiments.batching import (
     eval_loader,
 )
 from fisherlora.experiments.generation_tasks import GenerationTask
-from fisherlora.experiments.metrics import classification_metrics, confusion_matrix
+from fisherlora.experiments.metrics import classification_metrics, summed_confusion_matrix
 from fisherlora.experiments.tasks import held_out_subset
 from fisherlora.stats import all_reduce_sum
 
@@ -97,8 +97,7 @@ def evaluate_generation(
     finally:
         model.train(was_training)
     mine = [labels[i] for i in _shard(len(prompts), batch_size, rank, world_size)]
-    confusion = confusion_matrix(np.array(mine, dtype=int), predictions, task.num_labels)
-    confusion = all_reduce_sum(torch.from_numpy(confusion).to(device)).cpu().numpy()
+    confusion = summed_confusion_matrix(mine, predictions.tolist(), task.num_labels, device)
     return classification_metrics(confusion), confusion
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
+
+from fisherlora.stats import all_reduce_sum
 
 
 def confusion_matrix(
@@ -16,6 +19,15 @@ def confusion_matrix(
         matrix, (np.asarray(labels, dtype=np.int64), np.asarray(predictions, dtype=np.int64)), 1
     )
     return matrix
+
+
+def summed_confusion_matrix(
+    labels: Sequence[int], predictions: Sequence[int], num_classes: int, device: torch.device
+) -> np.ndarray:
+    """:func:`confusion_matrix` of this process's examples, summed over all processes (under
+    torch.distributed each holds a share of the test set; a share may be empty)."""
+    local = torch.from_numpy(confusion_matrix(labels, predictions, num_classes)).to(device)
+    return all_reduce_sum(local).cpu().numpy()
 
 
 def classification_metrics(confusion: np.ndarray) -> dict[str, float]:

@@ -57,11 +57,11 @@ from fisherlora.experiments.generation_tasks import (
     is_generation_task,
     load_generation_task,
 )
-from fisherlora.experiments.metrics import classification_metrics, confusion_matrix
+from fisherlora.experiments.metrics import classification_metrics, summed_confusion_matrix
 from fisherlora.experiments.models import default_targets, load_model
 from fisherlora.experiments.tasks import Task, held_out_subset, load_task
 from fisherlora.methods import get_method
-from fisherlora.stats import all_reduce_mean, all_reduce_sum
+from fisherlora.stats import all_reduce_mean
 
 
 @dataclass
@@ -249,11 +249,12 @@ def evaluate(
         predictions.append(logits.argmax(dim=-1).cpu())
         labels.append(batch["labels"].cpu())
     model.train(was_training)
-    empty = torch.zeros(0, dtype=torch.long)  # a process whose share holds no batch
-    confusion = confusion_matrix(
-        torch.cat(labels or [empty]).numpy(), torch.cat(predictions or [empty]).numpy(), num_labels
+    confusion = summed_confusion_matrix(
+        torch.cat(labels).tolist() if labels else [],
+        torch.cat(predictions).tolist() if predictions else [],
+        num_labels,
+        device,
     )
-    confusion = all_reduce_sum(torch.from_numpy(confusion).to(device)).cpu().numpy()
     return classification_metrics(confusion), confusion
 
 
