@@ -1,6 +1,8 @@
+import pytest
 import torch
+from torch.utils.data import BatchSampler, SequentialSampler
 
-from fisherlora.experiments.batching import LengthGroupedBatches, PadToLongest
+from fisherlora.experiments.batching import LengthGroupedBatches, PadToLongest, ShardedBatches
 
 
 def test_pad_to_longest_pads_right_and_masks_padding():
@@ -48,3 +50,27 @@ def test_every_public_name_resolves():
 
     for name in fisherlora.__all__:
         assert getattr(fisherlora, name) is not None, name
+
+
+@pytest.mark.parametrize("n_batches", [6, 7, 8])
+def test_shares_interleave_the_one_process_sequence(n_batches):
+    """Shares of 3 processes: batches p, p + 3, ... of the single-process sequence; with
+    drop_last every share has the same length (equal numbers of backward passes and
+    collectives), without it the shares cover every batch (evaluation)."""
+    batches = BatchSampler(SequentialSampler(range(4 * n_batches)), 4, drop_last=False)
+    whole = list(batches)
+    for drop_last in (False, True):
+        shares = [list(ShardedBatches(batches, p, 3, drop_last=drop_last)) for p in range(3)]
+        assert [len(share) for share in shares] == [
+            len(ShardedBatches(batches, p, 3, drop_last=drop_last)) for p in range(3)
+        ]
+        for p, share in enumerate(shares):
+            assert share == whole[p::3][: len(share)]
+        covered = sorted(tuple(b) for share in shares for b in share)
+        if drop_last:
+            assert len({len(share) for share in shares}) == 1
+            assert covered == [tuple(b) for b in whole[: n_batches // 3 * 3]]
+        else:
+            assert covered == [tuple(b) for b in whole]
+    with pytest.raises(ValueError, match="outside a world"):
+        ShardedBatches(batches, 3, 3)

@@ -90,6 +90,16 @@ def test_comparison_writes_results_report_and_plots(tmp_path, patched_task):
     assert "src='plots/" not in page  # self-contained
 
 
+def test_the_noise_note_counts_the_examples_evaluated_not_the_test_split(
+    tmp_path, patched_task, keyword_task
+):
+    config = tiny_comparison(tmp_path, methods=("lora",), seeds=(0,))
+    config.base.max_test = 10
+    assert len(keyword_task.test_texts) > 10
+    text = compare(config, progress=False).read_text()
+    assert "One run's accuracy on 10 held-out examples" in text
+
+
 def test_rerun_skips_finished_runs_and_redoes_only_unfinished_ones(
     tmp_path, patched_task, monkeypatch
 ):

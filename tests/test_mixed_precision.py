@@ -34,14 +34,25 @@ def test_statistics_and_residuals_are_float32_on_a_bf16_model():
 
 def run_penalty(scale: float | None, batches):
     model = tiny_peft_model("llama", seed=3)  # no dropout: both runs see the same gradients
-    scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
+    # the scale doubles after every step, so a stale scale would show
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1) if scale else None
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     penalty = FisherPenalty(model, warmup_steps=10, grad_scaler=scaler)
     model.train()
     for batch in batches:
         loss = model(**batch).loss
-        (scaler.scale(loss) if scaler else loss).backward()
-        penalty.step()
-        model.zero_grad(set_to_none=True)
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            penalty.step()
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+            penalty.step()
+        optimizer.zero_grad(set_to_none=True)
+    if scaler:
+        assert scaler.get_scale() == scale * 2 ** len(batches)
     return penalty
 
 

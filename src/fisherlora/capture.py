@@ -28,6 +28,8 @@ InputTransform = Callable[[str, torch.Tensor, "torch.Tensor | None"], Any]
 def predicts_next_token(model: nn.Module) -> bool:
     """True for a causal LM (its loss reads the output at position t for the label at t + 1)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+        return False  # a seq2seq decoder's output at t predicts labels[t]: no shift
     can_generate = getattr(base, "can_generate", None)
     return bool(can_generate()) if callable(can_generate) else False
 
@@ -43,24 +45,34 @@ def token_mask(batch: Mapping[str, torch.Tensor], next_token: bool = False) -> t
     mask = batch.get("attention_mask")
     labels = batch.get("labels")
     if labels is not None and mask is not None and labels.shape == mask.shape:
-        scored = labels != -100
-        if next_token:
-            scored = torch.cat([scored[:, 1:], torch.zeros_like(scored[:, :1])], dim=1)
-        mask = mask * scored
+        mask = mask * scored_labels(labels, next_token)
     return None if mask is None else mask.to(torch.float32)
+
+
+def scored_labels(labels: torch.Tensor, next_token: bool = False) -> torch.Tensor:
+    """Where token-level ``labels`` count in the loss (``!= -100``), shifted one position left
+    for a causal LM (position t predicts ``labels[t + 1]``)."""
+    scored = labels != -100
+    if next_token:
+        scored = torch.cat([scored[:, 1:], torch.zeros_like(scored[:, :1])], dim=1)
+    return scored
 
 
 def example_loss_scale(batch: Mapping[str, torch.Tensor], next_token: bool = False) -> torch.Tensor:
     """``c_i`` with ``∇ℓ_i = c_i · ∇_i L`` for each example i: ``L`` is the batch loss the model
     returns (a mean), ``ℓ_i`` the example's own mean loss and ``∇_i L`` its share of ``∇L``.
 
-    One label per example: ``c_i = N`` (the batch size). Token labels: the model averages over
-    all ``T`` scored tokens of the batch, so ``c_i = T / T_i`` (``T_i`` the example's scored
-    tokens; 0 for an example with none, which contributes nothing)."""
+    Labels per example (one class, or a multi-label vector): ``c_i = N`` (the batch size). Token
+    labels (shaped like ``input_ids``): the model averages over all ``T`` scored tokens of the
+    batch, so ``c_i = T / T_i`` (``T_i`` the example's scored tokens; 0 for an example with none,
+    which contributes nothing)."""
     labels = batch["labels"]
-    if labels.dim() == 1 or "attention_mask" not in batch:
+    tokens = batch.get("input_ids", batch.get("attention_mask"))
+    if tokens is None or labels.shape != tokens.shape:
         return torch.full((labels.shape[0],), float(labels.shape[0]), device=labels.device)
-    per_example = token_mask(batch, next_token).sum(dim=1)
+    mask = token_mask(batch, next_token)
+    scored = mask if mask is not None else scored_labels(labels, next_token).float()
+    per_example = scored.sum(dim=1)
     total = per_example.sum()
     return torch.where(per_example > 0, total / per_example.clamp(min=1), 0.0)
 

@@ -176,18 +176,31 @@ class ShardedBatches(Sampler[list[int]]):
     ``rank + world_size``, ``rank + 2·world_size``, … of the one sequence that a single process
     would read. A step of ``world_size`` processes therefore sees the same examples as one step
     of one process accumulating ``world_size`` consecutive batches. Only index lists are skipped,
-    so no process collates a batch it does not use."""
+    so no process collates a batch it does not use.
 
-    def __init__(self, batches: Sampler[list[int]], rank: int, world_size: int) -> None:
+    ``drop_last`` cuts the sequence to a multiple of ``world_size`` batches, so that every share
+    has the same length: training and calibration need it (every process must make the same
+    number of backward passes and collectives, and epoch k + 1 must start on every process at
+    once); evaluation does not (the shares' sums cover every batch)."""
+
+    def __init__(
+        self, batches: Sampler[list[int]], rank: int, world_size: int, drop_last: bool = False
+    ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"process rank {rank} is outside a world of size {world_size}")
         self.batches, self.rank, self.world_size = batches, rank, world_size
+        self.drop_last = drop_last
+
+    def _length(self) -> int:
+        """How many batches of the whole sequence are shared out."""
+        n = len(self.batches)
+        return n - n % self.world_size if self.drop_last else n
 
     def __iter__(self) -> Iterator[list[int]]:
-        return itertools.islice(iter(self.batches), self.rank, None, self.world_size)
+        return itertools.islice(iter(self.batches), self.rank, self._length(), self.world_size)
 
     def __len__(self) -> int:
-        return max(0, -(-(len(self.batches) - self.rank) // self.world_size))
+        return max(0, -(-(self._length() - self.rank) // self.world_size))
 
 
 Texts = TokenizedTexts | PromptCompletionTexts
@@ -203,7 +216,8 @@ def train_loader(
     world_size: int = 1,
 ) -> DataLoader:
     """Shuffled training batches; each pass draws its order from a generator seeded once. With
-    ``world_size > 1``, process ``rank``'s share of them (:class:`ShardedBatches`)."""
+    ``world_size > 1``, process ``rank``'s share of them (:class:`ShardedBatches`), the same number
+    of batches on every process (a trailing ``len % world_size`` batches of each pass are dropped)."""
     generator = torch.Generator().manual_seed(seed)
     if group_by_length:
         lengths = [len(ids) for ids in dataset.input_ids]
@@ -216,7 +230,7 @@ def train_loader(
         )
     return DataLoader(
         dataset,
-        batch_sampler=ShardedBatches(batches, rank, world_size),
+        batch_sampler=ShardedBatches(batches, rank, world_size, drop_last=True),
         collate_fn=dataset.collator(pad_token_id),
     )
 

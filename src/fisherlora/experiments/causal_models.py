@@ -76,8 +76,16 @@ def smollm2_path() -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(partial, target)  # another process may have finished first: either copy is whole
+    if target.exists() and not (target / "model.safetensors").exists():
+        shutil.rmtree(target)  # an incomplete folder, not made here (ours appear whole)
+    try:
+        os.replace(partial, target)
+    except OSError:
+        # Another process (torchrun starts several) put its whole copy there first and may be
+        # reading it: keep that one.
+        shutil.rmtree(partial, ignore_errors=True)
+        if not (target / "model.safetensors").exists():
+            raise
     return target
 
 
@@ -122,15 +130,18 @@ CAUSAL_REGISTRY: dict[str, Callable[[], tuple[PreTrainedModel, PreTrainedTokeniz
 def load_causal_lm(name: str, *, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the causal LM ``name`` (registry name, local folder or hub name) and its tokenizer
     (right padding; EOS as the pad token where it has none). A tiny model is drawn from ``seed``."""
+    # models.py imports this module for the registry it serves, hence the import here
+    from fisherlora.experiments.models import MODEL_REGISTRY
+
+    if name in MODEL_REGISTRY:
+        raise ConfigError(
+            f"{name!r} is a sequence classifier; generation tasks need a causal LM such as "
+            f"{sorted(CAUSAL_REGISTRY)}"
+        )
     torch.manual_seed(seed)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        if name in ("minilm", "tiny-bert", "tiny-llama"):
-            raise ConfigError(
-                f"{name!r} is a sequence classifier; generation tasks need a causal LM such as "
-                f"{sorted(CAUSAL_REGISTRY)}"
-            )
         if name in CAUSAL_REGISTRY:
             model, tokenizer = CAUSAL_REGISTRY[name]()
         else:

@@ -30,7 +30,7 @@ from fisherlora.experiments.distributed import Process, barrier, init_distribute
 from fisherlora.experiments.generation_tasks import is_generation_task, load_generation_task
 from fisherlora.experiments.report import write_report
 from fisherlora.experiments.tasks import load_task
-from fisherlora.experiments.train import TrainConfig, resolve_device, train
+from fisherlora.experiments.train import TrainConfig, resolve_device, train, write_json_atomic
 from fisherlora.methods import method_names
 
 ALL_METHODS = (
@@ -127,19 +127,19 @@ def check_out_dir(config: CompareConfig, process: Process | None = None) -> None
                 f"{out} holds a comparison with other settings ({sorted(changed)}); "
                 "use a new --out, or the same settings to resume it"
             )
-    if not process.is_main:
-        return
-    pinned.write_text(
-        json.dumps(
+    # every process has read the old file before process 0 replaces it (atomically, so that a
+    # reader never sees it half-written)
+    barrier()
+    if process.is_main:
+        write_json_atomic(
+            pinned,
             {
                 "settings": settings,
                 "methods": config.methods,
                 "seeds": config.seeds,
                 "ranks": config.ranks,
             },
-            indent=2,
         )
-    )
 
 
 def is_finished(run_dir: Path) -> bool:

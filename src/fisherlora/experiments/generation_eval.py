@@ -83,7 +83,7 @@ def evaluate_generation(
                 rank,
                 world_size,
             )
-        predictions = _predict_classes(
+        scores = _choice_scores(
             model,
             task.choices,
             tokenizer,
@@ -96,15 +96,18 @@ def evaluate_generation(
         )
     finally:
         model.train(was_training)
-    mine = [labels[i] for i in _shard(len(prompts), batch_size, rank, world_size)]
-    confusion = summed_confusion_matrix(mine, predictions.tolist(), task.num_labels, device)
+    shard = _shard(len(prompts), batch_size, rank, world_size)
+    mine = [labels[i] for batch in shard for i in batch]
+    predictions = scores.argmax(dim=1).tolist()
+    confusion = summed_confusion_matrix(mine, predictions, task.num_labels, device)
     return classification_metrics(confusion), confusion
 
 
-def _shard(n: int, batch_size: int, rank: int, world_size: int) -> list[int]:
-    """This process's example indices, batch by batch, in order."""
+def _shard(n: int, batch_size: int, rank: int, world_size: int) -> ShardedBatches:
+    """This process's batches of example indices, in order (predictions and labels both follow
+    it, so that they pair up)."""
     batches = BatchSampler(SequentialSampler(range(n)), batch_size, drop_last=False)
-    return [i for batch in ShardedBatches(batches, rank, world_size) for i in batch]
+    return ShardedBatches(batches, rank, world_size)
 
 
 def _evaluate_lm(
@@ -122,10 +125,11 @@ def _evaluate_lm(
 
 
 @torch.no_grad()
-def _predict_classes(
+def _choice_scores(
     model, choices, tokenizer, prompts, max_length, batch_size, device, rank, world_size
-) -> np.ndarray:
-    """The best-scoring choice for each of this process's prompts (in :func:`_shard` order).
+) -> torch.Tensor:
+    """``log p(choice | prompt)`` of each choice (columns) for each of this process's prompts
+    (rows, in :func:`_shard` order); the prediction is the best-scoring choice.
 
     Where every choice is one token, one forward pass of the prompt suffices: the scores are the
     log-probabilities of those tokens at the prompt's last position. Otherwise each choice is
@@ -137,27 +141,23 @@ def _predict_classes(
         for choice in (choices[:1] if single_token else choices)
     ]
     collate = PadPromptCompletion(tokenizer.pad_token_id)
-    batches = BatchSampler(SequentialSampler(range(len(prompts))), batch_size, drop_last=False)
-    predictions = []
-    for indices in ShardedBatches(batches, rank, world_size):
+    scores = []
+    for indices in _shard(len(prompts), batch_size, rank, world_size):
         if single_token:
             # prompt i's ids are its pair's ids without the one completion token
             items = [(per_choice[0][i][0][:-1], 0) for i in indices]
             batch = _to(collate(items), device)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             last = batch["attention_mask"].sum(dim=1) - 1
-            at_last = logits.logits[torch.arange(len(indices), device=device), last]
-            scores = at_last[:, [ids[0] for ids in choice_ids]]
+            at_last = logits.logits[torch.arange(len(indices), device=device), last].float()
+            scores.append(at_last.log_softmax(dim=-1)[:, [ids[0] for ids in choice_ids]].cpu())
         else:
-            scores = torch.stack(
-                [
-                    completion_log_probs(model, _to(collate([t[i] for i in indices]), device))[0]
-                    for t in per_choice
-                ],
-                dim=1,
-            )
-        predictions.append(scores.argmax(dim=1).cpu())
-    return torch.cat(predictions).numpy() if predictions else np.zeros(0, dtype=int)
+            per_batch = [
+                completion_log_probs(model, _to(collate([t[i] for i in indices]), device))[0]
+                for t in per_choice
+            ]
+            scores.append(torch.stack(per_batch, dim=1).cpu())
+    return torch.cat(scores) if scores else torch.zeros(0, len(choices))
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

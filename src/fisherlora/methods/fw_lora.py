@@ -178,12 +178,12 @@ class FisherPenalty:
         """Advance the schedule by one optimizer step (call after ``optimizer.step()``)."""
         if self.warming_up:
             proxy = self._frozen_grad_sq_norms().cpu()  # one device sync per step
-            scaled = self.grad_scaler is not None and self.grad_scaler.is_enabled()
-            if not torch.isfinite(proxy).all() and not scaled:
-                bad = self.names[int((~torch.isfinite(proxy)).nonzero()[0])]
-                check_finite(bad, proxy[self.names.index(bad)], "frozen-weight gradient norm")
+            finite = bool(torch.isfinite(proxy).all())
+            if not finite and not (self.grad_scaler and self.grad_scaler.is_enabled()):
+                bad = int((~torch.isfinite(proxy)).nonzero()[0])
+                check_finite(self.names[bad], proxy[bad], "frozen-weight gradient norm")
             self.last_proxy = dict(zip(self.names, proxy.tolist(), strict=True))
-            if torch.isfinite(proxy).all():
+            if finite:
                 self.fisher = self.decay * self.fisher + (1 - self.decay) * proxy
             else:  # fp16 overflow: the scaler skips this optimizer step, and F skips it too
                 self.skipped_steps += 1
