@@ -3,6 +3,10 @@
 Ours: ``fim-lora``, ``filet``, ``fw-lora`` (and their ``+`` compositions, e.g.
 ``fim-lora+filet+fw-lora``) and the ``random-rank`` control. The peers, through PEFT's own
 implementations: ``lora``, ``dora``, ``pissa``, ``eva``, ``lora-ga``, ``corda``, ``adalora``.
+
+A method's name runs the paper's method. A departure from it is a *named variant* (``VARIANTS``):
+the same method with some options fixed, which a comparison can run beside the original (and
+compose like it, e.g. ``fim-lora-batch+filet-svd``).
 """
 
 from __future__ import annotations
@@ -27,14 +31,28 @@ METHODS: dict[str, Callable[..., Method]] = {
     **PEERS,
 }
 
+# Named variants: name -> (the method it varies, the options it fixes). A fixed option wins over
+# the same option given by the runner.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {}
+
 # Methods that change the ranks per module (the report draws their rank maps).
 RANK_ALLOCATING = ("fim-lora", "random-rank", "eva", "adalora")
 
 
+def base_method(name: str) -> str:
+    """The method a named variant varies (``name`` itself for a method that is no variant)."""
+    return VARIANTS[name][0] if name in VARIANTS else name
+
+
 def _single(name: str, options: Mapping[str, Any]) -> Method:
+    if name in VARIANTS:
+        base, fixed = VARIANTS[name]
+        method = _single(base, {**options, **fixed})
+        method.name = name
+        return method
     if name not in METHODS:
         raise ConfigError(
-            f"unknown method {name!r}; available methods are {sorted(METHODS)}, "
+            f"unknown method {name!r}; available methods are {sorted(METHODS | VARIANTS)}, "
             "and '+' combinations of fim-lora/random-rank, filet and fw-lora"
         )
     factory = METHODS[name]
@@ -53,9 +71,9 @@ def get_method(name: str, options: Mapping[str, Any] | None = None) -> Method:
     if any(not p for p in parts):
         raise ConfigError(f"method {name!r} has an empty part")
     for part in parts:
-        if part not in METHODS:
+        if part not in METHODS and part not in VARIANTS:
             _single(part, options)  # raises the unknown-method error
-    members = [_single(p, options) for p in check_composition(parts)]
+    members = [_single(p, options) for p in check_composition(parts, base_method)]
     return Composed(name, members)
 
 
@@ -71,4 +89,13 @@ def method_names(spec: str) -> list[str]:
     return names
 
 
-__all__ = ["METHODS", "RANK_ALLOCATING", "AdapterMethod", "Method", "get_method", "method_names"]
+__all__ = [
+    "METHODS",
+    "RANK_ALLOCATING",
+    "VARIANTS",
+    "AdapterMethod",
+    "Method",
+    "base_method",
+    "get_method",
+    "method_names",
+]

@@ -10,7 +10,7 @@ name lists them in; every member writes its own report files.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +24,26 @@ from fisherlora.methods.base import AdapterMethod, Method
 PHASES = {"fim-lora": 0, "random-rank": 0, "filet": 1, "fw-lora": 2}
 
 
-def check_composition(names: Sequence[str]) -> list[str]:
-    """The member names in phase order; raises ``ConfigError`` for a combination that cannot be."""
+def check_composition(
+    names: Sequence[str], base: Callable[[str], str] = lambda name: name
+) -> list[str]:
+    """The member names in phase order; raises ``ConfigError`` for a combination that cannot be.
+    ``base`` maps a named variant to the method it varies (a variant composes like it)."""
     if len(set(names)) != len(names):
         raise ConfigError(f"a method is named twice in {'+'.join(names)!r}")
-    alien = [n for n in names if n not in PHASES]
+    alien = [n for n in names if base(n) not in PHASES]
     if alien:
         raise ConfigError(
-            f"{'+'.join(names)!r}: {alien} cannot be combined; only {sorted(PHASES)} compose "
-            "(the peers are PEFT's own implementations and each owns the whole adapter)"
+            f"{'+'.join(names)!r}: {alien} cannot be combined; only {sorted(PHASES)} (and their "
+            "named variants) compose (the peers are PEFT's own implementations and each owns "
+            "the whole adapter)"
         )
-    allocators = [n for n in names if PHASES[n] == 0]
+    allocators = [n for n in names if PHASES[base(n)] == 0]
     if len(allocators) > 1:
         raise ConfigError(f"{'+'.join(names)!r}: choose one rank allocator, not {allocators}")
-    return sorted(names, key=PHASES.__getitem__)
+    if len({base(n) for n in names}) != len(names):
+        raise ConfigError(f"{'+'.join(names)!r} names one method twice (as itself and a variant)")
+    return sorted(names, key=lambda n: PHASES[base(n)])
 
 
 class Composed(AdapterMethod):
