@@ -7,10 +7,20 @@
    error ≤ √(2/k)). Both sum over the micro-batches of a step (and over processes) before squaring.
 2. After step K: ``I_m = F_m / Σ_k F_k`` (``normalize="max"``: ``F_m / max_k F_k``), frozen;
    the hooks are removed, so the rest of training pays nothing for them.
-3. ``penalty = λ Σ_m (1 − I_m) ‖s B_m A_m‖²_F`` with ``I_m = 0`` during warm-up (the paper's
-   Algorithm 1), from r×r work: ``‖s B A‖²_F = s² tr((A Aᵀ)(Bᵀ B))``.
-   ``mode="decay"`` instead gives each module's A and B their own AdamW group whose decoupled
-   weight decay is ``λ (1 − I_m)`` (``λ`` during warm-up) and adds no loss.
+3. ``penalty = λ Σ_m (1 − I_m) ‖ΔW_m‖²_F`` with ``I_m = 0`` during warm-up (the paper's
+   Algorithm 1), where ``ΔW = s (B A − B₀ A₀)`` is the update from the *pretrained* weight and
+   ``A₀, B₀`` are the factors the adapter held when the penalty was created. With a plain LoRA
+   init ``B₀ = 0`` and this is the paper's ``‖s B A‖²_F``; after a residual init (FILet, or any
+   ``W_res = W − s B₀ A₀``) the pretrained weight is ``W_res + s B₀ A₀``, so penalising
+   ``‖s B A‖²`` would pull the model toward ``W_res`` instead. From r×r work only:
+
+       ‖B A − B₀ A₀‖²_F = tr((A Aᵀ)(Bᵀ B)) − 2 tr((A₀ Aᵀ)(Bᵀ B₀)) + tr((A₀ A₀ᵀ)(B₀ᵀ B₀))
+
+   (the last term a constant, so the penalty is exactly zero right after such an init).
+   ``mode="decay"`` is the paper's one-liner: no loss term; each module's A and B get their own
+   AdamW group whose decoupled weight decay is the optimizer's ``weight_decay · (1 − I_m)``
+   (``weight_decay`` itself during warm-up). Decoupled decay shrinks A and B toward zero, which
+   is toward the pretrained weight only when ``B₀ = 0``: after a residual init it is refused.
 """
 
 from __future__ import annotations
@@ -37,6 +47,10 @@ MODES = ("loss", "decay")
 class FisherPenalty:
     """FW-LoRA's penalty for any training loop (see the module docstring for the equations).
 
+    Create it *after* any initialisation of the adapters (FILet, PiSSA-style residual inits):
+    the factors it finds then, ``A₀`` and ``B₀``, are taken as the starting point, i.e. the
+    pretrained weight is ``W_res + s B₀ A₀``, and the penalty measures the update from there.
+
     Usage, once per optimizer step::
 
         penalty = FisherPenalty(model, warmup_steps=500)
@@ -48,12 +62,14 @@ class FisherPenalty:
         model: a ``PeftModel`` with one LoRA adapter on ``nn.Linear`` layers.
         warmup_steps: K, the optimizer steps over which F is estimated (0: I stays 0).
         decay: α of the moving average.
-        lam: λ, the penalty weight (``mode="decay"``: the weight-decay coefficient).
+        lam: λ, the penalty weight (unused in ``mode="decay"``, which scales the optimizer's
+            own weight decay).
         estimator: ``"sketch"`` (default) or ``"exact"`` (memory: one ``W``-sized sum per module
             during warm-up).
         probes: k, the number of Gaussian probes of the sketch.
         normalize: ``"sum"`` (the paper) or ``"max"``.
-        mode: ``"loss"`` (default, exact penalty) or ``"decay"`` (use :meth:`param_groups`).
+        mode: ``"loss"`` (default, exact penalty) or ``"decay"`` (use :meth:`param_groups`;
+            refused when the adapters start from ``B₀ ≠ 0``).
         seed: the probes of step t are drawn from ``(seed, t)``, the same on every process.
         grad_scaler: the ``torch.amp.GradScaler`` of an fp16 run. The hooks then see gradients
             of the *scaled* loss; each step's products are divided by the scale that step's
@@ -109,6 +125,7 @@ class FisherPenalty:
         self._pending: dict[str, torch.Tensor] = {}
         self._probe_cache: dict[tuple[int, str], torch.Tensor] = {}
         self._groups: list[dict] = []
+        self._base_decay = 0.0  # the optimizer's weight decay that mode="decay" scales
         self._coefficients: torch.Tensor | None = None
         self._segments: torch.Tensor | None = None  # module index of each flat product entry
         shapes: dict[tuple, list[int]] = {}
@@ -124,9 +141,17 @@ class FisherPenalty:
                 torch.tensor(indices),
                 [layers[i].lora_A[self.adapter].weight for i in indices],
                 [layers[i].lora_B[self.adapter].weight for i in indices],
+                self._initial_factors([layers[i] for i in indices]),
             )
             for indices in shapes.values()
         ]
+        self.residual_init = any(initial is not None for *_, initial in self._by_shape)
+        if self.residual_init and mode == "decay":
+            raise ConfigError(
+                "FW-LoRA mode='decay' after an init with B0 != 0 (FILet or another residual "
+                "init): weight decay pulls A and B toward zero, i.e. the model toward W - s B0 A0 "
+                "instead of the pretrained weight; use mode='loss', which penalises s (B A - B0 A0)"
+            )
         self._handles = (
             register_io_hooks(
                 self.layers, self._accumulate, [None], self._keep_input, shared_input=True
@@ -134,6 +159,18 @@ class FisherPenalty:
             if warmup_steps > 0
             else []
         )
+
+    def _initial_factors(
+        self, layers: list
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(A₀, B₀, ‖B₀ A₀‖²_F)`` stacked over layers of one shape (float32, detached), or None
+        when every ``B₀`` is zero (then ``ΔW = s B A`` and only the first trace is needed)."""
+        b0 = torch.stack([layer.lora_B[self.adapter].weight.detach().float() for layer in layers])
+        if not b0.any():
+            return None
+        a0 = torch.stack([layer.lora_A[self.adapter].weight.detach().float() for layer in layers])
+        constant = ((a0 @ a0.mT).double() * (b0.mT @ b0).double()).sum(dim=(1, 2))
+        return a0.clone(), b0.clone(), constant.float()
 
     # -- warm-up -------------------------------------------------------------------------------
     @property
@@ -239,7 +276,8 @@ class FisherPenalty:
 
     # -- the penalty ---------------------------------------------------------------------------
     def penalty(self) -> torch.Tensor:
-        """``λ Σ_m (1 − I_m) s_m² tr((A Aᵀ)(Bᵀ B))``; zero in ``mode="decay"``."""
+        """``λ Σ_m (1 − I_m) s_m² ‖B A − B₀ A₀‖²_F`` from r×r traces (module docstring); zero in
+        ``mode="decay"``."""
         first = next(iter(self.layers.values())).lora_A[self.adapter].weight
         total = torch.zeros((), device=first.device, dtype=torch.float32)
         if self.mode == "decay" or self.lam == 0:
@@ -253,21 +291,34 @@ class FisherPenalty:
             )
         # Modules of one shape are stacked: a few batched r×r products instead of one per module
         # keeps the per-step cost (and the autograd graph) small.
-        for indices, a_list, b_list in self._by_shape:
+        for indices, a_list, b_list, initial in self._by_shape:
             a = torch.stack([w.float() for w in a_list])  # [G, r, n]
             b = torch.stack([w.float() for w in b_list])  # [G, m, r]
             traces = ((a @ a.mT) * (b.mT @ b)).sum(dim=(1, 2))
+            if initial is not None:
+                a0, b0, constant = initial
+                # ⟨B A, B₀ A₀⟩_F = tr((A₀ Aᵀ)(Bᵀ B₀)) = Σ (A₀ Aᵀ) ⊙ (B₀ᵀ B)
+                cross = ((a0 @ a.mT) * (b0.mT @ b)).sum(dim=(1, 2))
+                traces = traces - 2 * cross + constant
             total = total + (self._coefficients[indices] * traces).sum()
         return total
 
-    def param_groups(self) -> list[dict]:
-        """AdamW parameter groups for ``mode="decay"``: one per module with its A and B and the
-        decay ``λ (1 − I_m)`` (add a group for any other trainable parameters yourself). The
-        optimizer keeps these very dicts, so :meth:`step` updates the decays in place."""
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups for ``mode="decay"`` (the paper's one-liner): one per module
+        with its A and B and the decay ``weight_decay · (1 − I_m)`` (``weight_decay`` during
+        warm-up; add a group for any other trainable parameters yourself). The optimizer keeps
+        these very dicts, so :meth:`step` updates the decays in place."""
+        if not weight_decay > 0:
+            raise ConfigError(
+                "FW-LoRA mode='decay' multiplies the optimizer's weight decay by (1 - I_m); with "
+                f"weight_decay={weight_decay} it does nothing. Set a positive weight decay "
+                "(--weight-decay), or use mode='loss'"
+            )
+        self._base_decay = weight_decay
         self._groups = [
             {
                 "params": [layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight],
-                "weight_decay": self.lam,
+                "weight_decay": weight_decay,
                 "fisher_module": name,
             }
             for name, layer in self.layers.items()
@@ -277,7 +328,7 @@ class FisherPenalty:
 
     def _apply_decay(self) -> None:
         for i, group in enumerate(self._groups):
-            group["weight_decay"] = self.lam * (1 - float(self.importance_[i]))
+            group["weight_decay"] = self._base_decay * (1 - float(self.importance_[i]))
 
     # -- reporting and checkpoints ---------------------------------------------------------------
     def importance(self) -> dict[str, float]:
@@ -300,6 +351,9 @@ class FisherPenalty:
             "importance": self.importance_.clone(),
             "names": list(self.names),
             "warmup_steps": self.warmup_steps,
+            # the starting point B₀ A₀ of every shape group (None where B₀ = 0), so a penalty
+            # created on a model that already trained still measures from the pretrained weight
+            "initial": [initial for *_, initial in self._by_shape],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -310,6 +364,11 @@ class FisherPenalty:
         self.step_count = int(state["step"])
         self.fisher = state["fisher"].clone().to(torch.float64)
         self.importance_ = state["importance"].clone().to(torch.float64)
+        if "initial" in state:
+            self._by_shape = [
+                (*group[:3], initial)
+                for group, initial in zip(self._by_shape, state["initial"], strict=True)
+            ]
         self._coefficients = None
         self._pending.clear()
         if not self.warming_up:
@@ -353,7 +412,7 @@ class FwLoRA(AdapterMethod):
     def param_groups(self, model: PeftModel, weight_decay: float) -> list[dict]:
         if self.penalty is None or self.penalty.mode != "decay":
             return super().param_groups(model, weight_decay)
-        groups = self.penalty.param_groups()
+        groups = self.penalty.param_groups(weight_decay)
         grouped = {id(p) for g in groups for p in g["params"]}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in grouped]
         return [*groups, {"params": rest, "weight_decay": weight_decay}]
