@@ -68,7 +68,10 @@ def test_comparison_writes_results_report_and_plots(tmp_path, patched_task):
         "MCC",
         "macro-F1",
         "Δ acc vs LoRA",
+        "95 % CI of Δ",
         "p (paired)",
+        "verdict",
+        "Δ below one run's SE",
         "init s",
         "median step s",
         "peak MB",
@@ -162,15 +165,14 @@ def test_changed_settings_cannot_resume_into_the_same_directory(tmp_path, patche
         compare(changed, progress=False)
 
 
-def test_summary_pairs_seeds_and_marks_differences_within_noise():
+def per_seed_results(accuracies: dict[str, list[float]], rank: int = 8) -> pd.DataFrame:
+    """Runs with the given accuracy per seed (MCC and macro-F1 set to the same value)."""
     rows = []
-    for seed, (base, small, large) in enumerate(
-        [(0.80, 0.802, 0.850), (0.81, 0.809, 0.862), (0.79, 0.793, 0.845)]
-    ):
-        for method, acc in (("lora", base), ("small", small), ("large", large)):
+    for method, values in accuracies.items():
+        for seed, acc in enumerate(values):
             rows.append(
                 {
-                    "rank": 8,
+                    "rank": rank,
                     "method": method,
                     "seed": seed,
                     "accuracy": acc,
@@ -186,17 +188,101 @@ def test_summary_pairs_seeds_and_marks_differences_within_noise():
                     "total_s": 2.0,
                 }
             )
-    config = SimpleNamespace(ranks=[8], methods=["lora", "small", "large"])
-    summary = summarize(pd.DataFrame(rows), config, n_test=2000).set_index("method")
-    assert summary.loc["small", "delta_vs_lora"] == pytest.approx((0.002 - 0.001 + 0.003) / 3)
-    assert summary.loc["small", "note"] == "within noise"
-    assert summary.loc["large", "delta_vs_lora"] == pytest.approx((0.05 + 0.052 + 0.055) / 3)
-    assert summary.loc["large", "p_value"] < 0.01
-    assert summary.loc["large", "note"] == "better than LoRA"
-    assert summary.loc["lora", "note"] == "baseline" and math.isnan(summary.loc["lora", "p_value"])
-    assert summary.loc["large", "accuracy_std"] == pytest.approx(
-        pd.Series([0.850, 0.862, 0.845]).std()
+    return pd.DataFrame(rows)
+
+
+def summary_of(accuracies: dict[str, list[float]], n_test: int = 2000) -> pd.DataFrame:
+    config = SimpleNamespace(ranks=[8], methods=list(accuracies))
+    return summarize(per_seed_results(accuracies), config, n_test=n_test).set_index("method")
+
+
+LORA = [0.800, 0.810, 0.790, 0.805, 0.795]
+
+
+def test_a_paired_interval_that_excludes_zero_is_significant_even_below_one_runs_se():
+    # EVA's case at r = 8: a consistent −0.4 point difference, p < 0.05, but |Δ| < one run's
+    # SE (≈ 0.009 on 2,000 examples): the old rule called it "within noise" next to p = 0.009
+    diffs = [-0.004, -0.003, -0.005, -0.004, -0.0035]
+    summary = summary_of({"lora": LORA, "eva": [a + d for a, d in zip(LORA, diffs, strict=True)]})
+    eva = summary.loc["eva"]
+    assert eva["delta_vs_lora"] == pytest.approx(sum(diffs) / 5)
+    assert eva["ci_high"] < 0 and eva["p_value"] < 0.05
+    assert eva["verdict"] == "significant: worse than LoRA"
+    assert eva["below_one_run_se"] is True
+    # every outcome gets the same treatment (here MCC and macro-F1 equal accuracy)
+    assert eva["mcc_verdict"] == eva["macro_f1_verdict"] == "significant: worse than LoRA"
+    assert eva["mcc_ci_high"] == pytest.approx(eva["ci_high"])
+    assert summary.loc["lora", "verdict"] == "baseline"
+    assert math.isnan(summary.loc["lora", "p_value"])
+
+
+def test_a_paired_interval_that_contains_zero_is_not_significant():
+    diffs = [0.010, -0.008, 0.012, -0.004, 0.006]
+    small = [0.002, -0.001, 0.003, 0.001, 0.000]
+    summary = summary_of(
+        {
+            "lora": LORA,
+            "noisy": [a + d for a, d in zip(LORA, diffs, strict=True)],
+            "small": [a + d for a, d in zip(LORA, small, strict=True)],
+        }
     )
+    for method in ("noisy", "small"):
+        row = summary.loc[method]
+        assert row["ci_low"] < 0 < row["ci_high"] and row["p_value"] >= 0.05
+        assert row["verdict"] == "not significant"
+    assert summary.loc["noisy", "delta_vs_lora"] == pytest.approx(0.0032)
+
+
+def test_the_interval_is_mean_plus_minus_t_sd_over_root_n_and_agrees_with_the_paired_t_test():
+    from scipy import stats
+
+    from fisherlora.experiments.report import paired_t
+
+    diffs = [0.01, 0.02, 0.03, 0.00]
+    # by hand: mean 0.015; sd = √((0.005² + 0.005² + 0.015² + 0.015²) / 3) = √(0.0005 / 3);
+    # t(0.975, 3) = 3.1824 (t table)
+    mean, sd, t_975_3 = 0.015, math.sqrt(0.0005 / 3), 3.1824
+    half = t_975_3 * sd / math.sqrt(4)
+    result = paired_t(diffs)
+    assert result.delta == pytest.approx(mean)
+    assert result.ci_low == pytest.approx(mean - half, abs=1e-5)
+    assert result.ci_high == pytest.approx(mean + half, abs=1e-5)
+    assert result.pairs == 4 and not result.significant
+    # the same t statistic gives the p-value: scipy's paired test on the underlying pairs
+    base = [0.80, 0.81, 0.79, 0.80]
+    ours = [b + d for b, d in zip(base, diffs, strict=True)]
+    assert result.p_value == pytest.approx(stats.ttest_rel(ours, base).pvalue, rel=1e-6)
+    # p < 0.05 exactly when the interval excludes 0, on both sides of the boundary
+    for shift in (0.0, 0.0045, 0.0065, 0.05):
+        moved = paired_t([d + shift for d in diffs])
+        assert moved.significant == (moved.p_value < 0.05)
+    assert paired_t([d + 0.0065 for d in diffs]).significant  # mean 0.0215 > half 0.0205
+    assert not paired_t([d + 0.0045 for d in diffs]).significant  # mean 0.0195
+
+
+def test_one_seed_has_no_interval():
+    summary = summary_of({"lora": [0.80], "other": [0.85]})
+    row = summary.loc["other"]
+    assert row["verdict"] == "1 seed: no interval"
+    assert row["delta_vs_lora"] == pytest.approx(0.05)
+    assert math.isnan(row["ci_low"]) and math.isnan(row["ci_high"]) and math.isnan(row["p_value"])
+    # stated separately from the verdict: 0.05 is more than one run's SE
+    assert row["below_one_run_se"] is False
+    from fisherlora.experiments.report import display_table
+
+    shown = display_table(summary.reset_index()).set_index("method").loc["other"]
+    assert shown["95 % CI of Δ"] == "–" and shown["p (paired)"] == "–"
+    assert shown["verdict"] == "1 seed: no interval"
+
+
+def test_equal_differences_on_every_seed_make_a_point_interval():
+    from fisherlora.experiments.report import paired_t
+
+    assert paired_t([0.002] * 3).significant and paired_t([0.002] * 3).p_value == 0
+    same = paired_t([0.0] * 3)
+    assert not same.significant and same.p_value == 1 and same.verdict == "not significant"
+    # float noise in accuracies that are equal counts does not pass for a difference
+    assert not paired_t([0.8 - 0.7 - 0.1, 0.0, 0.1 + 0.2 - 0.3]).significant
 
 
 @pytest.mark.parametrize(

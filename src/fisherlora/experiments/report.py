@@ -8,9 +8,13 @@ Writes into the comparison directory:
   self-contained file).
 
 Uncertainty, honestly: accuracy is given as mean ± std over seeds; each method's difference to
-LoRA is the mean of the per-seed differences (same seed = same data order and head init), with
-a two-sided paired t-test across seeds. A difference is marked "within noise" when p >= 0.05 or
-when it is smaller than the standard error of a single run's accuracy, sqrt(acc (1 - acc) / n).
+LoRA (accuracy, MCC and macro-F1) is the mean Δ of the per-seed differences (same seed = same
+data order and head init), with its paired 95 % confidence interval, Δ ± t(0.975, n−1)·sd/√n
+over the n seeds both finished, and the two-sided paired t-test's p from the same t statistic.
+The verdict is "significant" exactly when the interval excludes 0 (then p < 0.05; no other rule
+can overrule it); one seed has no interval. Separately, the report says whether |Δ accuracy| is
+below the standard error of one run's accuracy, sqrt(acc (1 − acc) / n_test): the interval
+covers the seeds' spread on this one test set, not the sampling of the test set itself.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import html
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +39,7 @@ from fisherlora.experiments.plots import (
     plot_module_values,
     plot_runtime_bars,
 )
-from fisherlora.methods import RANK_ALLOCATING
+from fisherlora.methods import RANK_ALLOCATING, base_method
 from fisherlora.methods.peers import WORKAROUNDS
 
 if TYPE_CHECKING:
@@ -85,22 +90,72 @@ def collect_runs(config: CompareConfig) -> tuple[pd.DataFrame, list[dict[str, st
     return pd.DataFrame(rows), failed
 
 
+# The confidence of the paired interval; "significant" means the interval excludes 0.
+CONFIDENCE = 0.95
+# Each outcome compared with LoRA, and the prefix of its columns in the summary (accuracy's keep
+# the historical names: delta_vs_lora, ci_low, ci_high, p_value, verdict).
+OUTCOMES = {"accuracy": "", "mcc": "mcc_", "macro_f1": "macro_f1_"}
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``metric(method) − metric(LoRA)`` paired by seed.
+
+    ``delta`` is the mean of the per-seed differences; ``ci_low``/``ci_high`` its two-sided
+    t interval, ``delta ± t(1 − (1 − confidence)/2, n − 1) · sd / √n``; ``p_value`` the
+    two-sided paired t-test from the same t statistic, so ``p < 1 − confidence`` exactly when the
+    interval excludes 0. Interval and p are NaN with fewer than 2 pairs.
+    """
+
+    delta: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    pairs: int
+
+    @property
+    def significant(self) -> bool:
+        """The interval excludes 0 (never with fewer than 2 pairs)."""
+        return bool(self.ci_low > 0 or self.ci_high < 0)
+
+    @property
+    def verdict(self) -> str:
+        if self.pairs == 0:
+            return "no LoRA run to pair with"
+        if self.pairs == 1:
+            return "1 seed: no interval"
+        if self.significant:
+            return "significant: " + ("better" if self.delta > 0 else "worse") + " than LoRA"
+        return "not significant"
+
+
+def paired_t(differences: Any, confidence: float = CONFIDENCE) -> PairedDifference:
+    """The paired t interval and test of per-seed differences (see :class:`PairedDifference`)."""
+    # accuracies are counts / n, so differences that agree to 12 decimals are equal: rounding
+    # keeps float noise (~1e-17) from passing for a spread or for a difference
+    d = np.round(np.asarray(differences, dtype=float), 12)
+    n = len(d)
+    if n == 0:
+        return PairedDifference(math.nan, math.nan, math.nan, math.nan, 0)
+    delta = float(d.mean())
+    if n == 1:
+        return PairedDifference(delta, math.nan, math.nan, math.nan, 1)
+    se = float(d.std(ddof=1)) / math.sqrt(n)
+    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) * se
+    # every seed giving the same difference (se = 0) makes the interval that point
+    p = float(2 * scipy_stats.t.sf(abs(delta) / se, n - 1)) if se > 0 else float(delta == 0)
+    return PairedDifference(delta, delta - half, delta + half, p, n)
+
+
 def paired_difference(
     runs: pd.DataFrame, method: str, rank: int, metric: str = "accuracy"
-) -> tuple[float, float, int]:
-    """Mean of ``metric(method) − metric(LoRA)`` over the seeds both finished, the two-sided
-    paired t-test's p-value (NaN with < 2 pairs or no spread) and the number of pairs."""
+) -> PairedDifference:
+    """``metric(method) − metric(LoRA)`` over the seeds both finished at ``rank``."""
     at_rank = runs[runs["rank"] == rank]
     ours = at_rank[at_rank["method"] == method].set_index("seed")[metric]
     base = at_rank[at_rank["method"] == BASELINE].set_index("seed")[metric]
     seeds = sorted(set(ours.index) & set(base.index))
-    if not seeds:
-        return math.nan, math.nan, 0
-    diff = ours.loc[seeds].to_numpy() - base.loc[seeds].to_numpy()
-    if len(seeds) < 2 or np.allclose(diff, diff[0]):
-        return float(diff.mean()), math.nan, len(seeds)
-    p = scipy_stats.ttest_rel(ours.loc[seeds], base.loc[seeds]).pvalue
-    return float(diff.mean()), float(p), len(seeds)
+    return paired_t(ours.loc[seeds].to_numpy() - base.loc[seeds].to_numpy())
 
 
 def summarize(runs: pd.DataFrame, config: CompareConfig, n_test: int) -> pd.DataFrame:
@@ -119,31 +174,32 @@ def summarize(runs: pd.DataFrame, config: CompareConfig, n_test: int) -> pd.Data
                 "trainable_params": int(group["trainable_params"].median()),
                 "adapter_params": int(group["adapter_params"].median()),
             }
-            for metric in ("accuracy", "mcc", "macro_f1"):
+            for metric in OUTCOMES:
                 row[f"{metric}_mean"] = float(group[metric].mean())
                 row[f"{metric}_std"] = (
                     float(group[metric].std(ddof=1)) if len(group) > 1 else math.nan
                 )
-            delta, p, pairs = (
-                (math.nan, math.nan, 0)
-                if method == BASELINE
-                else paired_difference(runs, method, rank)
-            )
+            # the standard error of one run's accuracy on the n_test examples evaluated
             one_run_se = math.sqrt(acc.mean() * (1 - acc.mean()) / n_test)
-            row |= {"delta_vs_lora": delta, "p_value": p, "pairs": pairs}
-            direction = "better than LoRA" if delta > 0 else "worse than LoRA"
-            if method == BASELINE or pairs == 0:
-                row["note"] = "baseline" if method == BASELINE else "no LoRA run to pair with"
-            elif pairs < 2:
-                # one pair, no test: the difference of two runs has a standard error of √2·se
-                clear = abs(delta) > 2 * math.sqrt(2) * one_run_se
-                row["note"] = (
-                    f"one seed: {direction} (> 2 SE)" if clear else "one seed: within noise"
-                )
-            elif abs(delta) < one_run_se or not (p < 0.05):
-                row["note"] = "within noise"
-            else:
-                row["note"] = direction
+            row["one_run_se"] = one_run_se
+            for metric, prefix in OUTCOMES.items():
+                if method == BASELINE:
+                    diff = PairedDifference(math.nan, math.nan, math.nan, math.nan, 0)
+                else:
+                    diff = paired_difference(runs, method, rank, metric)
+                row |= {
+                    f"{prefix}delta_vs_lora": diff.delta,
+                    f"{prefix}ci_low": diff.ci_low,
+                    f"{prefix}ci_high": diff.ci_high,
+                    f"{prefix}p_value": diff.p_value,
+                    f"{prefix}verdict": "baseline" if method == BASELINE else diff.verdict,
+                }
+                if metric == "accuracy":
+                    row["pairs"] = diff.pairs
+                    # stated beside the verdict, never folded into it
+                    row["below_one_run_se"] = (
+                        None if diff.pairs == 0 else bool(abs(diff.delta) < one_run_se)
+                    )
             for column in (
                 "init_s",
                 "median_step_s",
@@ -260,7 +316,7 @@ def make_plots(
             (f"Confusion matrices (row shares, counts summed over seeds), r = {rank}", path)
         )
         for method in labels:
-            if not any(part in RANK_ALLOCATING for part in method.split("+")):
+            if not any(base_method(part) in RANK_ALLOCATING for part in method.split("+")):
                 continue
             first = runs[(runs["rank"] == rank) & (runs["method"] == method)]["run_dir"].iloc[0]
             path = plots / f"rank_map_r{rank}_{method}.png"
@@ -274,6 +330,14 @@ def make_plots(
 
 def _pm(mean: float, std: float, digits: int = 4) -> str:
     return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _interval(low: float, high: float) -> str:
+    return "–" if math.isnan(low) else f"[{low:+.4f}, {high:+.4f}]"
+
+
+def _p(p: float) -> str:
+    return "–" if math.isnan(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
 
 
 def display_table(summary: pd.DataFrame) -> pd.DataFrame:
@@ -292,13 +356,17 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
                 "Δ acc vs LoRA": "–"
                 if is_base or math.isnan(r["delta_vs_lora"])
                 else f"{r['delta_vs_lora']:+.4f}",
-                "p (paired)": "–" if math.isnan(r["p_value"]) else f"{r['p_value']:.3f}",
+                "95 % CI of Δ": _interval(r["ci_low"], r["ci_high"]),
+                "p (paired)": _p(r["p_value"]),
+                "verdict": r["verdict"],
+                "Δ below one run's SE": "–"
+                if r["below_one_run_se"] is None or pd.isna(r["below_one_run_se"])
+                else ("yes" if r["below_one_run_se"] else "no"),
                 "seeds": int(r["seeds"]),
                 "init s": f"{r['init_s']:.1f}",
                 "median step s": f"{r['median_step_s']:.3f}",
                 "peak MB": f"{r['peak_memory_mb']:.0f}",
                 "total s": f"{r['total_s']:.0f}",
-                "note": r["note"],
             }
         )
     return pd.DataFrame(rows)
@@ -317,23 +385,60 @@ def _notes(config: CompareConfig, summary: pd.DataFrame, failed: list, n_test: i
         acc = float(summary["accuracy_mean"].mean())
         se = math.sqrt(acc * (1 - acc) / n_test)
         notes.append(
-            f"One run's accuracy on {n_test:,} held-out examples has a standard error of about "
-            f"{se:.4f}. Δ is the mean of per-seed differences to LoRA at the same seed; p is a "
-            "two-sided paired t-test across seeds (– where fewer than 2 pairs). 'within noise' "
-            "marks |Δ| below one run's standard error or p >= 0.05: such a difference is not "
-            "evidence that the method helps or hurts. With one seed there is no test; a "
-            "difference is called clear only beyond 2 standard errors of a difference of two "
-            "runs (2·√2·se)."
+            f"One run's accuracy on {n_test:,} held-out examples has a standard error (SE) of "
+            f"about {se:.4f}, √(acc (1 − acc) / n). Δ is the mean of the per-seed differences to "
+            "LoRA at the same seed; its 95 % CI is Δ ± t(0.975, n − 1)·sd/√n over the n paired "
+            "seeds, and p is the two-sided paired t-test from the same t statistic, so p < 0.05 "
+            "exactly when the interval excludes 0 (– where fewer than 2 pairs). The verdict is "
+            "'significant' when the interval excludes 0 and 'not significant' when it contains "
+            "0; one seed has no interval ('1 seed: no interval'). Whether |Δ| is below one run's "
+            "SE (from that row's mean accuracy) is stated separately: the interval measures the "
+            "spread over seeds on this one test set, not the sampling of the test set, and a Δ "
+            "below one run's SE is small against that sampling error, significant or not."
         )
+    labels = {"mcc": "MCC", "macro_f1": "macro-F1"}
+    disagreements = 0
     for _, row in summary.iterrows():
-        if row["method"] != BASELINE and "within noise" in row["note"] and row["delta_vs_lora"] > 0:
+        if row["method"] == BASELINE or row["pairs"] == 0:
+            continue
+        where, delta = f"r = {int(row['rank'])}: {row['method']}", row["delta_vs_lora"]
+        ci = f"95 % CI {_interval(row['ci_low'], row['ci_high'])}"
+        if row["pairs"] == 1:
+            if delta > 0:
+                notes.append(
+                    f"{where} vs LoRA: Δ {delta:+.4f} from a single seed: no interval, not "
+                    "evidence either way."
+                )
+        elif row["verdict"] == "not significant":
+            if delta > 0:
+                notes.append(
+                    f"{where} does not beat LoRA significantly (Δ {delta:+.4f}, {ci}, "
+                    f"p = {_p(row['p_value'])})."
+                )
+        elif row["below_one_run_se"]:
             notes.append(
-                f"r = {int(row['rank'])}: {row['method']} does not beat LoRA beyond noise "
-                f"(Δ {row['delta_vs_lora']:+.4f}, p = {row['p_value']:.3f})."
-                if not math.isnan(row["p_value"])
-                else f"r = {int(row['rank'])}: {row['method']} vs LoRA: Δ "
-                f"{row['delta_vs_lora']:+.4f} from a single seed, not evidence either way."
+                f"{where} is significantly {row['verdict'].removeprefix('significant: ')} "
+                f"(Δ {delta:+.4f}, {ci}, p = {_p(row['p_value'])}), by less than one run's SE "
+                f"({row['one_run_se']:.4f}): consistent across seeds, small against the test "
+                "set's sampling error."
             )
+        if row["pairs"] < 2:
+            continue
+        for metric, label in labels.items():
+            prefix = OUTCOMES[metric]
+            if row[f"{prefix}verdict"] != row["verdict"]:
+                disagreements += 1
+                notes.append(
+                    f"{where}: the {label} difference "
+                    f"({row[f'{prefix}delta_vs_lora']:+.4f}, 95 % CI "
+                    f"{_interval(row[f'{prefix}ci_low'], row[f'{prefix}ci_high'])}) is "
+                    f"{row[f'{prefix}verdict']}, accuracy's {row['verdict']}."
+                )
+    if not summary.empty and not disagreements and (summary["pairs"] >= 2).any():
+        notes.append(
+            "MCC and macro-F1 differences to LoRA, by the same paired interval (results.json: "
+            "mcc_* and macro_f1_* columns), give accuracy's verdict in every row."
+        )
     used = {part for m in config.methods for part in m.split("+")}
     for method, text in WORKAROUNDS.items():
         if method in used:
