@@ -248,6 +248,11 @@ class FisherPenalty:
                 local = torch.zeros(width, layer.out_features, device=weight.device)
             parts.append(local.reshape(-1))
         flat = all_reduce_mean(torch.cat(parts))
+        if self.estimator == "exact":
+            # W-sized products (10.8 M floats on MiniLM): a float64 copy of the whole buffer and
+            # an int64 segment index would add ~250 MiB; one module at a time stays small.
+            pieces = flat.split([part.numel() for part in parts])
+            return torch.stack([piece.double().square().sum() for piece in pieces])
         if self._segments is None or self._segments.device != flat.device:
             sizes = torch.tensor([part.numel() for part in parts], device=flat.device)
             self._segments = torch.repeat_interleave(
@@ -255,7 +260,7 @@ class FisherPenalty:
             )
         squared = torch.zeros(len(parts), dtype=torch.float64, device=flat.device)
         squared.index_add_(0, self._segments, flat.double().square())
-        return squared / self.probes if self.estimator == "sketch" else squared
+        return squared / self.probes
 
     def _freeze(self) -> None:
         reference = self.fisher.sum() if self.normalize == "sum" else self.fisher.max()
