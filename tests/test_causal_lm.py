@@ -22,7 +22,7 @@ from fisherlora.experiments.models import load_model, minilm_path
 from fisherlora.experiments.tasks import Task, held_out_subset
 from fisherlora.experiments.train import TrainConfig, train
 from fisherlora.methods import get_method
-from fisherlora.methods.filet import _project_statistics, filet_init
+from fisherlora.methods.filet import _project_statistics, candidate_directions, filet_init
 from fisherlora.methods.fim_lora import fisher_of_b
 from fisherlora.methods.fw_lora import FisherPenalty
 
@@ -146,7 +146,7 @@ def test_example_loss_scale_counts_scored_tokens():
     assert example_loss_scale(multi_label).tolist() == [3.0, 3.0, 3.0]
 
 
-def test_filet_counts_exactly_the_tokens_whose_prediction_is_scored():
+def test_filet_counts_every_non_padding_position_whatever_its_label():
     model = tiny_causal_peft()
     batches = prompt_completion_batches(3, seed=2)
     adapter, layers = lora_layers(model)
@@ -169,11 +169,57 @@ def test_filet_counts_exactly_the_tokens_whose_prediction_is_scored():
         dropout=False,
         progress=False,
     )
-    # the outputs at t count where labels[t + 1] is scored
-    scored = sum((b["labels"][:, 1:] != -100).sum() for b in batches)
+    # ∇W = Σ_t g_t x_tᵀ runs over every position the attention mask keeps, prompt included
+    kept = sum(b["attention_mask"].sum() for b in batches)
     assert used == 3
     for name in layers:
-        assert tokens[name].item() == scored.item(), name
+        assert tokens[name].item() == kept.item(), name
+
+
+def test_filet_energies_run_over_every_non_padding_position_of_a_prompt_completion_batch():
+    """p_i, q_i from plain hooks over all non-padding positions (the prompt's, labelled -100,
+    included): FILet's energies are exactly those, candidate for candidate."""
+    model = tiny_causal_peft().eval()
+    batches = prompt_completion_batches(3, seed=7)
+    assert all((b["attention_mask"] == 0).any() for b in batches)  # some padding in each batch
+    _, layers = lora_layers(model)
+    candidates = {
+        name: candidate_directions(layer.get_base_layer().weight, "gram")
+        for name, layer in layers.items()
+    }
+    p = {name: 0.0 for name in layers}
+    q = {name: 0.0 for name in layers}
+    current: dict = {}
+
+    def hook(name):
+        def forward(module, inputs, output):
+            keep = current["mask"].reshape(-1)
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])[keep]
+            p[name] = p[name] + (x @ candidates[name][0]).square().sum(dim=0)
+
+            def backward(g):
+                g = g.detach().reshape(-1, g.shape[-1])[keep]
+                q[name] = q[name] + (g @ candidates[name][1]).square().sum(dim=0)
+
+            output.register_hook(backward)
+
+        return forward
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        for batch in batches:
+            current["mask"] = batch["attention_mask"].bool()
+            model(**batch).loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    model.zero_grad(set_to_none=True)
+    positions = sum(b["attention_mask"].sum() for b in batches).item()
+    report = filet_init(model, batches, n_batches=3, scale="fisher", progress=False)
+    assert report.basis == "gram"
+    for name in layers:
+        expected = (p[name] / positions) * (q[name] / positions)
+        torch.testing.assert_close(torch.tensor(report.energies[name]), expected, rtol=1e-4, atol=0)
 
 
 def test_filet_keeps_a_causal_lms_outputs_at_init():

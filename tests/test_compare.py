@@ -323,3 +323,23 @@ def test_cli_quick_preset_fills_only_what_is_not_given(tmp_path):
     )
     config = compare_config_from_args(args)
     assert config.base.steps == 40 and config.seeds == [3, 4]
+
+
+def test_the_table_shows_the_adapter_parameters_still_in_effect_after_pruning():
+    from fisherlora.experiments.report import display_table, summarize
+
+    results = per_seed_results({"lora": LORA, "adalora": LORA})
+    results["effective_adapter_params"] = [8] * 5 + [5] * 5  # AdaLoRA masked 3 of its 8
+    config = SimpleNamespace(ranks=[8], methods=["lora", "adalora"])
+    shown = display_table(summarize(results, config, n_test=2000)).set_index("method")
+    assert shown.loc["adalora", "adapter params"] == "8 (5 in effect)"
+    assert shown.loc["lora", "adapter params"] == "8"
+    # runs that predate the count show the adapter parameters alone
+    shown = display_table(
+        summarize(
+            per_seed_results({"lora": LORA}),
+            SimpleNamespace(ranks=[8], methods=["lora"]),
+            n_test=2000,
+        )
+    )
+    assert list(shown["adapter params"]) == ["8"]

@@ -7,8 +7,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from fisherlora.adapters import export_lora, lora_layers
-from fisherlora.capture import apply_mask, calibration_mode, capture_io, token_mask
+from fisherlora.capture import apply_mask, calibration_mode, capture_io, padding_mask
 from fisherlora.errors import CalibrationError, ConfigError
+from fisherlora.methods import get_method
 from fisherlora.methods.filet import (
     candidate_directions,
     filet_init,
@@ -42,12 +43,66 @@ def test_outputs_equal_the_base_model_right_after_init(arch, rslora, basis, scal
         base_logits = logits(model, probe)
     report = filet_init(model, random_batches(3), basis=basis, scale=scale, progress=False)
     assert (logits(model, probe) - base_logits).abs().max() <= 1e-5
-    adapter, layers = lora_layers(model)
-    changed = [
-        n for n, layer in layers.items() if torch.count_nonzero(layer.lora_B[adapter].weight) > 0
-    ]
-    assert changed == list(layers)  # the init is not a no-op: every B is non-zero
     assert report.calibration_batches == 3
+
+
+def reference_candidates(weight: torch.Tensor, basis: str):
+    """V̂ [n, k], Û [m, k] and ‖W v̂_i‖ straight from the paper's formulas (gram) or the SVD."""
+    w = weight.detach().double()
+    if basis == "svd":
+        u, sigma, vh = torch.linalg.svd(w, full_matrices=False)
+        return vh.T, u, sigma
+    gram = w.T @ w
+    v = gram / gram.norm(dim=0)
+    wv = w @ v
+    return v, wv / wv.norm(dim=0), wv.norm(dim=0)
+
+
+def init_with_reference(arch, basis, scale):
+    """FILet on a tiny model: per layer, s B A, the residual base weight and the reference
+    candidates of the original weight."""
+    model = tiny_peft_model(arch, seed=3)
+    adapter, layers = lora_layers(model)
+    weights = {n: layer.get_base_layer().weight.detach().clone() for n, layer in layers.items()}
+    report = filet_init(model, random_batches(3), basis=basis, scale=scale, progress=False)
+    out = {}
+    for name, layer in layers.items():
+        v, u, sigma = reference_candidates(weights[name], basis)
+        assert len(report.energies[name]) == sigma.numel()  # no candidate dropped: same indices
+        chosen = torch.tensor(report.selected[name])
+        energy = torch.tensor(report.energies[name], dtype=torch.float64)[chosen]
+        # Σ_{i∈sel} e_i û_i v̂_iᵀ from the reference candidates
+        expected = (u[:, chosen] * energy) @ v[:, chosen].T
+        a, b = (getattr(layer, f"lora_{k}")[adapter].weight.double() for k in "AB")
+        delta = layer.scaling[adapter] * (b @ a)
+        residual = layer.get_base_layer().weight.double()
+        out[name] = (delta, expected, sigma[chosen].max(), weights[name].double(), residual)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("basis", ["gram", "svd"])
+def test_fisher_norm_is_one_scale_per_layer_giving_the_largest_selected_gain(arch, basis):
+    """s B A = c Σ_sel e_i û_i v̂_iᵀ with one c per layer, and ‖s B A‖₂ = max_{i∈sel} ‖W v̂_i‖."""
+    for name, (delta, expected, top_gain, weight, residual) in init_with_reference(
+        arch, basis, "fisher-norm"
+    ).items():
+        norm = torch.linalg.matrix_norm(delta, ord=2)
+        assert norm.item() == pytest.approx(top_gain.item(), rel=1e-4), name
+        c = norm / torch.linalg.matrix_norm(expected, ord=2)
+        torch.testing.assert_close(delta, c * expected, rtol=0, atol=1e-5 * norm.item())
+        torch.testing.assert_close(residual, weight - delta, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("basis", ["gram", "svd"])
+def test_raw_fisher_init_is_the_energy_weighted_sum_of_the_selected_directions(basis):
+    for name, (delta, expected, _, weight, residual) in init_with_reference(
+        "llama", basis, "fisher"
+    ).items():
+        scale = torch.linalg.matrix_norm(expected, ord=2).item()
+        assert scale > 0, name
+        torch.testing.assert_close(delta, expected, rtol=0, atol=1e-4 * scale)
+        torch.testing.assert_close(residual, weight - delta, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
@@ -78,7 +133,7 @@ def test_export_after_rank_allocation_and_filet(tmp_path):
 
 
 def test_energies_equal_the_dense_covariance_reference():
-    """p_i = v̂_iᵀ S_X v̂_i and q_i = û_iᵀ S_Y û_i with S_X, S_Y over unmasked tokens."""
+    """p_i = v̂_iᵀ S_X v̂_i and q_i = û_iᵀ S_Y û_i with S_X, S_Y over the non-padding tokens."""
     model = tiny_peft_model("llama")
     batches = random_batches(3, seq=10, pad_to=14)
     adapter, layers = lora_layers(model)
@@ -100,7 +155,7 @@ def test_energies_equal_the_dense_covariance_reference():
     b_weights = [layer.lora_B[adapter].weight for layer in layers.values()]
     with calibration_mode(model, b_weights), capture_io(layers, dense, mask_ref):
         for batch in batches:
-            mask_ref[0] = token_mask(batch)
+            mask_ref[0] = padding_mask(batch)
             model(**batch).loss.backward()
     report = filet_init(model, batches, basis="gram", progress=False)
     for name, (v, u, _) in candidates.items():
@@ -160,11 +215,12 @@ def test_random_selection_is_seeded():
     assert picks[0] == picks[1] != picks[2]
 
 
-def test_rank_above_usable_candidates_is_rejected_unchanged():
-    model = tiny_peft_model(rank=40)  # hidden 32: at most 32 svd candidates per 32-wide layer
+@pytest.mark.parametrize("basis", ["gram", "svd"])
+def test_rank_above_usable_candidates_is_rejected_unchanged(basis):
+    model = tiny_peft_model(rank=40)  # hidden 32: at most 32 candidates per 32x32 layer
     before = snapshot(model)
-    with pytest.raises(ConfigError, match=r"rank 40 of .* exceeds its 32 usable svd candidates"):
-        filet_init(model, random_batches(2), progress=False)
+    with pytest.raises(ConfigError, match=rf"rank 40 of .* exceeds its 32 usable {basis} candi"):
+        filet_init(model, random_batches(2), basis=basis, progress=False)
     assert_unchanged(before, snapshot(model))
 
 
@@ -232,3 +288,46 @@ def test_lowrank_spectral_norm_matches_the_dense_one():
     b, a = torch.randn(30, 4), torch.randn(4, 50)
     dense = torch.linalg.matrix_norm(b @ a, ord=2)
     torch.testing.assert_close(lowrank_spectral_norm(b, a), dense, rtol=1e-5, atol=0)
+
+
+def test_singular_scale_on_the_gram_basis_is_refused_before_any_work():
+    model = tiny_peft_model()
+    before = snapshot(model)
+    message = r"scale='singular' needs basis='svd', not basis='gram'.*not a singular value"
+    with pytest.raises(ConfigError, match=message):
+        filet_init(model, random_batches(2), basis="gram", scale="singular", progress=False)
+    with pytest.raises(ConfigError, match=message):
+        get_method("filet", {"scale": "singular"})  # the default basis is the paper's gram
+    assert_unchanged(before, snapshot(model))
+    assert get_method("filet-svd", {"scale": "singular"}).options["basis"] == "svd"
+
+
+def test_the_filet_svd_variant_runs_the_svd_basis_whatever_the_runner_passes():
+    assert get_method("filet").options["basis"] == "gram"  # `filet` is the paper's FILet
+    method = get_method("filet-svd", {"basis": "gram", "calib_batches": 3, "progress": False})
+    assert method.name == "filet-svd"
+    model, same = tiny_peft_model(seed=1), tiny_peft_model(seed=1)
+    batches = random_batches(3)
+    info = method.prepare(model, batches)
+    assert info["filet"]["basis"] == "svd"
+    filet_init(same, batches, basis="svd", progress=False)
+    _, layers = lora_layers(model)
+    _, reference = lora_layers(same)
+    for name, layer in layers.items():
+        torch.testing.assert_close(
+            layer.lora_A["default"].weight, reference[name].lora_A["default"].weight
+        )
+
+
+def test_filet_svd_composes_like_filet():
+    model = tiny_peft_model(rank=4, seed=2)
+    batches = random_batches(3, seed=3)
+    before = logits(model, batches)
+    method = get_method(
+        "fim-lora+filet-svd+fw-lora",
+        {"basis": "gram", "calib_batches": 3, "steps": 10, "progress": False},
+    )
+    assert [m.name for m in method.members] == ["fim-lora", "filet-svd", "fw-lora"]
+    info = method.prepare(model, batches)
+    assert info["filet-svd"]["filet"]["basis"] == "svd"
+    torch.testing.assert_close(logits(model, batches), before, atol=1e-5, rtol=0)

@@ -1,3 +1,4 @@
+import inspect
 import json
 import warnings
 
@@ -8,6 +9,8 @@ from peft import PeftModel
 
 from fisherlora.adapters import lora_layers
 from fisherlora.errors import CalibrationError, ConfigError
+from fisherlora.experiments.train import TrainConfig, count_parameters, method_options
+from fisherlora.methods import base_method, get_method, method_names
 from fisherlora.methods.fim_lora import allocate_ranks, fisher_of_b, random_ranks
 
 # Most tests calibrate on fewer than the default 8 batches on purpose; one test checks the warning.
@@ -176,6 +179,54 @@ def test_random_rank_control_is_seeded_and_exact():
     assert sum(ranks[2].values()) == 8 * len(ranks[2])
 
 
+def test_fim_lora_runs_the_paper_estimator_and_the_batch_one_is_a_named_variant():
+    assert get_method("fim-lora").options["estimator"] == "per_example"
+    assert TrainConfig().estimator == "per_example"
+    assert inspect.signature(allocate_ranks).parameters["estimator"].default == "per_example"
+    assert base_method("fim-lora-batch") == "fim-lora"
+    # the variant's fixed option wins over the runner's setting
+    variant = get_method("fim-lora-batch", {"estimator": "per_example", "progress": False})
+    assert variant.name == "fim-lora-batch" and variant.options["estimator"] == "batch"
+    assert method_names("fim-lora-batch+filet,fim-lora") == ["fim-lora-batch+filet", "fim-lora"]
+    with pytest.raises(ConfigError, match="one rank allocator"):
+        get_method("fim-lora+fim-lora-batch")
+
+    composed = get_method("filet+fim-lora-batch", {"calib_batches": 2, "progress": False})
+    assert [m.name for m in composed.members] == ["fim-lora-batch", "filet"]
+    model = tiny_peft_model(rank=4)
+    batches = random_batches(2)
+    before = logits(model, batches)
+    info = composed.prepare(model, batches)
+    plan = info["fim-lora-batch"]["rank_plan"]
+    assert plan["estimator"] == "batch" and plan["budget_mode"] == "params"
+    adapter, layers = lora_layers(model)
+    assert {n: layer.r[adapter] for n, layer in layers.items()} == plan["ranks"]
+    torch.testing.assert_close(logits(model, batches), before, atol=1e-5, rtol=0)  # FILet init
+
+
+@pytest.mark.parametrize("rank", [4, 8])
+def test_runner_allocators_match_lora_adapter_parameters_within_one_percent(rank):
+    """With the runner's defaults (budget in parameters) fim-lora and random-rank train at most
+    LoRA's adapter parameters at the same r, and less by under 1 % (ranks moved between
+    modules of different widths would otherwise change the count)."""
+    options = method_options(TrainConfig(rank=rank, calib_batches=2), progress=False)
+    lora = count_parameters(tiny_peft_model(rank=rank))["adapter_params"]
+    for name, seed in [("fim-lora", 0), *(("random-rank", s) for s in range(5))]:
+        model = tiny_peft_model(rank=rank)
+        get_method(name, options | {"seed": seed}).prepare(model, random_batches(2))
+        adapter, layers = lora_layers(model)
+        assert len({layer.r[adapter] for layer in layers.values()}) > 1, name  # ranks did move
+        counted = count_parameters(model)
+        assert 0.99 * lora <= counted["adapter_params"] <= lora, (name, seed)
+        assert counted["effective_adapter_params"] == counted["adapter_params"]
+    in_ranks = []  # why params is the default: a budget in ranks drifts in parameters
+    for seed in range(5):
+        model = tiny_peft_model(rank=rank)
+        get_method("random-rank", options | {"budget": "ranks", "seed": seed}).prepare(model, [])
+        in_ranks.append(count_parameters(model)["adapter_params"])
+    assert any(n != lora for n in in_ranks)
+
+
 def test_infeasible_bounds_raise_and_leave_the_model_unchanged():
     model = tiny_peft_model()
     before = snapshot(model)
@@ -262,11 +313,14 @@ def test_runner_writes_rank_plan_and_rank_map(tmp_path, small_csv, capsys):
     capsys.readouterr()
     assert code == 0
     ranks = json.loads((out / "ranks.json").read_text())
-    assert sum(ranks["ranks"].values()) == ranks["budget"] and ranks["calibration_batches"] == 2
+    # the runner's defaults: the paper's estimator, a budget in parameters (LoRA's, at most)
+    assert (ranks["estimator"], ranks["budget_mode"]) == ("per_example", "params")
+    assert ranks["spent"] <= ranks["budget"] and ranks["calibration_batches"] == 2
     assert all(2 <= r <= 12 for r in ranks["ranks"].values())
     assert (out / "rank_map.png").stat().st_size > 1000
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["timings"]["init_s"] > 0
+    assert metrics["adapter_params"] == metrics["effective_adapter_params"] == ranks["spent"]
     assert metrics["prepare"]["rank_plan"]["ranks"] == ranks["ranks"]
     saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert saved["rank_pattern"] == ranks["ranks"]

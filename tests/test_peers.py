@@ -6,10 +6,11 @@ import copy
 import pytest
 import torch
 from conftest import logits, random_batches, tiny_base, tiny_lora_config
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
+from peft.tuners.adalora import AdaLoraLayer
 
 from fisherlora.errors import CalibrationError
-from fisherlora.experiments.train import TrainConfig, train
+from fisherlora.experiments.train import TrainConfig, count_parameters, train
 from fisherlora.methods import get_method
 from fisherlora.methods.peers import eva_batches
 
@@ -105,3 +106,18 @@ def test_adalora_prunes_to_the_matched_budget(keyword_task):
     assert kept, "update_and_allocate never fixed the final ranks"
     assert sum(sum(mask) for mask in kept.values()) == 4 * len(kept)
     assert any(sum(mask) != 4 for mask in kept.values())  # the budget was redistributed
+
+    # P, Λ, Q stay at init_r = 6 ranks as parameters; the kept triplets are what acts
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, AdaLoraLayer)}
+    width = {n: m.in_features + m.out_features + 1 for n, m in layers.items()}
+    assert result.metrics["adapter_params"] == sum(6 * w for w in width.values())
+    effective = sum(
+        sum(mask) * width[f"base_model.model.{key.split('.lora_E')[0]}"]
+        for key, mask in kept.items()
+    )
+    assert result.metrics["effective_adapter_params"] == effective
+    assert effective < result.metrics["adapter_params"]
+    # other methods: every adapter parameter acts
+    base, targets = tiny_base("bert")
+    lora = count_parameters(get_peft_model(base, tiny_lora_config(targets, 4)))
+    assert lora["effective_adapter_params"] == lora["adapter_params"]

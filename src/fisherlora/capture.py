@@ -34,8 +34,23 @@ def predicts_next_token(model: nn.Module) -> bool:
     return bool(can_generate()) if callable(can_generate) else False
 
 
+def padding_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """``[batch, seq]`` float mask of the positions a hidden layer's statistics run over: every
+    position the attention mask keeps (padding out), whatever its label. ``None`` without an
+    attention mask.
+
+    A label of ``-100`` does not remove a position from a hidden layer: the weight gradient
+    ``∇W = Σ_t g_t x_tᵀ`` sums over every position, and a prompt token's ``g_t`` is not zero when
+    a scored token attends to it. Only the loss's own terms are counted by label
+    (:func:`token_mask`)."""
+    mask = batch.get("attention_mask")
+    return None if mask is None else mask.to(torch.float32)
+
+
 def token_mask(batch: Mapping[str, torch.Tensor], next_token: bool = False) -> torch.Tensor | None:
-    """``[batch, seq]`` mask of the tokens that count: those the loss reads.
+    """``[batch, seq]`` mask of the *scored* tokens: the terms of the loss (to count them, as
+    :func:`example_loss_scale` does), not the positions a hidden layer's statistics run over
+    (those are :func:`padding_mask`'s).
 
     The attention mask, and for token-level labels also the positions whose label the loss does
     not ignore (``-100``). With ``next_token`` (a causal LM, which shifts the labels inside its

@@ -97,7 +97,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
         "--budget",
         default=DEFAULTS.budget,
         choices=["ranks", "params"],
-        help="keep the total rank (ranks) or the total adapter parameters (params)",
+        help="what fim-lora / random-rank keep of LoRA at rank r: the total adapter parameters "
+        "(params, the default: never above, within one module's rank cost) or the total rank "
+        "(ranks)",
     )
     calib.add_argument(
         "--score",
@@ -108,16 +110,18 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
     calib.add_argument(
         "--estimator",
         default=DEFAULTS.estimator,
-        choices=["batch", "per_example"],
-        help="squared batch gradients (paper) or per-example squared gradients",
+        choices=["per_example", "batch"],
+        help="FIM-LoRA's Fisher: per-example squared gradients (the paper's Eq. 1, default) or "
+        "squared mini-batch gradients (the variant fim-lora-batch)",
     )
 
     filet = parser.add_argument_group("FILet initialisation (filet)")
     filet.add_argument(
         "--basis",
         default=DEFAULTS.basis,
-        choices=["svd", "gram"],
-        help="candidate directions: orthonormal singular vectors or the paper's gram basis",
+        choices=["gram", "svd"],
+        help="candidate directions: the paper's gram basis (default) or orthonormal singular "
+        "vectors (the filet-svd variant)",
     )
     filet.add_argument(
         "--select",
@@ -129,7 +133,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
         "--scale",
         default=DEFAULTS.scale,
         choices=["fisher-norm", "fisher", "singular"],
-        help="adapter magnitudes: normalised energies, raw energies or singular values",
+        help="adapter magnitudes: the energies times one scale per layer so that ‖sBA‖₂ is the "
+        "largest selected ‖W v̂‖ (default), the raw energies, or singular values (--basis svd)",
     )
 
     fw = parser.add_argument_group("Fisher-weighted penalty (fw-lora)")

@@ -78,6 +78,9 @@ def collect_runs(config: CompareConfig) -> tuple[pd.DataFrame, list[dict[str, st
                         "n_test": sum(map(sum, m["confusion_matrix"])),
                         "trainable_params": m["trainable_params"],
                         "adapter_params": m["adapter_params"],
+                        # what acts after AdaLoRA's pruning (= adapter_params for the others);
+                        # absent from runs made before it was recorded
+                        "effective_adapter_params": m.get("effective_adapter_params"),
                         "init_s": t["build_s"] + t["init_s"],
                         "median_step_s": t["median_step_s"],
                         "train_s": t["train_s"],
@@ -173,6 +176,8 @@ def summarize(runs: pd.DataFrame, config: CompareConfig, n_test: int) -> pd.Data
                 "seeds": len(group),
                 "trainable_params": int(group["trainable_params"].median()),
                 "adapter_params": int(group["adapter_params"].median()),
+                # what acts after AdaLoRA's pruning; NaN for runs that predate its recording
+                "effective_adapter_params": _median_or_nan(group, "effective_adapter_params"),
             }
             for metric in OUTCOMES:
                 row[f"{metric}_mean"] = float(group[metric].mean())
@@ -340,6 +345,22 @@ def _p(p: float) -> str:
     return "–" if math.isnan(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
 
 
+def _median_or_nan(group: pd.DataFrame, column: str) -> float:
+    """The median of a column that older runs may lack (or hold as None)."""
+    if column not in group:
+        return math.nan
+    return float(pd.to_numeric(group[column], errors="coerce").median())
+
+
+def _adapter_params(row: pd.Series) -> str:
+    """The adapter parameters, and those still in effect where pruning (AdaLoRA) masked some."""
+    text = f"{int(row['adapter_params']):,}"
+    effective = row.get("effective_adapter_params")
+    if effective is not None and not pd.isna(effective) and effective != row["adapter_params"]:
+        text += f" ({int(effective):,} in effect)"
+    return text
+
+
 def display_table(summary: pd.DataFrame) -> pd.DataFrame:
     """The report's table: formatted strings, one row per (rank, method)."""
     rows = []
@@ -350,6 +371,7 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
                 "rank": int(r["rank"]),
                 "method": r["method"],
                 "trainable params": f"{int(r['trainable_params']):,}",
+                "adapter params": _adapter_params(r),
                 "accuracy": _pm(r["accuracy_mean"], r["accuracy_std"]),
                 "MCC": _pm(r["mcc_mean"], r["mcc_std"]),
                 "macro-F1": _pm(r["macro_f1_mean"], r["macro_f1_std"]),

@@ -96,10 +96,12 @@ class TrainConfig:
     layers_per_pass: int | None = None  # calibrate target layers in groups (fim-lora, filet)
     r_min: int | None = None  # rank bounds of rank-allocating methods; None: max(1, r // 2)
     r_max: int | None = None  # None: 2 r
-    budget: str = "ranks"  # rank budget counted in "ranks" or "params"
+    # budget of fim-lora / random-rank: "params" (within one module's rank cost of LoRA's adapter
+    # parameters at rank r, never above) or "ranks" (Σ r_m = M r; parameters then drift)
+    budget: str = "params"
     score: str = "mean"  # FIM-LoRA score reduction: mean, max, l2
-    estimator: str = "batch"  # FIM-LoRA Fisher estimator: batch, per_example
-    basis: str = "svd"  # FILet candidate directions: svd, gram
+    estimator: str = "per_example"  # FIM-LoRA Fisher: per_example (the paper's Eq. 1), batch
+    basis: str = "gram"  # FILet candidate directions: gram (the paper), svd
     select: str = "min"  # FILet selection: min, max, random
     scale: str = "fisher-norm"  # FILet magnitudes: fisher-norm, fisher, singular
     fw_warmup_steps: int | None = None  # FW-LoRA warm-up K; None: 500, or steps // 5 for short runs
@@ -152,6 +154,15 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (int(value) != value or value < 1):
                 raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+        if (
+            self.fw_mode == "decay"
+            and "fw-lora" in self.method.split("+")
+            and not self.weight_decay > 0
+        ):
+            raise ConfigError(
+                "fw_mode 'decay' multiplies the optimizer's weight decay by (1 - I_m); with "
+                "weight_decay 0 it does nothing. Set --weight-decay, or use --fw-mode loss"
+            )
         if self.targets is not None and not self.targets:
             raise ConfigError("targets must name at least one module")
 
@@ -259,6 +270,9 @@ def evaluate(
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    """Trainable parameters (adapters + classifier head), adapter parameters (every trainable
+    ``lora_*`` tensor), the adapter parameters still in effect (see
+    :func:`effective_adapter_params`) and all parameters."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     adapter = sum(
         p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n
@@ -266,8 +280,39 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     return {
         "trainable_params": trainable,
         "adapter_params": adapter,
+        "effective_adapter_params": effective_adapter_params(model, adapter),
         "total_params": sum(p.numel() for p in model.parameters()),
     }
+
+
+def effective_adapter_params(model: torch.nn.Module, adapter_params: int) -> int:
+    """The adapter parameters that act in the model as it is now.
+
+    AdaLoRA (PEFT) keeps P, Λ and Q at ``init_r`` ranks as parameters and prunes by masking
+    triplets of Λ to zero; its budget counts ranks (``target_r`` × modules), not parameters.
+    A module that keeps ``k_m`` triplets (PEFT's ``rank_pattern``, written at each masking step
+    and fixed at the final one) acts like ``k_m (n_m + m_m + 1)`` parameters (``k_m`` rows of P,
+    columns of Q and entries of Λ). Before any pruning every triplet counts. Every other method:
+    ``adapter_params``."""
+    from peft.tuners.adalora import AdaLoraLayer
+
+    pruned = 0
+    for name, layer in model.named_modules():
+        if not isinstance(layer, AdaLoraLayer):
+            continue
+        for adapter, values in layer.lora_E.items():
+            config = getattr(model, "peft_config", {}).get(adapter)
+            pattern = getattr(config, "rank_pattern", None) or {}
+            # keyed by E's name inside the wrapped model, with or without the adapter name
+            masks = [
+                mask
+                for key, mask in pattern.items()
+                if f".{name}".endswith("." + key.split(".lora_E")[0])
+            ]
+            if values.requires_grad and masks:
+                dropped = len(masks[0]) - sum(masks[0])
+                pruned += dropped * (layer.in_features + layer.out_features + 1)
+    return adapter_params - pruned
 
 
 def method_options(config: TrainConfig, progress: bool = True) -> dict[str, Any]:

@@ -33,7 +33,13 @@ METHODS: dict[str, Callable[..., Method]] = {
 
 # Named variants: name -> (the method it varies, the options it fixes). A fixed option wins over
 # the same option given by the runner.
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {}
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # FILet on W's orthonormal singular vectors instead of the paper's (non-orthogonal) gram basis
+    "filet-svd": ("filet", {"basis": "svd"}),
+    # FIM-LoRA scoring the squared gradient of each mini-batch loss instead of the paper's
+    # per-example empirical Fisher (Eq. 1)
+    "fim-lora-batch": ("fim-lora", {"estimator": "batch"}),
+}
 
 # Methods that change the ranks per module (the report draws their rank maps).
 RANK_ALLOCATING = ("fim-lora", "random-rank", "eva", "adalora")

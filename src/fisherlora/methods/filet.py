@@ -8,15 +8,34 @@ For a target layer ``y = W x`` (``W ∈ R^{m×n}``) with LoRA update ``s B A``:
    ``basis="svd"``: the orthonormal singular vectors of ``W = U Σ Vᵀ``.
    Candidates with ``σ_i = ‖W v̂_i‖ ≈ 0`` are dropped.
 2. A calibration pass projects each token's input x and output gradient g ``= ∂L/∂y`` onto the
-   candidates, ``p_i = E[(v̂_iᵀ x)²]``, ``q_i = E[(û_iᵀ g)²]`` over unmasked tokens: the diagonals
-   of ``V̂ᵀ S_X V̂`` and ``Ûᵀ S_Y Û`` without ever storing ``S_X`` (n×n) or ``S_Y`` (m×m).
+   candidates, ``p_i = E[(v̂_iᵀ x)²]``, ``q_i = E[(û_iᵀ g)²]`` over every position the attention
+   mask keeps, whatever its label (``∇W = Σ_t g_t x_tᵀ`` runs over all of them; a prompt token
+   labelled -100 still has ``g ≠ 0`` when a scored token attends to it): the diagonals of
+   ``V̂ᵀ S_X V̂`` and ``Ûᵀ S_Y Û`` without ever storing ``S_X`` (n×n) or ``S_Y`` (m×m).
 3. Fisher energy (K-FAC): ``e_i = p_i q_i``.
 4. ``r`` candidates by ``select="min"`` (the paper), ``"max"`` or ``"random"`` (FILet-M/P/R).
-5. Magnitudes ``d_i``: ``scale="fisher"`` the raw energies ``e_i``; ``"fisher-norm"`` the energies
-   rescaled per layer to the selected singular values, ``d = e · max(σ_sel) / max(e_sel)`` (the
-   Fisher ordering kept, and with the svd basis ``‖s B A‖₂ ≤ ‖W‖₂``);
-   ``"singular"`` the ``σ_i`` themselves (FILet-SVD ablation). Then
-   ``A = diag(√(d/s)) V̂_selᵀ``, ``B = Û_sel diag(√(d/s))``, so ``s B A = Σ_i d_i û_i v̂_iᵀ``.
+5. Magnitudes ``d_i``, then ``A = diag(√(d/s)) V̂_selᵀ``, ``B = Û_sel diag(√(d/s))``, so
+   ``s B A = Σ_{i∈sel} d_i û_i v̂_iᵀ``:
+
+   - ``scale="fisher-norm"`` (default): ``d_i = c · e_i`` with ONE scale ``c`` per layer, chosen
+     so that ``‖s B A‖₂ = ‖Σ_sel d_i û_i v̂_iᵀ‖₂ = max_{i∈sel} σ_i`` (the largest gain of W along
+     a selected direction). ``‖Σ_sel e_i û_i v̂_iᵀ‖₂`` comes from r×r work
+     (:func:`lowrank_spectral_norm`), never an m×n SVD.
+   - ``scale="fisher"``: the raw energies, ``d_i = e_i`` (the paper, literally).
+   - ``scale="singular"``: ``d_i = σ_i`` (the FILet-SVD ablation; with ``basis="svd"`` only,
+     since ``‖W v̂_i‖`` is a singular value only for a singular vector).
+
+   Why a scale at all: the raw energies' absolute size is a convention of the loss, not a
+   property of the data (a *mean* loss's gradients shrink with the batch size and the token
+   count; a summed loss's grow), and at the usual mean losses it is ~1e-12: ``A ≈ B ≈ 0``, a
+   numerical no-op init at the saddle where neither factor gets gradient. Why one ``c`` per
+   layer: it is the smallest change that fixes the size and keeps everything the paper's
+   energies say, the selected directions and their relative weights ``e_i / e_j``. Why this
+   target: ``max σ_sel`` is the size of what the init takes out of W along the selected
+   directions (PiSSA's magnitude with the svd basis), and it bounds the init by
+   ``‖s B A‖₂ ≤ max σ_sel ≤ ‖W‖₂`` with any basis. With the orthonormal svd basis
+   ``‖Σ d_i u_i v_iᵀ‖₂ = max d_i``, so ``c = max σ_sel / max e_sel``; the gram candidates are
+   unit-norm but near-colinear, and that formula made ``‖s B A‖₂`` up to 4.3× ``‖W‖₂`` there.
 6. ``W_res = W − s B A`` in float32, cast once: right after init the model computes exactly
    what the base model computed (up to float rounding).
 7. :func:`fisherlora.adapters.export_lora` writes ``[A; A₀]``, ``[B, −B₀]`` at rank 2r, a stock
@@ -44,8 +63,7 @@ from fisherlora.capture import (
     capture_io,
     check_finite,
     layer_groups,
-    predicts_next_token,
-    token_mask,
+    padding_mask,
 )
 from fisherlora.errors import CalibrationError, ConfigError
 from fisherlora.methods.base import AdapterMethod
@@ -70,7 +88,9 @@ class FiletReport:
     calibration_batches: int
     calibration_s: float
     init_s: float
-    delta_norm_ratio: dict[str, float] = field(default_factory=dict)  # ‖s B A‖₂ / ‖W‖₂
+    # ‖s B A‖₂ / max_i σ_i over all candidates: ‖s B A‖₂ / ‖W‖₂ with the svd basis, an upper
+    # bound of it with the gram basis (max ‖W v̂_i‖ ≤ ‖W‖₂; no m×n SVD is computed for it)
+    delta_norm_ratio: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         ratios = list(self.delta_norm_ratio.values())
@@ -131,6 +151,20 @@ def _select(energy: torch.Tensor, r: int, how: str, generator: torch.Generator) 
     return order[:r]
 
 
+def _fisher_norm(
+    e_sel: torch.Tensor, v_sel: torch.Tensor, u_sel: torch.Tensor, sigma_sel: torch.Tensor
+) -> torch.Tensor:
+    """``d = c · e_sel`` with the one ``c`` that makes ``‖Σ_i d_i û_i v̂_iᵀ‖₂ = max σ_sel`` (see the
+    module docstring, step 5). The energies are divided by their largest first, so that energies
+    of ~1e-20 do not underflow in the norm; all-zero energies give ``d = 0``."""
+    top = e_sel.max()
+    if top <= 0:
+        return torch.zeros_like(e_sel)
+    relative = e_sel / top
+    norm = lowrank_spectral_norm(u_sel * relative[None, :], v_sel.T)
+    return relative * (sigma_sel.max() / norm.clamp_min(torch.finfo(norm.dtype).tiny))
+
+
 def _check_options(basis: str, select: str, scale: str) -> None:
     for label, value, choices in (
         ("basis", basis, BASES),
@@ -139,6 +173,11 @@ def _check_options(basis: str, select: str, scale: str) -> None:
     ):
         if value not in choices:
             raise ConfigError(f"unknown FILet {label} {value!r}; choose one of {list(choices)}")
+    if scale == "singular" and basis != "svd":
+        raise ConfigError(
+            f"FILet scale='singular' needs basis='svd', not basis={basis!r}: ‖W v̂‖ of a "
+            f"{basis} candidate is not a singular value; use basis='svd' (or another scale)"
+        )
 
 
 def _project_statistics(
@@ -154,7 +193,7 @@ def _project_statistics(
     progress: bool,
 ) -> tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor], int]:
     """Calibration passes with hooks on ``layers`` only: per candidate, the summed
-    ``(v̂ᵢᵀ x)²`` and ``(ûᵢᵀ g)²`` over the unmasked tokens, and the token counts."""
+    ``(v̂ᵢᵀ x)²`` and ``(ûᵢᵀ g)²`` over the non-padding positions, and their counts."""
     sums = {
         name: [torch.zeros(c[2].numel(), device=device) for _ in range(2)]
         for name, c in candidates.items()
@@ -162,7 +201,7 @@ def _project_statistics(
     tokens = {name: torch.zeros((), device=device) for name in candidates}
 
     def keep(x: torch.Tensor, mask) -> torch.Tensor:
-        """The rows of the tokens that count (all rows for 2-D inputs such as a pooler's)."""
+        """The non-padding rows (all rows for 2-D inputs such as a pooler's)."""
         x = x.reshape(-1, x.shape[-1])
         return x if mask is None or mask.numel() != x.shape[0] else x[mask.reshape(-1) > 0]
 
@@ -176,7 +215,6 @@ def _project_statistics(
         sums[name][1] += (keep(g, mask) @ candidates[name][1]).square().sum(dim=0)
 
     mask_ref: list = [None]
-    next_token = predicts_next_token(model)
     b_weights = [layer.lora_B[adapter].weight for layer in layers.values()]
     used = 0
     with (
@@ -186,7 +224,8 @@ def _project_statistics(
         for batch in calibration_batches(
             batches, n_batches, device, progress=progress, desc="FILet calibration"
         ):
-            mask_ref[0] = token_mask(batch, next_token)
+            # Every non-padding position counts, whatever its label (module docstring, step 2).
+            mask_ref[0] = padding_mask(batch)
             model(**batch).loss.backward()
             used += 1
     return sums, tokens, used
@@ -197,7 +236,7 @@ def filet_init(
     dataloader: Iterable[Mapping[str, torch.Tensor]],
     *,
     n_batches: int = 8,
-    basis: str = "svd",
+    basis: str = "gram",
     select: str = "min",
     scale: str = "fisher-norm",
     seed: int = 0,
@@ -213,10 +252,12 @@ def filet_init(
             its current rank (so rank allocation may run first).
         dataloader: training batches with ``labels``.
         n_batches: calibration forward/backward passes.
-        basis: ``"svd"`` (orthonormal, default) or ``"gram"`` (the paper's non-orthogonal basis).
+        basis: ``"gram"`` (the paper's non-orthogonal basis, default) or ``"svd"`` (orthonormal;
+            the ``filet-svd`` variant).
         select: ``"min"`` (the paper), ``"max"`` or ``"random"`` energies.
-        scale: ``"fisher-norm"`` (default), ``"fisher"`` (raw energies; numerically a no-op
-            init at typical loss scales) or ``"singular"``.
+        scale: ``"fisher-norm"`` (default: the energies times one scale per layer, so that
+            ``‖s B A‖₂ = max σ_sel``), ``"fisher"`` (raw energies; numerically a no-op init at
+            typical loss scales) or ``"singular"`` (``basis="svd"`` only).
         seed: for ``select="random"``.
         dropout, progress: dropout during calibration (off by default); a progress bar.
         layers_per_pass: memory-bounded calibration for large models: the target layers are
@@ -289,10 +330,7 @@ def filet_init(
             elif scale == "fisher":
                 magnitude = energy[idx]
             else:
-                e_sel = energy[idx]
-                magnitude = e_sel * (
-                    sigma[idx].max() / e_sel.max().clamp_min(torch.finfo(e_sel.dtype).tiny)
-                )
+                magnitude = _fisher_norm(energy[idx], v[:, idx], u[:, idx], sigma[idx])
             s = layer.scaling[adapter]
             root = (magnitude / s).sqrt()
             a = root[:, None] * v[:, idx].T
@@ -360,7 +398,7 @@ class Filet(AdapterMethod):
     def __init__(
         self,
         calib_batches: int = 8,
-        basis: str = "svd",
+        basis: str = "gram",
         select: str = "min",
         scale: str = "fisher-norm",
         seed: int = 0,

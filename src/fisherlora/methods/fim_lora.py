@@ -4,14 +4,22 @@
 2. ``n_batches`` forward/backward passes on training data (dropout off, no optimizer step)
    accumulate the diagonal empirical Fisher of each module's B:
 
-       batch:        F_m = (1/T) Σ_t (∂L_t/∂B_m)²                 (L_t the loss of batch t)
        per_example:  F_m = (1/N) Σ_i (∂ℓ_i/∂B_m)²                 (ℓ_i the loss of example i)
+       batch:        F_m = (1/T) Σ_t (∂L_t/∂B_m)²                 (L_t the loss of batch t)
+
+   ``per_example`` is the paper's Eq. 1 (the empirical Fisher of the per-example loss) and the
+   default; ``batch`` (the squared gradient of each mini-batch loss) is the named variant
+   ``fim-lora-batch``.
 
    B's gradient is read because A's is exactly zero while B = 0 (∂L/∂A = s Bᵀ g xᵀ = 0).
 3. A module's score is ``mean(F_m)`` (or ``max``, or the norm ``‖F_m‖₂``).
 4. Integer ranks in proportion to the scores, ``r_min ≤ r_m ≤ r_max``, summing exactly to the
-   budget ``Σ_m r`` (or, counted in parameters, to the largest total ``Σ_m r_m (n_m + m_m)`` not
-   above ``Σ_m r (n_m + m_m)``): :func:`fisherlora.allocate.water_fill`.
+   budget ``Σ_m r`` (or, counted in parameters, to a total ``Σ_m r_m (n_m + m_m)`` not above
+   ``Σ_m r (n_m + m_m)`` to which no module can add one rank):
+   :func:`fisherlora.allocate.water_fill`. The library function :func:`allocate_ranks` counts
+   ranks by default; the runner methods (``fim-lora``, ``random-rank``) count parameters, so
+   that a comparison matches LoRA's trainable parameters (ranks moved to wide modules cost more
+   than ranks moved to narrow ones).
 5. Every adapter is resized in place and keeps its scaling ``s`` (``α_m = s · r_m``), written to
    the config's ``rank_pattern`` / ``alpha_pattern`` so that stock PEFT reloads the adapter.
 
@@ -181,7 +189,7 @@ def fisher_of_b(
     dataloader: Iterable[Mapping[str, torch.Tensor]],
     *,
     n_batches: int = 8,
-    estimator: str = "batch",
+    estimator: str = "per_example",
     dropout: bool = False,
     progress: bool = True,
     layers_per_pass: int | None = None,
@@ -285,7 +293,7 @@ def allocate_ranks(
     r_max: int | None = None,
     budget: str = "ranks",
     score: str = "mean",
-    estimator: str = "batch",
+    estimator: str = "per_example",
     keep_scaling: bool = True,
     dropout: bool = False,
     progress: bool = True,
@@ -299,11 +307,13 @@ def allocate_ranks(
         dataloader: batches of training data with ``labels`` (calibration never sees test data).
         n_batches: forward/backward passes; fewer available gives a warning naming the count used.
         r_min, r_max: rank bounds, default ``max(1, r // 2)`` and ``2 r``.
-        budget: ``"ranks"`` (Σ r_m = M r exactly) or ``"params"`` (Σ r_m (n_m + m_m) ≤ M r (n + m)
-            in total, the largest such allocation).
+        budget: ``"ranks"`` (Σ r_m = M r exactly) or ``"params"`` (Σ_m r_m (n_m + m_m) ≤
+            Σ_m r (n_m + m_m), and no module can take one more rank). The runner's ``fim-lora`` uses
+            ``"params"``, so that it trains no more adapter parameters than LoRA at rank r.
         score: ``"mean"``, ``"max"`` or ``"l2"`` reduction of each module's Fisher diagonal.
-        estimator: ``"batch"`` (squared gradient of each batch loss, as the paper) or
-            ``"per_example"`` (mean of per-example squared gradients, from hooks).
+        estimator: ``"per_example"`` (the paper's Eq. 1: mean of per-example squared gradients,
+            from hooks) or ``"batch"`` (squared gradient of each mini-batch loss; the named
+            variant ``fim-lora-batch``).
         keep_scaling: keep each module's scaling s of rank r (``α_m = s r_m``); else ``s_m = α/r_m``.
         dropout: keep dropout on during calibration (off by default).
         progress: show a progress bar.
@@ -367,7 +377,8 @@ def random_ranks(
 
 
 class FimLoRA(AdapterMethod):
-    """Runner method ``fim-lora``: :func:`allocate_ranks` before the optimizer exists."""
+    """Runner method ``fim-lora``: :func:`allocate_ranks` before the optimizer exists, with the
+    paper's per-example estimator and a budget in parameters (matched to LoRA's at rank r)."""
 
     name = "fim-lora"
 
@@ -376,9 +387,9 @@ class FimLoRA(AdapterMethod):
         calib_batches: int = 8,
         r_min: int | None = None,
         r_max: int | None = None,
-        budget: str = "ranks",
+        budget: str = "params",
         score: str = "mean",
-        estimator: str = "batch",
+        estimator: str = "per_example",
         keep_scaling: bool = True,
         progress: bool = True,
         layers_per_pass: int | None = None,
@@ -395,6 +406,7 @@ class FimLoRA(AdapterMethod):
             progress=progress,
             layers_per_pass=layers_per_pass,
         )
+        self.options = options  # what allocate_ranks will be called with
         self._allocate = lambda model, loader: allocate_ranks(model, loader, **options)
         self.plan: RankPlan | None = None
 
@@ -408,7 +420,8 @@ class FimLoRA(AdapterMethod):
 
 
 class RandomRank(FimLoRA):
-    """Runner method ``random-rank``: the allocator fed seeded uniform random scores."""
+    """Runner method ``random-rank``: the allocator fed seeded uniform random scores (budget in
+    parameters, as ``fim-lora``)."""
 
     name = "random-rank"
 
@@ -417,12 +430,13 @@ class RandomRank(FimLoRA):
         seed: int = 0,
         r_min: int | None = None,
         r_max: int | None = None,
-        budget: str = "ranks",
+        budget: str = "params",
         keep_scaling: bool = True,
     ) -> None:
         _check_options(budget, "mean", "batch")
         options = dict(
             seed=seed, r_min=r_min, r_max=r_max, budget=budget, keep_scaling=keep_scaling
         )
+        self.options = options
         self._allocate = lambda model, loader: random_ranks(model, **options)
         self.plan = None
