@@ -72,3 +72,14 @@ def child_peak_memory(
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             runs[mode].append(json.loads(output.strip().splitlines()[-1])["peak_mb"])
     return {mode: statistics.median(values) for mode, values in runs.items()}
+
+
+def write_results(out: str | Path, setup: dict, results: list) -> None:
+    """``{"setup", "versions", "results"}`` as indented JSON at ``out`` (folders made)."""
+    from fisherlora.experiments.train import library_versions
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"setup": setup, "versions": library_versions(), "results": results}
+    out.write_text(json.dumps(payload, indent=2))
+    print(f"wrote {out}")

@@ -16,20 +16,19 @@ uses at ``--seed SEED`` (the runner's calibration loader: its own order, seed + 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from common import write_results
 from peft import LoraConfig
 from scipy.stats import spearmanr
 
 from fisherlora.experiments.batching import TokenizedTexts, train_loader
 from fisherlora.experiments.models import default_targets, load_model
 from fisherlora.experiments.tasks import load_task
-from fisherlora.experiments.train import TrainConfig, library_versions, set_seed
+from fisherlora.experiments.train import TrainConfig, set_seed
 from fisherlora.methods import AdapterMethod, Method, get_method
 from fisherlora.methods.fim_lora import fisher_of_b
 
@@ -158,31 +157,23 @@ def main() -> None:
         print(f"r={rank}: {summary}", flush=True)
         results.append({"rank": rank, "agreement": summary, "plans": plans})
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "setup": {
-                    "model": "minilm",
-                    "task": "rotten-tomatoes",
-                    "targets": "default",
-                    "seed": args.seed,
-                    "budget": args.budget,
-                    "calib_batches": args.calib_batches,
-                    "batch_size": args.batch_size,
-                    "calibration_loader": "the runner's (seed + 1, length-grouped)",
-                    "torch_threads": torch.get_num_threads(),
-                    "machine": platform.processor() or platform.machine(),
-                    "note": "timings taken on a 2-core CPU shared with other work (under load)",
-                },
-                "versions": library_versions(),
-                "results": results,
-            },
-            indent=2,
-        )
+    write_results(
+        args.out,
+        {
+            "model": "minilm",
+            "task": "rotten-tomatoes",
+            "targets": "default",
+            "seed": args.seed,
+            "budget": args.budget,
+            "calib_batches": args.calib_batches,
+            "batch_size": args.batch_size,
+            "calibration_loader": "the runner's (seed + 1, length-grouped)",
+            "torch_threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(),
+            "note": "timings taken on a 2-core CPU shared with other work (under load)",
+        },
+        results,
     )
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

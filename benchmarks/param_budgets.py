@@ -25,13 +25,13 @@ import argparse
 import json
 from pathlib import Path
 
+from common import write_results
 from fim_estimator_agreement import calibration_batches, runner_model
 
 from fisherlora.experiments.tasks import load_task
 from fisherlora.experiments.train import (
     TrainConfig,
     count_parameters,
-    library_versions,
     method_options,
 )
 from fisherlora.methods import get_method
@@ -96,24 +96,16 @@ def main() -> None:
         )
         row["effective_trainable_over_lora"] = effective / lora["trainable_params"]
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "setup": {
-                    "model": "minilm",
-                    "task": "rotten-tomatoes",
-                    "targets": "default",
-                    "defaults": "the runner's (budget=params, estimator=per_example)",
-                },
-                "versions": library_versions(),
-                "results": results,
-            },
-            indent=2,
-        )
+    write_results(
+        args.out,
+        {
+            "model": "minilm",
+            "task": "rotten-tomatoes",
+            "targets": "default",
+            "defaults": "the runner's (budget=params, estimator=per_example)",
+        },
+        results,
     )
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
