@@ -34,7 +34,7 @@ from fisherlora.experiments.train import TrainConfig, resolve_device, train, wri
 from fisherlora.methods import method_names
 
 ALL_METHODS = (
-    "lora,fim-lora,filet,fw-lora,fim-lora+filet+fw-lora,random-rank,"
+    "lora,fim-lora,filet,filet-svd,fw-lora,fim-lora+filet+fw-lora,random-rank,"
     "eva,pissa,adalora,lora-ga,corda,dora"
 )
 
