@@ -224,6 +224,24 @@ def test_rank_above_usable_candidates_is_rejected_unchanged(basis):
     assert_unchanged(before, snapshot(model))
 
 
+def test_a_second_init_is_refused_and_changes_nothing(tmp_path):
+    model = tiny_peft_model(seed=3)
+    base = tiny_peft_model(seed=3).unload()
+    batches = random_batches(2, seed=4)
+    filet_init(model, batches, progress=False)
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match="already initialised by FILet"):
+        filet_init(model, batches, progress=False)
+    assert_unchanged(before, snapshot(model))
+    export_lora(model, tmp_path)  # the export still reproduces the model on the untouched base
+    torch.testing.assert_close(
+        logits(PeftModel.from_pretrained(base, tmp_path), batches),
+        logits(model, batches),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
 def test_bad_calibration_input_changes_nothing():
     model = tiny_peft_model()
     before = snapshot(model)

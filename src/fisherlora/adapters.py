@@ -207,6 +207,11 @@ def record_residual(model: PeftModel, name: str, a0: torch.Tensor, b0: torch.Ten
     _RESIDUALS.setdefault(model, {})[name] = ResidualInit(a0.detach().clone(), b0.detach().clone())
 
 
+def has_residual(model: PeftModel) -> bool:
+    """Whether a residual init (FILet) already replaced some base weight ``W`` by ``W_res``."""
+    return bool(_RESIDUALS.get(model))
+
+
 def export_lora(model: PeftModel, out_dir: str | Path) -> None:
     """Write a stock PEFT LoRA adapter that applies to the ORIGINAL base weights.
 

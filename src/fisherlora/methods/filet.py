@@ -56,7 +56,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
-from fisherlora.adapters import lora_layers, record_residual
+from fisherlora.adapters import has_residual, lora_layers, record_residual
 from fisherlora.capture import (
     calibration_batches,
     calibration_mode,
@@ -273,6 +273,13 @@ def filet_init(
     """
     _check_options(basis, select, scale)
     adapter, layers = lora_layers(model)
+    if has_residual(model):
+        # W is already W − s B₀ A₀: a second residual would change the outputs, and the export
+        # (which undoes one recorded B₀ A₀ per layer) would no longer reproduce the model
+        raise ConfigError(
+            "this model's adapters were already initialised by FILet (its base weights are "
+            "residuals); initialise a fresh PeftModel instead of calling filet_init twice"
+        )
     started = time.perf_counter()
     for name, layer in layers.items():  # cheap checks of every layer before any work
         weight = layer.get_base_layer().weight
