@@ -73,11 +73,14 @@ def test_run_directory_holds_every_artifact_and_the_adapter_reloads(tmp_path, ke
         "step",
         "train_loss",
         "extra_loss",
+        "split",
         "accuracy",
         "macro_f1",
         "mcc",
+        "nll",
         "wall_time_s",
     ]
+    assert set(curve["split"]) == {"test"}  # no validation split: the evaluations read test
 
     # Stock PEFT on a fresh copy of the base model reproduces the trained model's logits.
     base, tokenizer = load_model("tiny-bert", 2, seed=0)

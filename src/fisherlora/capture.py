@@ -188,6 +188,54 @@ def calibration_mode(
             m.training = training
 
 
+BATCH_FORMAT = (
+    "a mapping (dict) of tensors with 'input_ids' [batch, seq], 'attention_mask' [batch, seq] "
+    "and 'labels' ([batch] class ids, or [batch, seq] token labels with -100 where not scored), "
+    "as a transformers data collator such as DataCollatorWithPadding gives"
+)
+# Keys a calibration batch passes to the model that must be tensors when present.
+TENSOR_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "inputs_embeds",
+    "pixel_values",
+    "labels",
+)
+
+
+def check_batch(batch: Any, index: int, *, labels: bool = True) -> None:
+    """Refuse a calibration batch that is not :data:`BATCH_FORMAT`, naming what it is instead.
+
+    A plain list or a default-collated tuple ``(input_ids, attention_mask, labels)`` would
+    otherwise fail deep inside torch (``Boolean value of Tensor with more than one value is
+    ambiguous``). Raises :class:`CalibrationError` (``labels=False``: labels are not required).
+    """
+    if not isinstance(batch, Mapping):
+        shape = (
+            f"a {type(batch).__name__} of {len(batch)} items"
+            if isinstance(batch, (list, tuple))
+            else f"a {type(batch).__name__}"
+        )
+        raise CalibrationError(
+            f"calibration batch {index} is {shape}; expected {BATCH_FORMAT}. A DataLoader "
+            "without such a collate_fn yields lists/tuples: pass collate_fn=DataCollatorWithPadding"
+            "(tokenizer), or turn a batch into dict(input_ids=..., attention_mask=..., labels=...)"
+        )
+    if labels and "labels" not in batch:
+        raise CalibrationError(
+            f"calibration batch {index} has no 'labels' (keys: {sorted(batch)}); the Fisher "
+            f"statistics need the task loss. Expected {BATCH_FORMAT}"
+        )
+    loose = {k: type(batch[k]).__name__ for k in TENSOR_KEYS if k in batch}
+    loose = {k: kind for k, kind in loose.items() if not torch.is_tensor(batch[k])}
+    if loose:
+        raise CalibrationError(
+            f"calibration batch {index}: {loose} should be torch tensors; expected {BATCH_FORMAT} "
+            "(a tokenizer gives tensors with return_tensors='pt')"
+        )
+
+
 def calibration_batches(
     loader: Iterable[Mapping[str, torch.Tensor]],
     n_batches: int,
@@ -207,11 +255,7 @@ def calibration_batches(
     bar = tqdm(total=n_batches, desc=desc, disable=not progress, unit="batch", leave=False)
     try:
         for batch in loader:
-            if "labels" not in batch:
-                raise CalibrationError(
-                    f"calibration batch {used} has no 'labels' (keys: {sorted(batch)}); the Fisher "
-                    "statistics need the task loss"
-                )
+            check_batch(batch, used)
             yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             used += 1
             bar.update(1)

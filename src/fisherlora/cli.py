@@ -1,23 +1,33 @@
-"""The ``fisherlora`` command line: ``fisherlora train ...`` and ``fisherlora compare ...``."""
+"""The ``fisherlora`` command line: ``fisherlora train ...`` and ``fisherlora compare ...``.
+
+Loading torch, transformers and peft takes several seconds, so this module imports them (through
+``fisherlora.experiments``) only inside the functions that run a command: ``--help`` and argument
+errors answer at once. For the same reason a flag that is left out is ``None`` here and the
+``TrainConfig`` default applies (``config_from_args``); the parser never reads ``TrainConfig``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fisherlora.errors import ConfigError, FisherLoraError
-from fisherlora.experiments.compare import ALL_METHODS, QUICK, CompareConfig, compare, parse_ints
-from fisherlora.experiments.distributed import is_main_process, shutdown
-from fisherlora.experiments.report import write_report
-from fisherlora.experiments.train import TrainConfig, train
-from fisherlora.methods import method_names
+from fisherlora.experiments.presets import ALL_METHODS, QUICK
 
-DEFAULTS = TrainConfig()
+# The validation share of a comparison unless --val-fraction says otherwise (0 turns it off).
+COMPARE_VAL_FRACTION = 0.1
+
+if TYPE_CHECKING:
+    from fisherlora.experiments.compare import CompareConfig
+    from fisherlora.experiments.train import TrainConfig
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = True) -> None:
@@ -26,7 +36,6 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
     data = parser.add_argument_group("data")
     data.add_argument(
         "--task",
-        default=DEFAULTS.task,
         help="built-in task (rotten-tomatoes, imdb) or a Hugging Face data set name; add -gen "
         "(classification by generation) or -lm (language modelling) for a causal LM such as "
         "--model smollm2-135m",
@@ -35,9 +44,27 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
     data.add_argument(
         "--test-data", help="a separate test file for --data (default: split by text hash)"
     )
-    data.add_argument("--text-column", default=DEFAULTS.text_column)
-    data.add_argument("--label-column", default=DEFAULTS.label_column)
-    data.add_argument("--max-length", type=int, default=DEFAULTS.max_length, help="tokens per text")
+    data.add_argument("--text-column")
+    data.add_argument("--label-column")
+    data.add_argument(
+        "--max-dropped-fraction",
+        type=float,
+        help="refuse a data file that loses more than this share of its rows to empty texts, "
+        "missing labels or repeated texts (default 0.2; the counts are printed either way)",
+    )
+    data.add_argument("--max-length", type=int, help="tokens per text")
+    data.add_argument(
+        "--val-fraction",
+        type=float,
+        help="share of the training split held out as validation, in (0, 0.5]: the evaluations "
+        "during training read it and the test split is read once at the end (default "
+        + ("0: evaluations read test)" if single_run else "0.1)"),
+    )
+    data.add_argument(
+        "--train-size",
+        type=int,
+        help="train on a fixed subset of N training examples (at least one batch)",
+    )
     data.add_argument(
         "--max-test",
         type=int,
@@ -52,23 +79,21 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
     model = parser.add_argument_group("model and adapter")
     model.add_argument(
         "--model",
-        default=DEFAULTS.model,
         help="registry name (minilm, tiny-bert, tiny-llama), local folder or hub name",
     )
     if single_run:
         model.add_argument(
             "--method",
-            default=DEFAULTS.method,
             help="lora, fim-lora, random-rank, filet, fw-lora, a '+' combination of ours "
             "(fim-lora+filet+fw-lora), or a peer: dora, pissa, eva, lora-ga, corda, adalora",
         )
-        model.add_argument("--rank", type=int, default=DEFAULTS.rank)
-        model.add_argument("--alpha", type=float, default=DEFAULTS.alpha)
+        model.add_argument("--rank", type=int)
+        model.add_argument("--alpha", type=float)
     else:
         model.add_argument(
             "--alpha", type=float, help="LoRA alpha at every rank (default: 2 x rank)"
         )
-    model.add_argument("--dropout", type=float, default=DEFAULTS.dropout, help="LoRA dropout")
+    model.add_argument("--dropout", type=float, help="LoRA dropout")
     model.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
     model.add_argument(
         "--targets", help="comma-separated module name suffixes (default: per architecture)"
@@ -78,7 +103,6 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
     calib.add_argument(
         "--calib-batches",
         type=int,
-        default=DEFAULTS.calib_batches,
         help="forward/backward passes on training data before training",
     )
     calib.add_argument(
@@ -95,7 +119,6 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
     )
     calib.add_argument(
         "--budget",
-        default=DEFAULTS.budget,
         choices=["ranks", "params"],
         help="what fim-lora / random-rank keep of LoRA at rank r: the total adapter parameters "
         "(params, the default: never above, within one module's rank cost) or the total rank "
@@ -103,13 +126,11 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
     )
     calib.add_argument(
         "--score",
-        default=DEFAULTS.score,
         choices=["mean", "max", "l2"],
         help="reduction of a module's Fisher diagonal to its score",
     )
     calib.add_argument(
         "--estimator",
-        default=DEFAULTS.estimator,
         choices=["per_example", "batch"],
         help="FIM-LoRA's Fisher: per-example squared gradients (the paper's Eq. 1, default) or "
         "squared mini-batch gradients (the variant fim-lora-batch)",
@@ -118,20 +139,17 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
     filet = parser.add_argument_group("FILet initialisation (filet)")
     filet.add_argument(
         "--basis",
-        default=DEFAULTS.basis,
         choices=["gram", "svd"],
         help="candidate directions: the paper's gram basis (default) or orthonormal singular "
         "vectors (the filet-svd variant)",
     )
     filet.add_argument(
         "--select",
-        default=DEFAULTS.select,
         choices=["min", "max", "random"],
         help="which Fisher energies to initialise in (min: the paper)",
     )
     filet.add_argument(
         "--scale",
-        default=DEFAULTS.scale,
         choices=["fisher-norm", "fisher", "singular"],
         help="adapter magnitudes: the energies times one scale per layer so that ‖sBA‖₂ is the "
         "largest selected ‖W v̂‖ (default), the raw energies, or singular values (--basis svd)",
@@ -141,18 +159,16 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
     fw.add_argument(
         "--fw-warmup-steps", type=int, help="warm-up K (default: 500, or steps // 5 when shorter)"
     )
-    fw.add_argument("--fw-lambda", type=float, default=DEFAULTS.fw_lambda, help="penalty weight λ")
+    fw.add_argument("--fw-lambda", type=float, help="penalty weight λ")
     fw.add_argument(
         "--fw-estimator",
-        default=DEFAULTS.fw_estimator,
         choices=["sketch", "exact"],
         help="frozen-weight gradient norm: Gaussian sketch or exact",
     )
-    fw.add_argument("--fw-probes", type=int, default=DEFAULTS.fw_probes, help="sketch probes k")
-    fw.add_argument("--fw-normalize", default=DEFAULTS.fw_normalize, choices=["sum", "max"])
+    fw.add_argument("--fw-probes", type=int, help="sketch probes k")
+    fw.add_argument("--fw-normalize", choices=["sum", "max"])
     fw.add_argument(
         "--fw-mode",
-        default=DEFAULTS.fw_mode,
         choices=["loss", "decay"],
         help="penalty in the loss (exact) or per-module AdamW weight decay",
     )
@@ -161,31 +177,28 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
     loop.add_argument(
         "--steps",
         type=int,
-        default=DEFAULTS.steps if single_run else None,
         help="optimizer steps" + ("" if single_run else " (default 300; 150 with --quick)"),
     )
-    loop.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    loop.add_argument("--batch-size", type=int)
     loop.add_argument(
         "--grad-accum",
         type=int,
-        default=DEFAULTS.grad_accum,
         help="micro-batches per optimizer step",
     )
-    loop.add_argument("--lr", type=float, default=DEFAULTS.lr)
-    loop.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
-    loop.add_argument("--warmup-ratio", type=float, default=DEFAULTS.warmup_ratio)
-    loop.add_argument("--max-grad-norm", type=float, default=DEFAULTS.max_grad_norm)
+    loop.add_argument("--lr", type=float)
+    loop.add_argument("--weight-decay", type=float)
+    loop.add_argument("--warmup-ratio", type=float)
+    loop.add_argument("--max-grad-norm", type=float)
     loop.add_argument(
         "--eval-every",
         type=int,
-        default=DEFAULTS.eval_every if single_run else None,
         help="steps between evaluations (0: only at the end"
         + (")" if single_run else "; default 100, 75 with --quick)"),
     )
-    loop.add_argument("--eval-batch-size", type=int, default=DEFAULTS.eval_batch_size)
+    loop.add_argument("--eval-batch-size", type=int)
     if single_run:
-        loop.add_argument("--seed", type=int, default=DEFAULTS.seed)
-    loop.add_argument("--device", default=DEFAULTS.device, help="auto, cpu, cuda or cuda:N")
+        loop.add_argument("--seed", type=int)
+    loop.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     if single_run:
         loop.add_argument(
             "--out", help="run directory (config.json, curve.csv, metrics.json, adapter/)"
@@ -204,6 +217,14 @@ def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     grid.add_argument("--rank", help="the LoRA rank r, i.e. the budget of r per module (default 8)")
     grid.add_argument("--ranks", help="sweep several budgets, e.g. 1,2,4,8 (overrides --rank)")
     grid.add_argument(
+        "--lr-grid",
+        help="pick each method's learning rate per rank from these rates on the validation "
+        "split (tuning runs), e.g. 1e-4,3e-4,1e-3,3e-3; the final seeds run at the pick",
+    )
+    grid.add_argument(
+        "--tune-seeds", help="seeds of the --lr-grid tuning runs (default 100, not a final seed)"
+    )
+    grid.add_argument(
         "--quick",
         action="store_true",
         help="the README preset: LoRA and our methods, one seed, 150 steps (<= 10 min, 2 CPUs)",
@@ -215,6 +236,26 @@ def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     )
     grid.add_argument("--out", required=True, help="comparison directory (resumable)")
     _add_train_arguments(parser, single_run=False)
+
+
+def _add_suite_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "suite", help="a built-in suite (cpu, gpu) or a TOML file of [[cell]] entries"
+    )
+    parser.add_argument(
+        "--out", help="suite directory, one comparison per cell in OUT/<cell>/ (resumable)"
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the cells, their runs and an estimate of the hours; train nothing",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the cells' reports and the suite report from finished runs; train nothing",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,11 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="run several methods over seeds and ranks on one task and write a report",
     )
     _add_compare_arguments(compare_parser)
+    suite_parser = commands.add_parser(
+        "suite",
+        help="run one comparison per cell of a suite (built-in: cpu, gpu; or a TOML file) and "
+        "pool them in one report",
+    )
+    _add_suite_arguments(suite_parser)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Every ``TrainConfig`` field from the flag of the same name (``--r-min`` → ``r_min``)."""
+    """Every ``TrainConfig`` field from the flag of the same name (``--r-min`` → ``r_min``); a
+    flag left out (``None``) keeps the field's default."""
+    from fisherlora.experiments.train import TrainConfig
+
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
     if args.targets is not None and not targets:
         raise ConfigError(f"--targets {args.targets!r} names no module")
@@ -245,23 +295,30 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if hasattr(args, f.name)
     }
     settings |= {"targets": targets, "group_by_length": not args.no_group_by_length}
-    return TrainConfig(**{k: v for k, v in settings.items() if v is not None or k in NULLABLE})
-
-
-# Settings whose None means something (the default of the method or the architecture).
-NULLABLE = {f.name for f in dataclasses.fields(TrainConfig) if f.default is None}
+    return TrainConfig(**{k: v for k, v in settings.items() if v is not None})
 
 
 def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:
     """The comparison from the flags; ``--quick`` fills in what the user did not set."""
+    from fisherlora.experiments.compare import TUNE_SEED, CompareConfig, parse_floats, parse_ints
+    from fisherlora.experiments.train import TrainConfig
+    from fisherlora.methods import method_names
+
+    defaults = TrainConfig()
     preset = QUICK if args.quick else {}
-    args.steps = args.steps if args.steps is not None else preset.get("steps", DEFAULTS.steps)
+    args.steps = args.steps if args.steps is not None else preset.get("steps", defaults.steps)
     if args.eval_every is None:
-        args.eval_every = preset.get("eval_every", DEFAULTS.eval_every)
+        args.eval_every = preset.get("eval_every", defaults.eval_every)
     methods = method_names(args.methods or preset.get("methods", ALL_METHODS))
     seeds = parse_ints(args.seeds or preset.get("seeds", "0,1,2"), "--seeds", minimum=0)
-    ranks = parse_ints(args.ranks or args.rank or str(DEFAULTS.rank), "--ranks", minimum=1)
+    ranks = parse_ints(args.ranks or args.rank or str(defaults.rank), "--ranks", minimum=1)
     args.rank = ranks[0]  # the base run's rank (each run sets its own); --rank arrives as text
+    if args.val_fraction is None:  # comparisons select on validation, never on test
+        args.val_fraction = COMPARE_VAL_FRACTION
+    if args.quick and args.lr_grid:
+        raise ConfigError("--quick runs at one learning rate; leave out --lr-grid (or --quick)")
+    lr_grid = parse_floats(args.lr_grid, "--lr-grid") if args.lr_grid else None
+    tune_seeds = parse_ints(args.tune_seeds or str(TUNE_SEED), "--tune-seeds", minimum=0)
     return CompareConfig(
         methods=methods,
         seeds=seeds,
@@ -269,6 +326,50 @@ def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:
         out=args.out,
         base=config_from_args(args),
         alpha=args.alpha,
+        lr_grid=lr_grid,
+        tune_seeds=tune_seeds,
+    )
+
+
+def check_out_dir(path: str, flag: str = "--out") -> None:
+    """Refuse an output directory that cannot be made or written, before any work is done (a
+    run would otherwise load the model and data, and then fail with an OS traceback).
+
+    ``path`` may exist (a directory we can write to) or not (then its nearest existing parent
+    must be a directory we can write to, since the run creates the missing levels)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {path!r} is an existing file, not a directory; choose another")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{flag} {path!r} cannot be made: {str(existing)!r} is a file, not a directory"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{flag} {path!r} cannot be written: permission denied on {str(existing)!r}; "
+            "choose a directory you can write to"
+        )
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """The one line printed on Ctrl-C: what stopped and how to go on from there."""
+    if args.command == "suite":
+        return (
+            f"fisherlora: interrupted: the suite in {args.out} stopped; its finished runs are "
+            "kept and re-running the same command resumes it"
+        )
+    if args.command == "compare":
+        return (
+            f"fisherlora: interrupted: the comparison in {args.out} stopped; its finished runs "
+            "are kept and re-running the same command resumes it"
+        )
+    kept = f" ({args.out} holds no finished run)" if args.out else ""
+    return (
+        f"fisherlora: interrupted: the train run stopped before it finished{kept}; re-running "
+        "the same command restarts it from the beginning"
     )
 
 
@@ -281,6 +382,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.command == "train":
+            if args.out is not None:
+                check_out_dir(args.out)  # first: it needs no torch, so it answers at once
+            from fisherlora.experiments.distributed import is_main_process
+            from fisherlora.experiments.train import train
+
             result = train(config_from_args(args), progress=not args.no_progress)
             keys = ("method", "accuracy", "macro_f1", "mcc", "nll", "perplexity")
             summary = {k: result.metrics[k] for k in keys if k in result.metrics}
@@ -288,6 +394,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if is_main_process():
                 print(json.dumps(summary))
         elif args.command == "compare":
+            check_out_dir(args.out)  # first: it needs no torch, so it answers at once
+            from fisherlora.experiments.compare import compare
+            from fisherlora.experiments.distributed import is_main_process
+            from fisherlora.experiments.report import write_report
+
             config = compare_config_from_args(args)
             # the command that runs the comparison (a --report-only rewrite names the same one)
             given = [a for a in (argv or sys.argv[1:]) if a != "--report-only"]
@@ -298,11 +409,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report = compare(config, progress=not args.no_progress, command=command)
             if is_main_process():
                 print(f"report: {report} and {report.with_suffix('.html')}")
+        elif args.command == "suite":
+            from fisherlora.experiments.distributed import is_main_process
+            from fisherlora.experiments.suite import suite_command
+
+            if args.out and not args.dry_run:
+                check_out_dir(args.out)
+            text = suite_command(args, argv)
+            if is_main_process():
+                print(text)
     except (FisherLoraError, FloatingPointError) as err:
         print(f"fisherlora: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C is the user's choice, not a failure to report: one line instead of the stack of
+        # whatever was running, and 130 (128 + SIGINT), the exit status shells give it.
+        print(_interrupted(args), file=sys.stderr)
+        return 130
     finally:
-        shutdown()  # leave the torchrun / accelerate process group, if one was joined
+        # leave the torchrun / accelerate process group, if one was joined (only possible once
+        # the module was loaded: an argument error must not pay for importing torch here)
+        distributed = sys.modules.get("fisherlora.experiments.distributed")
+        if distributed is not None:
+            distributed.shutdown()
     return 0
 
 

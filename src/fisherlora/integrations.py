@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from fisherlora.adapters import lora_layers
+from fisherlora.adapters import lora_layers, raw_adapter_saves
 from fisherlora.errors import ConfigError
 from fisherlora.methods import get_method
 from fisherlora.methods.base import AdapterMethod, Method
@@ -157,7 +157,11 @@ class FisherTrainer(Trainer):
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        # A checkpoint is loaded back into this very model on resume, so it holds PEFT's own
+        # adapter even after a residual init (whose save_pretrained writes the export for the
+        # original base weights, which a resume could not load at rank r).
+        with raw_adapter_saves(self.model):
+            super()._save_checkpoint(model, trial)
         if not self.is_world_process_zero():
             return
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"

@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from fisherlora.errors import ConfigError
+from fisherlora.experiments.hub import check_model_source
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -145,6 +146,8 @@ def load_causal_lm(name: str, *, seed: int = 0) -> tuple[PreTrainedModel, PreTra
         if name in CAUSAL_REGISTRY:
             model, tokenizer = CAUSAL_REGISTRY[name]()
         else:
+            # seconds, not a minute of hub retries, for a name that cannot be had
+            check_model_source(name, CAUSAL_REGISTRY, "causal LM")
             try:
                 model, tokenizer = _pretrained_causal(name)
             except (OSError, ValueError) as err:

@@ -1,10 +1,18 @@
 """``fisherlora compare``: every (rank, seed, method) run of a comparison, then the report.
 
 Runs are laid out as ``OUT/r{rank}/{method}/seed{seed}/`` (each a ``fisherlora train`` run
-directory). A run is finished when its ``metrics.json`` exists: the runner writes it last and
-atomically, so rerunning the same command skips finished runs and redoes only unfinished ones;
-an interrupt never leaves a finished-looking run behind. ``OUT/compare.json`` pins the shared
-settings, so a rerun with different settings cannot mix incomparable runs in one report.
+directory); with a learning-rate grid the tuning runs go to
+``OUT/r{rank}/{method}/tune/lr{lr}-seed{seed}/``. A run is finished when its ``metrics.json``
+exists: the runner writes it last and atomically, so rerunning the same command skips finished
+runs and redoes only unfinished ones; an interrupt never leaves a finished-looking run behind.
+``OUT/compare.json`` pins the shared settings, so a rerun with different settings cannot mix
+incomparable runs in one report.
+
+Learning-rate selection (``lr_grid``): every (rank, method) first trains at each rate of the
+grid with the tuning seed(s), reading validation only (``phase="tune"``). The picked rate is the
+one with the highest mean validation accuracy over the tuning seeds (ties: the lower validation
+NLL; a diverged run ranks last); the picks are pinned in ``OUT/picked_lr.json`` once every
+tuning run has finished, and the final seeds run at them, reading the test split once each.
 
 The loop is seed-major (every method at every rank for seed 0, then for seed 1, ...), so a
 comparison cut short still has paired runs of every method at every rank.
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,28 +35,59 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from fisherlora.errors import ConfigError, FisherLoraError
-from fisherlora.experiments.distributed import Process, barrier, init_distributed
+from fisherlora.experiments.distributed import (
+    Process,
+    barrier,
+    init_distributed,
+    is_main_process,
+)
 from fisherlora.experiments.generation_tasks import is_generation_task, load_generation_task
+
+# the presets live in a torch-free module so that `fisherlora --help` can show them quickly
+from fisherlora.experiments.presets import ALL_METHODS as ALL_METHODS
+from fisherlora.experiments.presets import QUICK as QUICK
 from fisherlora.experiments.report import write_report
 from fisherlora.experiments.tasks import load_task
-from fisherlora.experiments.train import TrainConfig, resolve_device, train, write_json_atomic
+from fisherlora.experiments.train import (
+    TrainConfig,
+    carve_splits,
+    resolve_device,
+    train,
+    write_json_atomic,
+)
 from fisherlora.methods import method_names
 
-ALL_METHODS = (
-    "lora,fim-lora,filet,filet-svd,fw-lora,fim-lora+filet+fw-lora,random-rank,"
-    "eva,pissa,adalora,lora-ga,corda,dora"
-)
-
-# The README's main command: our methods and LoRA, one seed, half the steps; <= 10 min on 2 CPUs.
-QUICK = {
-    "methods": "lora,fim-lora,filet,fw-lora,fim-lora+filet+fw-lora",
-    "seeds": "0",
-    "steps": 150,
-    "eval_every": 75,
-}
-
 # Settings that vary inside a comparison (everything else must match across its runs).
-VARYING = ("method", "seed", "rank", "alpha", "out")
+VARYING = ("method", "seed", "rank", "alpha", "out", "phase")
+# Settings added after comparisons were first pinned, with the value that older comparisons
+# ran with: a compare.json without the key matches exactly that value (so they still resume).
+LEGACY_SETTINGS = {
+    "val_fraction": 0.0,
+    "train_size": None,
+    "lr_grid": None,
+    "tune_seeds": None,
+    # the refusal threshold for dropped rows of a data file (the built-in tasks drop none)
+    "max_dropped_fraction": 0.2,
+}
+# The default seed of the tuning runs: none of the usual final seeds, so the final runs' test
+# numbers come from runs that took no part in the selection.
+TUNE_SEED = 100
+
+
+def parse_floats(spec: str, what: str) -> list[float]:
+    """``"1e-4,3e-4"`` → ``[1e-4, 3e-4]``: positive, finite, no repeats; a clear error else."""
+    items = [s.strip() for s in str(spec).split(",") if s.strip()]
+    try:
+        values = [float(s) for s in items]
+    except ValueError as err:
+        raise ConfigError(f"{what} must be comma-separated numbers, got {spec!r}") from err
+    if not values:
+        raise ConfigError(f"{what} names nothing: {spec!r}")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{what} lists a value twice: {spec!r}")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise ConfigError(f"{what} must hold positive numbers only, got {spec!r}")
+    return values
 
 
 def parse_ints(spec: str, what: str, minimum: int) -> list[int]:
@@ -78,11 +118,27 @@ class CompareConfig:
     # α = alpha_ratio · r at every rank (s = α/r constant across the sweep) unless alpha is given
     alpha_ratio: float = 2.0
     alpha: float | None = None
+    # learning rates tried per (rank, method) on validation before the final seeds (None: the
+    # base's lr for every method), and the seeds of those tuning runs
+    lr_grid: list[float] | None = None
+    tune_seeds: list[int] = field(default_factory=lambda: [TUNE_SEED])
 
     def __post_init__(self) -> None:
         method_names(",".join(self.methods))  # unknown methods / impossible combinations
         if not self.seeds or not self.ranks:
             raise ConfigError("a comparison needs at least one seed and one rank")
+        if self.lr_grid is not None:
+            if not self.lr_grid or not all(
+                isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in self.lr_grid
+            ):
+                raise ConfigError(f"the lr grid must hold positive numbers, got {self.lr_grid}")
+            if self.base.val_fraction <= 0:
+                raise ConfigError(
+                    "an lr grid picks rates on a validation split: set val_fraction > 0 "
+                    "(--val-fraction)"
+                )
+            if not self.tune_seeds:
+                raise ConfigError("an lr grid needs at least one tuning seed")
         if self.alpha_ratio <= 0 or (self.alpha is not None and self.alpha <= 0):
             raise ConfigError("alpha and alpha_ratio must be positive")
         if self.base.task.endswith("-lm"):
@@ -94,20 +150,43 @@ class CompareConfig:
     def run_dir(self, rank: int, method: str, seed: int) -> Path:
         return Path(self.out) / f"r{rank}" / method / f"seed{seed}"
 
-    def run_config(self, rank: int, method: str, seed: int) -> TrainConfig:
+    def tune_dir(self, rank: int, method: str, lr: float, seed: int) -> Path:
+        return Path(self.out) / f"r{rank}" / method / "tune" / f"lr{lr:g}-seed{seed}"
+
+    def run_config(
+        self, rank: int, method: str, seed: int, lr: float | None = None, phase: str = "final"
+    ) -> TrainConfig:
         alpha = self.alpha if self.alpha is not None else self.alpha_ratio * rank
+        lr = self.base.lr if lr is None else lr
+        out = self.tune_dir(rank, method, lr, seed) if phase == "tune" else None
         return dataclasses.replace(
             self.base,
             method=method,
             seed=seed,
             rank=rank,
             alpha=alpha,
-            out=str(self.run_dir(rank, method, seed)),
+            lr=lr,
+            phase=phase,
+            out=str(out or self.run_dir(rank, method, seed)),
         )
 
+    def tuning_runs(self) -> list[tuple[int, str, float, int]]:
+        """Every (rank, method, lr, seed) tuning run (none without a grid)."""
+        return [
+            (rank, method, lr, seed)
+            for seed in self.tune_seeds
+            for rank in self.ranks
+            for method in self.methods
+            for lr in self.lr_grid or []
+        ]
+
     def shared_settings(self) -> dict[str, Any]:
-        settings = {k: v for k, v in dataclasses.asdict(self.base).items() if k not in VARYING}
-        return settings | {"alpha": self.alpha, "alpha_ratio": self.alpha_ratio}
+        varying = VARYING + (("lr",) if self.lr_grid else ())
+        settings = {k: v for k, v in dataclasses.asdict(self.base).items() if k not in varying}
+        settings |= {"alpha": self.alpha, "alpha_ratio": self.alpha_ratio}
+        if self.lr_grid:
+            settings |= {"lr_grid": list(self.lr_grid), "tune_seeds": list(self.tune_seeds)}
+        return settings
 
 
 def check_out_dir(config: CompareConfig, process: Process | None = None) -> None:
@@ -120,7 +199,8 @@ def check_out_dir(config: CompareConfig, process: Process | None = None) -> None
     if process.distributed:  # absent for one process, so one-process comparisons stay resumable
         settings["world_size"] = process.world_size
     if pinned.exists():
-        before = json.loads(pinned.read_text())["settings"]
+        before = LEGACY_SETTINGS | json.loads(pinned.read_text())["settings"]
+        settings = LEGACY_SETTINGS | settings
         changed = {k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k)}
         if changed:
             raise ConfigError(
@@ -146,6 +226,95 @@ def is_finished(run_dir: Path) -> bool:
     return (run_dir / "metrics.json").exists()
 
 
+def _run_all(
+    runs: list[tuple[TrainConfig, str]], task, process: Process, progress: bool, what: str
+) -> None:
+    """Train every unfinished run; a failure is recorded in the run's ``error.txt`` and the
+    others go on (under torch.distributed it stops every process instead)."""
+    todo = [(c, label) for c, label in runs if not is_finished(Path(c.out))]
+    if progress and runs and len(todo) < len(runs):
+        print(f"{what}: {len(runs) - len(todo)} of {len(runs)} runs already finished; resuming")
+    bar = tqdm(todo, desc=what, unit="run", disable=not progress or not todo)
+    for run_config, label in bar:
+        bar.set_postfix_str(label)
+        run_dir = Path(run_config.out)
+        (run_dir / "error.txt").unlink(missing_ok=True)
+        try:
+            train(run_config, task=task, progress=progress)
+        except (FisherLoraError, FloatingPointError, RuntimeError, ValueError) as err:
+            if process.distributed:
+                raise
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "error.txt").write_text(
+                f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}"
+            )
+            bar.write(f"{label} failed: {err}")
+    bar.close()
+
+
+def tuning_scores(config: CompareConfig) -> list[dict[str, Any]]:
+    """One row per tuning run: rank, method, lr, seed and its validation accuracy / NLL (NaN for
+    a run that failed, e.g. diverged; absent for one not run yet)."""
+    rows = []
+    for rank, method, lr, seed in config.tuning_runs():
+        run_dir = config.tune_dir(rank, method, lr, seed)
+        row = {"rank": rank, "method": method, "lr": lr, "seed": seed}
+        if is_finished(run_dir):
+            m = json.loads((run_dir / "metrics.json").read_text())
+            rows.append(row | {"val_accuracy": m["val_accuracy"], "val_nll": m["val_nll"]})
+        elif (run_dir / "error.txt").exists():
+            rows.append(row | {"val_accuracy": math.nan, "val_nll": math.nan})
+    return rows
+
+
+def _grid_score(values: list[tuple[float, float]]) -> tuple[float, float]:
+    """(mean validation accuracy, −mean validation NLL) of one rate's tuning runs: larger is
+    better; a failed (diverged) run makes the rate unusable (−inf)."""
+    if any(math.isnan(accuracy) for accuracy, _ in values):
+        return (-math.inf, -math.inf)
+    n = len(values)
+    return (sum(a for a, _ in values) / n, -sum(nll for _, nll in values) / n)
+
+
+def pick_learning_rates(config: CompareConfig) -> dict[tuple[int, str], float]:
+    """The rate of the grid with the best mean validation accuracy over the tuning seeds, per
+    (rank, method); ties go to the lower mean validation NLL, a failed run ranks below every
+    finished one, and a (rank, method) whose tuning runs all failed gets no rate.
+
+    The picks are pinned in ``OUT/picked_lr.json`` as soon as every tuning run is finished or
+    failed, so that a resumed comparison runs its remaining seeds at the same rates."""
+    pinned = Path(config.out) / "picked_lr.json"
+    if pinned.exists():
+        saved = json.loads(pinned.read_text())
+        return {(p["rank"], p["method"]): p["lr"] for p in saved["picked"]}
+    by_key: dict[tuple[int, str], dict[float, list[tuple[float, float]]]] = {}
+    for row in tuning_scores(config):
+        per_lr = by_key.setdefault((row["rank"], row["method"]), {})
+        per_lr.setdefault(row["lr"], []).append((row["val_accuracy"], row["val_nll"]))
+    picked, table = {}, []
+    for key, per_lr in by_key.items():
+        scores = {lr: _grid_score(values) for lr, values in per_lr.items()}
+        best = max(sorted(scores), key=scores.__getitem__)
+        accuracy, neg_nll = scores[best]
+        if accuracy == -math.inf:
+            continue
+        picked[key] = best
+        table.append(
+            {
+                "rank": key[0],
+                "method": key[1],
+                "lr": best,
+                "val_accuracy": accuracy,
+                "val_nll": -neg_nll,
+            }
+        )
+    if len(tuning_scores(config)) == len(config.tuning_runs()) and is_main_process():
+        write_json_atomic(
+            pinned, {"rule": "max mean val_accuracy, ties: min mean val_nll", "picked": table}
+        )
+    return picked
+
+
 def compare(config: CompareConfig, *, progress: bool = True, command: str = "") -> Path:
     """Run every unfinished run of ``config``, then write the report; returns ``report.md``.
 
@@ -166,32 +335,27 @@ def compare(config: CompareConfig, *, progress: bool = True, command: str = "") 
         test_data=base.test_data,
         text_column=base.text_column,
         label_column=base.label_column,
+        max_dropped_fraction=base.max_dropped_fraction,
     )
-    runs = [
-        (rank, method, seed)
-        for seed in config.seeds
-        for rank in config.ranks
-        for method in config.methods
+    carve_splits(task, base)  # a train size or validation share the data cannot give: refused now
+    # tuning runs first (validation only), then the final seeds at the picked rates
+    tuning = [
+        (config.run_config(rank, m, seed, lr, "tune"), f"r={rank} {m} lr {lr:g} seed {seed} (tune)")
+        for rank, m, lr, seed in config.tuning_runs()
     ]
-    todo = [r for r in runs if not is_finished(config.run_dir(*r))]
-    if progress and len(todo) < len(runs):
-        print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; resuming")
-    bar = tqdm(todo, desc="compare", unit="run", disable=not progress)
-    for rank, method, seed in bar:
-        bar.set_postfix_str(f"r={rank} {method} seed {seed}")
-        run_dir = config.run_dir(rank, method, seed)
-        (run_dir / "error.txt").unlink(missing_ok=True)
-        try:
-            train(config.run_config(rank, method, seed), task=task, progress=progress)
-        except (FisherLoraError, FloatingPointError, RuntimeError, ValueError) as err:
-            if process.distributed:
-                raise
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "error.txt").write_text(
-                f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}"
-            )
-            bar.write(f"r={rank} {method} seed {seed} failed: {err}")
-    bar.close()
+    _run_all(tuning, task, process, progress, "tune")
+    picked = pick_learning_rates(config) if config.lr_grid else {}
+    finals = []
+    for seed in config.seeds:
+        for rank in config.ranks:
+            for method in config.methods:
+                lr = picked.get((rank, method), config.base.lr) if config.lr_grid else None
+                if config.lr_grid and (rank, method) not in picked:
+                    continue  # every tuning run of it failed: nothing to run the seeds at
+                finals.append(
+                    (config.run_config(rank, method, seed, lr), f"r={rank} {method} seed {seed}")
+                )
+    _run_all(finals, task, process, progress, "compare")
     report = Path(config.out) / "report.md"
     if process.is_main:
         report = write_report(config, command=command)

@@ -2,7 +2,8 @@
 
 - ``classify``: each class's completion c is scored as ``log p(c | prompt) = Σ_t log p(c_t |
   prompt, c_<t)``; the prediction is the best-scoring class. Accuracy, macro-F1, MCC and the
-  confusion matrix follow as for a classifier.
+  confusion matrix follow as for a classifier, and ``nll`` is the true completion's
+  ``−log p(c_y | prompt)`` averaged over examples.
 - ``lm``: the completion tokens' mean negative log-likelihood ``NLL = −(1/T) Σ log p(y_t | y_<t)``
   over all T held-out completion tokens, and ``perplexity = exp(NLL)``.
 
@@ -100,7 +101,11 @@ def evaluate_generation(
     mine = [labels[i] for batch in shard for i in batch]
     predictions = scores.argmax(dim=1).tolist()
     confusion = summed_confusion_matrix(mine, predictions, task.num_labels, device)
-    return classification_metrics(confusion), confusion
+    # the completion NLL of the true class, −log p(c_y | prompt), averaged over examples
+    true_scores = scores[torch.arange(len(mine)), torch.tensor(mine, dtype=torch.long)]
+    sums = torch.tensor([-true_scores.double().sum().item(), len(mine)], dtype=torch.float64)
+    nll_sum, count = all_reduce_sum(sums.to(device)).tolist()
+    return classification_metrics(confusion) | {"nll": nll_sum / max(count, 1.0)}, confusion
 
 
 def _shard(n: int, batch_size: int, rank: int, world_size: int) -> ShardedBatches:

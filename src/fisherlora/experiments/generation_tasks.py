@@ -18,10 +18,10 @@ The train/test split is the classification task's (a stable hash of the text).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from fisherlora.errors import ConfigError
-from fisherlora.experiments.tasks import Task, load_task
+from fisherlora.experiments.tasks import Task, load_task, train_subset, validation_mask
 
 KINDS = {"-gen": "classify", "-lm": "lm"}
 CLASSIFY_PROMPT = "Review: {text}\nSentiment:"
@@ -41,13 +41,57 @@ class GenerationTask:
     class_names: list[str]
     choices: list[str]  # the completion of each class ("classify")
     test_labels: list[int]
+    # carved out of train by :meth:`carve_validation`; labels for "classify" only
+    val_prompts: list[str] = field(default_factory=list)
+    val_completions: list[str] = field(default_factory=list)
+    val_labels: list[int] = field(default_factory=list)
 
     @property
     def num_labels(self) -> int:
         return len(self.class_names)
 
     def sizes(self) -> dict[str, int]:
-        return {"train": len(self.train_prompts), "test": len(self.test_prompts)}
+        sizes = {"train": len(self.train_prompts), "test": len(self.test_prompts)}
+        return sizes | ({"validation": len(self.val_prompts)} if self.val_prompts else {})
+
+    def carve_validation(self, fraction: float) -> GenerationTask:
+        """Move the training pairs with ``hash(prompt, completion) < fraction`` to validation
+        (see ``tasks.validation_mask``)."""
+        keys = [
+            p + "\n" + c for p, c in zip(self.train_prompts, self.train_completions, strict=True)
+        ]
+        held = validation_mask(keys, fraction, self.name)
+        pairs = list(zip(self.train_prompts, self.train_completions, strict=True))
+        kept = [pair for pair, h in zip(pairs, held, strict=True) if not h]
+        moved = [pair for pair, h in zip(pairs, held, strict=True) if h]
+        return replace(
+            self,
+            train_prompts=[p for p, _ in kept],
+            train_completions=[c for _, c in kept],
+            val_prompts=[p for p, _ in moved],
+            val_completions=[c for _, c in moved],
+            val_labels=[self.choices.index(c) for _, c in moved] if self.kind == "classify" else [],
+        )
+
+    def subsample_train(self, size: int, min_size: int = 1) -> GenerationTask:
+        """Keep ``size`` training pairs (``tasks.train_subset``); the other splits stay."""
+        keep = train_subset(len(self.train_prompts), size, min_size)
+        return replace(
+            self,
+            train_prompts=[self.train_prompts[i] for i in keep],
+            train_completions=[self.train_completions[i] for i in keep],
+        )
+
+    def validation_view(self) -> GenerationTask:
+        """This task with its validation pairs in the place of test (see ``Task``)."""
+        if not self.val_prompts:
+            raise ConfigError(f"task {self.name!r} has no validation split")
+        return replace(
+            self,
+            test_prompts=self.val_prompts,
+            test_completions=self.val_completions,
+            test_labels=self.val_labels,
+        )
 
 
 def is_generation_task(name: str) -> bool:

@@ -51,3 +51,37 @@ def classification_metrics(confusion: np.ndarray) -> dict[str, float]:
         "macro_f1": float(f1.mean()),
         "mcc": float(mcc),
     }
+
+
+def predictions_collapsed(confusion: np.ndarray | Sequence[Sequence[int]] | None) -> bool:
+    """Whether every prediction fell in one class while the true labels span at least two: the
+    run collapsed to a constant classifier (MCC 0, accuracy the majority share), which a run of
+    too few steps for its data, or with a learning rate too high or too low, ends as. ``False``
+    without a matrix (language-modelling tasks) or without examples."""
+    if confusion is None:
+        return False
+    matrix = np.asarray(confusion)
+    if matrix.sum() == 0:
+        return False
+    predicted_classes = int((matrix.sum(axis=0) > 0).sum())
+    true_classes = int((matrix.sum(axis=1) > 0).sum())
+    return predicted_classes == 1 and true_classes >= 2
+
+
+def collapse_warning(
+    confusion: np.ndarray | Sequence[Sequence[int]],
+    class_names: Sequence[str],
+    *,
+    steps: int,
+    lr: float,
+) -> str:
+    """The one-line warning for a collapsed run (:func:`predictions_collapsed`), naming the class
+    every example went to and the likely cause."""
+    matrix = np.asarray(confusion)
+    only = int(np.argmax(matrix.sum(axis=0)))
+    name = class_names[only] if only < len(class_names) else str(only)
+    return (
+        f"fisherlora: warning: the model predicts {name!r} for every held-out example (it "
+        f"collapsed to one class: MCC 0). Likely cause: too few steps ({steps}) for the data, or "
+        f"a learning rate ({lr:g}) too high or too low; try more --steps or another --lr"
+    )

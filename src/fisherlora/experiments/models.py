@@ -10,6 +10,7 @@ Registry names:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,8 +26,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from fisherlora.adapters import target_matches
 from fisherlora.errors import ConfigError
 from fisherlora.experiments.causal_models import CAUSAL_REGISTRY, tiny_llama_config
+from fisherlora.experiments.hub import check_model_source
 
 # Default LoRA targets per architecture family (matched as PEFT matches a list: by name suffix).
 DEFAULT_TARGETS = {
@@ -110,6 +113,8 @@ def load_model(
                 "--task rotten-tomatoes-gen (classification by generation) or rotten-tomatoes-lm"
             )
         else:
+            # seconds, not a minute of hub retries, for a name that cannot be had
+            check_model_source(name, MODEL_REGISTRY, "model")
             try:
                 model, tokenizer = _pretrained(name, num_labels)
             except (OSError, ValueError) as err:
@@ -123,14 +128,66 @@ def load_model(
     return model, tokenizer
 
 
-def default_targets(model: PreTrainedModel) -> list[str]:
-    """LoRA target module names for the model's architecture family."""
-    model_type = getattr(model.config, "model_type", "")
-    for family, targets in DEFAULT_TARGETS.items():
-        if family in model_type:
-            return list(targets)
-    if model_type in ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"):
-        return list(DEFAULT_TARGETS["llama"])
-    raise ConfigError(
-        f"no default LoRA targets for model type {model_type!r}; pass --targets explicitly"
-    )
+def default_targets(model: PreTrainedModel, *, verbose: bool = True) -> list[str]:
+    """LoRA target module names for ``model``: its architecture family's (BERT-style, Llama-style)
+    where every one of them names an ``nn.Linear`` of the model, otherwise
+    :func:`linear_targets` (its attention and MLP linear layers, as PEFT's ``all-linear``),
+    announced on stderr with ``verbose``. DistilBERT (``q_lin``, ...) and MPNet (``attn.q``, ...)
+    are not BERT-style by their names and get derived targets."""
+    model_type = str(getattr(model.config, "model_type", ""))
+    family = next((t for f, t in DEFAULT_TARGETS.items() if f in model_type), None)
+    if family is None and model_type in ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"):
+        family = DEFAULT_TARGETS["llama"]
+    linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if family is not None and all(any(target_matches(name, t) for name in linear) for t in family):
+        return list(family)
+    targets = linear_targets(model)
+    if verbose:
+        print(
+            f"fisherlora: no default LoRA targets known for model type {model_type!r}; using its "
+            f"attention and MLP linear layers: --targets {','.join(targets)}",
+            file=sys.stderr,
+        )
+    return targets
+
+
+# Modules that are a model's output head or pooler, never a default LoRA target.
+HEAD_NAMES = ("classifier", "pre_classifier", "score", "lm_head", "pooler", "qa_outputs")
+
+
+def linear_targets(model: torch.nn.Module) -> list[str]:
+    """The ``nn.Linear`` layers of the model's repeated blocks (attention and MLP; the modules
+    under a numbered layer, ``...layer.3.attention.q_lin``), as PEFT ``target_modules`` entries,
+    in order of first appearance: each the shortest name suffix that selects no linear outside
+    the blocks (the output head, classifier, pooler, embedding projections). E.g. DistilBERT:
+    ``q_lin, k_lin, v_lin, out_lin, lin1, lin2``; MPNet: ``q, k, v, o, intermediate.dense,
+    output.dense`` (``dense`` alone would also select its classifier's ``classifier.dense``).
+
+    A model without numbered blocks gets every linear but the head's. Raises
+    :class:`ConfigError` when there is nothing to adapt."""
+    linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    in_blocks: dict[str, list[str]] = {}  # name -> its path below the layer index
+    for name in linear:
+        parts = name.split(".")
+        index = max((i for i, p in enumerate(parts) if p.isdigit()), default=None)
+        if index is not None and not set(parts) & set(HEAD_NAMES):
+            # a linear that is itself the numbered module (layers.3) keeps its list name too
+            in_blocks[name] = parts[index + 1 :] or parts[max(index - 1, 0) :]
+    if not in_blocks:  # no repeated blocks: every linear but the head's, by last name part
+        names = [n for n in linear if not set(n.split(".")) & set(HEAD_NAMES)]
+        in_blocks = {n: n.split(".")[-1:] for n in names}
+    outside = [name for name in linear if name not in in_blocks]
+    targets: list[str] = []
+    for path in in_blocks.values():
+        for length in range(1, len(path) + 1):
+            suffix = ".".join(path[-length:])
+            if not any(target_matches(name, suffix) for name in outside):
+                break
+        if suffix not in targets:
+            targets.append(suffix)
+    if not targets:
+        raise ConfigError(
+            f"{type(model).__name__} has no nn.Linear layer outside its head to put LoRA on; "
+            f"its linear layers: {linear or 'none'}"
+        )
+    return targets

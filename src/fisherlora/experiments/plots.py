@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -23,6 +23,17 @@ def layer_and_kind(name: str) -> tuple[str, str]:
         if re.fullmatch(r"\d+", part):
             return part, ".".join(parts[i + 1 :]) or parts[i - 1]
     return "-", ".".join(parts[-2:])
+
+
+def text_colour(rgba: Sequence[float]) -> str:
+    """``"white"`` or ``"black"``, whichever reads better on a cell of colour ``rgba`` (floats in
+    [0, 1]): white where the relative luminance (WCAG, linearised sRGB) is below 0.179, the
+    point at which white and black have the same contrast ratio with the cell."""
+    red, green, blue = (
+        c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]
+    )
+    luminance = 0.2126 * red + 0.7152 * green + 0.0722 * blue
+    return "white" if luminance < 0.179 else "black"
 
 
 def module_grid(values: Mapping[str, float]) -> pd.DataFrame:
@@ -64,7 +75,8 @@ def plot_module_values(
         for j in range(cells.shape[1]):
             if not np.isnan(cells[i, j]):  # NaN: a module type missing in this layer
                 text = f"{int(cells[i, j])}" if integers else f"{cells[i, j]:.3g}"
-                ax.text(j, i, text, ha="center", va="center", fontsize=8)
+                colour = text_colour(image.cmap(image.norm(cells[i, j])))
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color=colour)
     ax.set_xticks(range(table.shape[1]), table.columns, rotation=30, ha="right")
     ax.set_yticks(range(table.shape[0]), table.index)
     ax.set_xlabel("module type")
@@ -146,9 +158,9 @@ def plot_confusion_matrices(
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.5 * rows), squeeze=False)
     for ax, (method, matrix) in zip(list(axes.flat)[:n], matrices.items(), strict=True):
         shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-        ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+        image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
         for (i, j), count in np.ndenumerate(matrix):
-            colour = "white" if shares[i, j] > 0.5 else "black"
+            colour = text_colour(image.cmap(image.norm(shares[i, j])))
             ax.text(
                 j,
                 i,
@@ -213,8 +225,112 @@ def plot_runtime_bars(
     ax.set_xticks(x, labels, rotation=35, ha="right", fontsize=7)
     ax.set_ylabel("seconds (median over seeds)")
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    # outside the axes, right of them: inside, it covered the tallest bars (EVA's)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_lr_grid(tuning: pd.DataFrame, picked: pd.DataFrame, path: Path, title: str) -> bool:
+    """Validation accuracy (mean over tuning seeds) against the learning rate, one line per
+    method, the picked rate ringed; ``False`` (nothing drawn) when ``tuning`` is empty."""
+    if tuning.empty:
+        return False
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    means = tuning.groupby(["method", "lr"], sort=True)["val_accuracy"].mean().reset_index()
+    for method, group in means.groupby("method", sort=False):
+        (line,) = ax.plot(group["lr"], group["val_accuracy"], marker="o", label=method)
+        chosen = picked[picked["method"] == method] if not picked.empty else picked
+        rank_match = (
+            chosen[chosen["rank"] == tuning["rank"].iloc[0]] if not chosen.empty else chosen
+        )
+        if not rank_match.empty:
+            lr = float(rank_match["lr"].iloc[0])
+            at = group[group["lr"] == lr]["val_accuracy"]
+            if len(at):
+                ax.scatter(
+                    [lr], [float(at.iloc[0])], s=160, facecolors="none", edgecolors=line.get_color()
+                )
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("validation accuracy (mean over tuning seeds)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def plot_forest(
+    pooled: pd.DataFrame,
+    per_cell: pd.DataFrame,
+    labels: Mapping[str, str],
+    path: str | Path,
+    title: str,
+) -> None:
+    """A forest plot of differences to a baseline: one panel per outcome (``labels``: column →
+    axis label), one row per method; each cell's Δ as a faint point, the pooled Δ as a dot with
+    its confidence interval as a bar, and a vertical line at 0 (no difference).
+
+    ``pooled``: rows with ``method``, ``outcome``, ``delta``, ``ci_low``, ``ci_high``;
+    ``per_cell``: rows with ``method``, ``outcome``, ``delta`` (one per cell)."""
+    outcomes = [o for o in labels if (pooled["outcome"] == o).any()]
+    methods = list(dict.fromkeys(pooled["method"]))
+    panels = max(1, len(outcomes))
+    fig, axes = plt.subplots(
+        1,
+        panels,
+        figsize=(3.6 * panels + 1.5, 0.42 * len(methods) + 1.6),
+        sharey=True,
+        squeeze=False,
+    )
+    y = {m: len(methods) - 1 - i for i, m in enumerate(methods)}
+    for ax, outcome in zip(axes[0], outcomes, strict=False):
+        cells = per_cell[(per_cell["outcome"] == outcome) & per_cell["method"].isin(y)]
+        ax.scatter(
+            cells["delta"].to_numpy(dtype=float),
+            [y[m] for m in cells["method"]],
+            s=14,
+            color="tab:gray",
+            alpha=0.35,
+            label="cell",
+            zorder=2,
+        )
+        rows = pooled[pooled["outcome"] == outcome]
+        delta = rows["delta"].to_numpy(dtype=float)
+        low = np.maximum(delta - rows["ci_low"].to_numpy(dtype=float), 0.0)
+        high = np.maximum(rows["ci_high"].to_numpy(dtype=float) - delta, 0.0)
+        ax.errorbar(
+            delta,
+            [y[m] for m in rows["method"]],
+            xerr=[np.nan_to_num(low), np.nan_to_num(high)],
+            fmt="o",
+            color="tab:blue",
+            capsize=3,
+            markersize=5,
+            label="pooled (95 % CI)",
+            zorder=3,
+        )
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        # symmetric about 0, so that which side a method falls on reads at a glance
+        spread = np.nanmax(
+            np.abs(
+                np.concatenate([cells["delta"].to_numpy(dtype=float), delta - low, delta + high])
+            )
+        )
+        spread = 1.15 * spread if np.isfinite(spread) and spread > 0 else 1e-3
+        ax.set_xlim(-spread, spread)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5, symmetric=True))
+        ax.set_xlabel(f"Δ {labels[outcome]}", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_yticks(list(y.values()), list(y.keys()), fontsize=7)
+    axes[0][0].set_ylim(-0.7, len(methods) - 0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

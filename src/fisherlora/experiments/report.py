@@ -2,8 +2,9 @@
 
 Writes into the comparison directory:
 
-- ``results.csv``: one row per finished run; ``results.json``: the runs, the summary, the
-  settings, the harness workarounds and the failed runs;
+- ``results.csv``: one row per finished run (``phase`` "final", and "tune" for the tuning runs
+  of a learning-rate grid, which carry validation scores only); ``results.json``: the runs, the
+  summary, the picked learning rates, the settings, the harness workarounds and the failed runs;
 - ``report.md`` (PNGs beside it in ``plots/``) and ``report.html`` (the same, PNGs embedded, one
   self-contained file).
 
@@ -12,7 +13,11 @@ LoRA (accuracy, MCC and macro-F1) is the mean Δ of the per-seed differences (sa
 data order and head init), with its paired 95 % confidence interval, Δ ± t(0.975, n−1)·sd/√n
 over the n seeds both finished, and the two-sided paired t-test's p from the same t statistic.
 The verdict is "significant" exactly when the interval excludes 0 (then p < 0.05; no other rule
-can overrule it); one seed has no interval. Separately, the report says whether |Δ accuracy| is
+can overrule it); one seed has no interval. The same paired interval is given for the held-out
+NLL (the cross-entropy of the true class: lower is better, so "better" means Δ < 0) and, where
+the runs evaluated a validation split during training, for the area under the validation
+accuracy curve (the mean over its evaluation points: faster convergence scores higher).
+Separately, the report says whether |Δ accuracy| is
 below the standard error of one run's accuracy, sqrt(acc (1 − acc) / n_test): the interval
 covers the seeds' spread on this one test set, not the sampling of the test set itself.
 """
@@ -20,6 +25,7 @@ covers the seeds' spread on this one test set, not the sampling of the test set 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import math
@@ -36,6 +42,7 @@ from fisherlora.experiments.plots import (
     plot_bars,
     plot_confusion_matrices,
     plot_learning_curves,
+    plot_lr_grid,
     plot_module_values,
     plot_runtime_bars,
 )
@@ -48,8 +55,64 @@ if TYPE_CHECKING:
 BASELINE = "lora"
 
 
+# Fractions of a run at which the validation accuracy is reported (convergence).
+CURVE_FRACTIONS = (0.1, 0.2, 0.5, 1.0)
+
+
+def validation_curve(run_dir: Path) -> pd.DataFrame:
+    """The run's evaluations on its validation split (step, accuracy, ...); empty for runs that
+    had none (their evaluations read test)."""
+    path = run_dir / "curve.csv"
+    curve = pd.read_csv(path) if path.exists() else pd.DataFrame()
+    if curve.empty or "split" not in curve:
+        return pd.DataFrame()
+    return curve[curve["split"] == "validation"].reset_index(drop=True)
+
+
+def accuracy_at_fractions(curve: pd.DataFrame, steps: int) -> dict[str, float]:
+    """Validation accuracy at the first evaluation at or after each of :data:`CURVE_FRACTIONS`
+    of ``steps`` (NaN where the curve has none)."""
+    values = {}
+    for fraction in CURVE_FRACTIONS:
+        later = curve[curve["step"] >= fraction * steps] if not curve.empty else curve
+        key = f"val_acc_at_{round(fraction * 100)}pct"
+        values[key] = float(later["accuracy"].iloc[0]) if not later.empty else math.nan
+    return values
+
+
+def _metrics_row(m: dict[str, Any], steps: int, run_dir: Path) -> dict[str, Any]:
+    """The outcome columns of one run's metrics.json (NaN where a run did not record one)."""
+    curve = validation_curve(run_dir)
+    return {
+        "lr": m.get("lr"),
+        "accuracy": m.get("accuracy", math.nan),
+        "macro_f1": m.get("macro_f1", math.nan),
+        "mcc": m.get("mcc", math.nan),
+        "nll": m.get("nll", math.nan),  # absent from runs made before it was recorded
+        "val_accuracy": m.get("val_accuracy", math.nan),
+        "val_nll": m.get("val_nll", math.nan),
+        "val_auc": m.get("val_auc", math.nan),
+        **accuracy_at_fractions(curve, steps),
+    }
+
+
+def collect_tuning(config: CompareConfig) -> pd.DataFrame:
+    """One row per finished tuning run (validation scores only; the test columns stay empty)."""
+    rows = []
+    for rank, method, lr, seed in config.tuning_runs():
+        run_dir = config.tune_dir(rank, method, lr, seed)
+        if (run_dir / "metrics.json").exists():
+            m = json.loads((run_dir / "metrics.json").read_text())
+            rows.append(
+                {"rank": rank, "method": method, "seed": seed, "phase": "tune"}
+                | _metrics_row(m, config.base.steps, run_dir)
+                | {"lr": lr, "run_dir": str(run_dir)}
+            )
+    return pd.DataFrame(rows)
+
+
 def collect_runs(config: CompareConfig) -> tuple[pd.DataFrame, list[dict[str, str]]]:
-    """One row per finished run (``metrics.json`` present); and the failed runs' errors."""
+    """One row per finished final run (``metrics.json`` present); and the failed runs' errors."""
     rows, failed = [], []
     for rank in config.ranks:
         for method in config.methods:
@@ -71,9 +134,10 @@ def collect_runs(config: CompareConfig) -> tuple[pd.DataFrame, list[dict[str, st
                         "rank": rank,
                         "method": method,
                         "seed": seed,
-                        "accuracy": m["accuracy"],
-                        "macro_f1": m["macro_f1"],
-                        "mcc": m["mcc"],
+                        "phase": "final",
+                        **_metrics_row(m, config.base.steps, run_dir),
+                        # runs made before the rate was recorded ran at the shared one
+                        "lr": m.get("lr", config.base.lr),
                         # examples evaluated (a --max-test subset, not the whole test split)
                         "n_test": sum(map(sum, m["confusion_matrix"])),
                         "trainable_params": m["trainable_params"],
@@ -90,14 +154,47 @@ def collect_runs(config: CompareConfig) -> tuple[pd.DataFrame, list[dict[str, st
                         "run_dir": str(run_dir),
                     }
                 )
-    return pd.DataFrame(rows), failed
+    runs = pd.DataFrame(rows)
+    if not runs.empty:
+        runs["steps_to_lora_final"] = steps_to_lora_final(runs)
+    return runs, failed
+
+
+def steps_to_lora_final(runs: pd.DataFrame) -> list[float]:
+    """Per run: the first evaluation step at which its validation accuracy reaches the final
+    validation accuracy of LoRA at the same rank and seed (NaN when it never does, or when
+    there is no such LoRA run or no validation curve)."""
+    steps = []
+    for _, row in runs.iterrows():
+        lora = runs[
+            (runs["method"] == BASELINE)
+            & (runs["rank"] == row["rank"])
+            & (runs["seed"] == row["seed"])
+        ]
+        target = float(lora["val_accuracy"].iloc[0]) if len(lora) else math.nan
+        curve = validation_curve(Path(row["run_dir"]))
+        reached = (
+            curve[curve["accuracy"] >= target]
+            if not curve.empty and not math.isnan(target)
+            else curve.iloc[0:0]
+        )
+        steps.append(float(reached["step"].iloc[0]) if not reached.empty else math.nan)
+    return steps
 
 
 # The confidence of the paired interval; "significant" means the interval excludes 0.
 CONFIDENCE = 0.95
 # Each outcome compared with LoRA, and the prefix of its columns in the summary (accuracy's keep
 # the historical names: delta_vs_lora, ci_low, ci_high, p_value, verdict).
-OUTCOMES = {"accuracy": "", "mcc": "mcc_", "macro_f1": "macro_f1_"}
+OUTCOMES = {
+    "accuracy": "",
+    "mcc": "mcc_",
+    "macro_f1": "macro_f1_",
+    "nll": "nll_",
+    "val_auc": "val_auc_",
+}
+# Outcomes where a smaller value is the better one.
+LOWER_IS_BETTER = {"nll"}
 
 
 @dataclass(frozen=True)
@@ -115,6 +212,7 @@ class PairedDifference:
     ci_high: float
     p_value: float
     pairs: int
+    lower_is_better: bool = False
 
     @property
     def significant(self) -> bool:
@@ -128,7 +226,8 @@ class PairedDifference:
         if self.pairs == 1:
             return "1 seed: no interval"
         if self.significant:
-            return "significant: " + ("better" if self.delta > 0 else "worse") + " than LoRA"
+            better = self.delta < 0 if self.lower_is_better else self.delta > 0
+            return "significant: " + ("better" if better else "worse") + " than LoRA"
         return "not significant"
 
 
@@ -153,16 +252,27 @@ def paired_t(differences: Any, confidence: float = CONFIDENCE) -> PairedDifferen
 def paired_difference(
     runs: pd.DataFrame, method: str, rank: int, metric: str = "accuracy"
 ) -> PairedDifference:
-    """``metric(method) − metric(LoRA)`` over the seeds both finished at ``rank``."""
+    """``metric(method) − metric(LoRA)`` over the seeds both finished (and recorded it) at
+    ``rank``."""
     at_rank = runs[runs["rank"] == rank]
-    ours = at_rank[at_rank["method"] == method].set_index("seed")[metric]
-    base = at_rank[at_rank["method"] == BASELINE].set_index("seed")[metric]
+    ours = at_rank[at_rank["method"] == method].set_index("seed")[metric].dropna()
+    base = at_rank[at_rank["method"] == BASELINE].set_index("seed")[metric].dropna()
     seeds = sorted(set(ours.index) & set(base.index))
-    return paired_t(ours.loc[seeds].to_numpy() - base.loc[seeds].to_numpy())
+    diff = paired_t(ours.loc[seeds].to_numpy(dtype=float) - base.loc[seeds].to_numpy(dtype=float))
+    return dataclasses.replace(diff, lower_is_better=metric in LOWER_IS_BETTER)
 
 
 def summarize(runs: pd.DataFrame, config: CompareConfig, n_test: int) -> pd.DataFrame:
     """One row per (rank, method), in the order the comparison lists them."""
+    # runs made before an outcome was recorded lack its column: NaN, shown as absent
+    runs = runs.assign(
+        **{c: math.nan for c in (*OUTCOMES, "steps_to_lora_final") if c not in runs},
+        **(
+            {"lr": getattr(getattr(config, "base", None), "lr", math.nan)}
+            if "lr" not in runs
+            else {}
+        ),
+    )
     rows = []
     for rank in config.ranks:
         for method in config.methods:
@@ -180,10 +290,15 @@ def summarize(runs: pd.DataFrame, config: CompareConfig, n_test: int) -> pd.Data
                 "effective_adapter_params": _median_or_nan(group, "effective_adapter_params"),
             }
             for metric in OUTCOMES:
-                row[f"{metric}_mean"] = float(group[metric].mean())
-                row[f"{metric}_std"] = (
-                    float(group[metric].std(ddof=1)) if len(group) > 1 else math.nan
-                )
+                values = pd.to_numeric(group[metric], errors="coerce").dropna()
+                row[f"{metric}_mean"] = float(values.mean()) if len(values) else math.nan
+                row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+            row["lr"] = float(group["lr"].iloc[0])
+            for column in [c for c in group.columns if c.startswith("val_acc_at_")]:
+                row[column] = float(pd.to_numeric(group[column], errors="coerce").mean())
+            reached = pd.to_numeric(group["steps_to_lora_final"], errors="coerce").dropna()
+            row["steps_to_lora_final"] = float(reached.median()) if len(reached) else math.nan
+            row["reached_lora_final"] = len(reached)
             # the standard error of one run's accuracy on the n_test examples evaluated
             one_run_se = math.sqrt(acc.mean() * (1 - acc.mean()) / n_test)
             row["one_run_se"] = one_run_se
@@ -361,15 +476,43 @@ def _adapter_params(row: pd.Series) -> str:
     return text
 
 
+def _delta(r: pd.Series, prefix: str) -> str:
+    """``Δ [95 % CI]`` of one outcome's paired difference to LoRA ("–" for LoRA / no pairs)."""
+    delta = r[f"{prefix}delta_vs_lora"]
+    if r["method"] == BASELINE or pd.isna(delta):
+        return "–"
+    return f"{delta:+.4f} {_interval(r[f'{prefix}ci_low'], r[f'{prefix}ci_high'])}"
+
+
 def display_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """The report's table: formatted strings, one row per (rank, method)."""
+    """The report's table: formatted strings, one row per (rank, method). The NLL, validation
+    and learning-rate columns appear when the runs recorded them (runs from before they existed
+    did not)."""
+    has_nll = bool(summary["nll_mean"].notna().any())
+    has_val = bool(summary["val_auc_mean"].notna().any())
+    several_lrs = summary["lr"].nunique() > 1
     rows = []
     for _, r in summary.iterrows():
         is_base = r["method"] == BASELINE
+        extra: dict[str, str] = {}
+        if several_lrs:
+            extra["lr"] = f"{r['lr']:g}"
+        if has_nll:
+            extra["NLL"] = _pm(r["nll_mean"], r["nll_std"])
+            extra["Δ NLL [95 % CI] (lower is better)"] = _delta(r, "nll_")
+        if has_val:
+            extra["val AUC"] = _pm(r["val_auc_mean"], r["val_auc_std"])
+            extra["Δ val AUC [95 % CI]"] = _delta(r, "val_auc_")
+            extra["steps to LoRA's final val acc"] = (
+                "never"
+                if r["reached_lora_final"] == 0
+                else f"{r['steps_to_lora_final']:.0f} ({int(r['reached_lora_final'])}/{int(r['seeds'])})"
+            )
         rows.append(
             {
                 "rank": int(r["rank"]),
                 "method": r["method"],
+                **({"lr": extra.pop("lr")} if "lr" in extra else {}),
                 "trainable params": f"{int(r['trainable_params']):,}",
                 "adapter params": _adapter_params(r),
                 "accuracy": _pm(r["accuracy_mean"], r["accuracy_std"]),
@@ -384,6 +527,7 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
                 "Δ below one run's SE": "–"
                 if r["below_one_run_se"] is None or pd.isna(r["below_one_run_se"])
                 else ("yes" if r["below_one_run_se"] else "no"),
+                **extra,
                 "seeds": int(r["seeds"]),
                 "init s": f"{r['init_s']:.1f}",
                 "median step s": f"{r['median_step_s']:.3f}",
@@ -480,9 +624,13 @@ def write_report(config: CompareConfig, command: str = "") -> Path:
     """Collect the finished runs of ``config`` and write results, plots and the report."""
     out = Path(config.out)
     runs, failed = collect_runs(config)
+    tuning = collect_tuning(config)
+    picked = picked_table(config, tuning)
     n_test = _test_size(runs)
     summary = summarize(runs, config, n_test) if not runs.empty else pd.DataFrame()
-    runs.to_csv(out / "results.csv", index=False)
+    pd.concat([runs, tuning], ignore_index=True).to_csv(out / "results.csv", index=False)
+    if not picked.empty:
+        picked.to_csv(out / "picked_lr.csv", index=False)
     (out / "results.json").write_text(
         json.dumps(
             {
@@ -493,6 +641,8 @@ def write_report(config: CompareConfig, command: str = "") -> Path:
                 "command": command,
                 "runs": runs.to_dict(orient="records"),
                 "summary": json.loads(summary.to_json(orient="records")),
+                "tuning": json.loads(tuning.to_json(orient="records")),
+                "picked_lr": json.loads(picked.to_json(orient="records")),
                 "failed": failed,
                 "workarounds": WORKAROUNDS,
             },
@@ -500,13 +650,40 @@ def write_report(config: CompareConfig, command: str = "") -> Path:
         )
     )
     figures = make_plots(config, runs, summary, out / "plots") if not summary.empty else []
+    if not tuning.empty:
+        for rank in config.ranks:
+            path = out / "plots" / f"lr_grid_r{rank}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if plot_lr_grid(
+                tuning[tuning["rank"] == rank],
+                picked,
+                path,
+                f"Validation accuracy over the lr grid, r = {rank}",
+            ):
+                figures.insert(
+                    0, (f"Validation accuracy per learning rate (tuning seeds), r = {rank}", path)
+                )
     table = display_table(summary) if not summary.empty else pd.DataFrame()
     notes = _notes(config, summary, failed, n_test)
+    if config.lr_grid:
+        notes.insert(0, _selection_note(config, picked))
     settings = config.shared_settings()
+    lr_text = (
+        f"lr picked per method on validation from {','.join(f'{v:g}' for v in config.lr_grid)}"
+        if config.lr_grid
+        else f"lr {settings['lr']}"
+    )
+    splits = (
+        f"validation {settings['val_fraction']:g} of train"
+        + (f", {settings['train_size']} training examples" if settings.get("train_size") else "")
+        + "; "
+        if settings.get("val_fraction")
+        else ""
+    )
     header = (
         f"task {settings['data'] or settings['task']}, model {settings['model']}, "
         f"{settings['steps']} steps of batch "
-        f"{settings['batch_size']}, lr {settings['lr']}, targets "
+        f"{settings['batch_size']}, {splits}{lr_text}, targets "
         f"{','.join(settings['targets'] or ['(architecture default)'])}, α = "
         f"{settings['alpha'] if settings['alpha'] else str(settings['alpha_ratio']) + ' r'}; "
         f"seeds {','.join(map(str, config.seeds))}; ranks {','.join(map(str, config.ranks))}; "
@@ -515,6 +692,32 @@ def write_report(config: CompareConfig, command: str = "") -> Path:
     _write_markdown(out, command, header, table, notes, figures)
     _write_html(out, command, header, table, notes, figures)
     return out / "report.md"
+
+
+def picked_table(config: CompareConfig, tuning: pd.DataFrame) -> pd.DataFrame:
+    """Per (rank, method): the picked rate (``OUT/picked_lr.json``, written once every tuning
+    run ended) with its mean validation scores; empty without a grid or before the picks."""
+    pinned = Path(config.out) / "picked_lr.json"
+    if not config.lr_grid or not pinned.exists():
+        return pd.DataFrame()
+    return pd.DataFrame(json.loads(pinned.read_text())["picked"])
+
+
+def _selection_note(config: CompareConfig, picked: pd.DataFrame) -> str:
+    seeds = ",".join(map(str, config.tune_seeds))
+    text = (
+        f"Learning rates were picked per (rank, method) from the grid "
+        f"{', '.join(f'{v:g}' for v in config.lr_grid or [])} by the mean validation accuracy of "
+        f"tuning seed(s) {seeds} (ties: the lower validation NLL; a diverged run rules its rate "
+        "out). The validation split is carved out of the training data; tuning runs never read "
+        "the test split, and each final run reads it once, after its last step."
+    )
+    if picked.empty:
+        return text + " The tuning runs have not all ended yet: no rate is picked."
+    chosen = "; ".join(
+        f"r = {int(r['rank'])} {r['method']}: {r['lr']:g}" for _, r in picked.iterrows()
+    )
+    return f"{text} Picked: {chosen}."
 
 
 def _test_size(runs: pd.DataFrame) -> int:
@@ -539,7 +742,9 @@ def _write_html(out: Path, command, header, table, notes, figures) -> None:
         "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;"
         "padding:3px 6px;text-align:right}td:nth-child(2),th{text-align:left}"
-        "img{max-width:100%}code,pre{background:#f4f4f4}</style></head><body>",
+        "img{max-width:100%}code,pre{background:#f4f4f4}"
+        # a long command line wraps inside the page instead of widening it
+        "pre{white-space:pre-wrap;overflow-wrap:anywhere}</style></head><body>",
         "<h1>fisherlora comparison</h1>",
         f"<p>{html.escape(header)}</p>",
     ]

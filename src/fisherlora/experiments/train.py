@@ -57,11 +57,17 @@ from fisherlora.experiments.generation_tasks import (
     is_generation_task,
     load_generation_task,
 )
-from fisherlora.experiments.metrics import classification_metrics, summed_confusion_matrix
+from fisherlora.experiments.limits import check_max_length
+from fisherlora.experiments.metrics import (
+    classification_metrics,
+    collapse_warning,
+    predictions_collapsed,
+    summed_confusion_matrix,
+)
 from fisherlora.experiments.models import default_targets, load_model
-from fisherlora.experiments.tasks import Task, held_out_subset, load_task
+from fisherlora.experiments.tasks import MAX_DROPPED_FRACTION, Task, held_out_subset, load_task
 from fisherlora.methods import get_method
-from fisherlora.stats import all_reduce_mean
+from fisherlora.stats import all_reduce_mean, all_reduce_sum
 
 
 @dataclass
@@ -73,6 +79,9 @@ class TrainConfig:
     test_data: str | None = None  # a separate test file for ``data``
     text_column: str = "text"
     label_column: str = "label"
+    # a data file (or hub split) may lose this share of its rows (empty texts, missing labels,
+    # repeated texts) before it is refused; see tasks.usable_rows
+    max_dropped_fraction: float = MAX_DROPPED_FRACTION
     model: str = "minilm"
     method: str = "lora"
     rank: int = 8
@@ -111,6 +120,12 @@ class TrainConfig:
     fw_normalize: str = "sum"  # FW-LoRA importance normalisation: sum, max
     fw_mode: str = "loss"  # FW-LoRA: penalty in the loss, or per-module weight decay
     eval_every: int = 100  # steps between evaluations; 0: only at the end
+    # share of the training split carved out as validation (a salted text hash, tasks.py); with
+    # one, the evaluations during training read validation and the test split is read once at
+    # the end of a "final" run. 0: no validation split (the evaluations then read test)
+    val_fraction: float = 0.0
+    train_size: int | None = None  # a fixed subset of the training split (low-data cells)
+    phase: str = "final"  # "final": test read once at the end; "tune": validation only
     eval_batch_size: int = 128
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
@@ -165,6 +180,19 @@ class TrainConfig:
             )
         if self.targets is not None and not self.targets:
             raise ConfigError("targets must name at least one module")
+        if not (self.val_fraction == 0 or 0 < self.val_fraction <= 0.5):
+            raise ConfigError(f"val_fraction must be 0 or in (0, 0.5], got {self.val_fraction}")
+        if self.phase not in ("final", "tune"):
+            raise ConfigError(f"phase must be 'final' or 'tune', got {self.phase!r}")
+        if self.phase == "tune" and self.val_fraction == 0:
+            raise ConfigError("a tuning run reads validation only: it needs val_fraction > 0")
+        if self.train_size is not None and (
+            int(self.train_size) != self.train_size or self.train_size < self.batch_size
+        ):
+            raise ConfigError(
+                f"train_size must be a whole number of at least one batch ({self.batch_size}), "
+                f"got {self.train_size!r}"
+            )
 
 
 @dataclass
@@ -249,16 +277,23 @@ def library_versions() -> dict[str, str]:
 def evaluate(
     model: torch.nn.Module, loader, num_labels: int, device: torch.device
 ) -> tuple[dict[str, float], np.ndarray]:
-    """Accuracy, macro-F1, MCC and the confusion matrix of ``model`` on ``loader``; under
-    torch.distributed ``loader`` is this process's share and the confusion matrices are summed."""
+    """Accuracy, macro-F1, MCC, the held-out NLL and the confusion matrix of ``model`` on
+    ``loader``; under torch.distributed ``loader`` is this process's share and the confusion
+    matrices and NLL sums are summed.
+
+    ``nll = −(1/N) Σ_i log softmax(z_i)[y_i]``: the cross-entropy of the true class, a far more
+    sensitive paired outcome than accuracy (it moves with every example's confidence)."""
     was_training = model.training
     model.eval()
     labels, predictions = [], []
+    nll_sum = torch.zeros(2, dtype=torch.float64, device=device)  # Σ −log p(y), examples
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         predictions.append(logits.argmax(dim=-1).cpu())
         labels.append(batch["labels"].cpu())
+        nll = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        nll_sum += torch.stack([nll.double(), nll_sum.new_tensor(len(batch["labels"]))])
     model.train(was_training)
     confusion = summed_confusion_matrix(
         torch.cat(labels).tolist() if labels else [],
@@ -266,7 +301,8 @@ def evaluate(
         num_labels,
         device,
     )
-    return classification_metrics(confusion), confusion
+    total, count = all_reduce_sum(nll_sum).tolist()
+    return classification_metrics(confusion) | {"nll": total / max(count, 1.0)}, confusion
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
@@ -361,7 +397,9 @@ def train(
         test_data=config.test_data,
         text_column=config.text_column,
         label_column=config.label_column,
+        max_dropped_fraction=config.max_dropped_fraction,
     )
+    task = carve_splits(task, config)
     set_seed(config.seed)
     generative = isinstance(task, GenerationTask)
     if generative:
@@ -369,7 +407,10 @@ def train(
     else:
         base_model, tokenizer = load_model(config.model, task.num_labels, seed=config.seed)
     targets = list(config.targets) if config.targets else default_targets(base_model)
-    resolve_targets(base_model, targets)
+    # before anything is allocated or written: an impossible rank or text length would
+    # otherwise fail only later (after gigabytes of adapters, or mid-forward with a traceback)
+    resolve_targets(base_model, targets, rank=config.rank)
+    check_max_length(base_model, config.max_length, config.model)
     lora_config = LoraConfig(
         task_type="CAUSAL_LM" if generative else "SEQ_CLS",
         r=config.rank,
@@ -411,28 +452,40 @@ def train(
         train_set = TokenizedTexts(
             task.train_texts, task.train_labels, tokenizer, config.max_length
         )
-        subset = held_out_subset(len(task.test_texts), config.max_test)
-        test_set = TokenizedTexts(
-            [task.test_texts[i] for i in subset],
-            [task.test_labels[i] for i in subset],
-            tokenizer,
-            config.max_length,
-        )
-        test_batches = eval_loader(test_set, pad_id, config.eval_batch_size, **share)
 
-    def run_evaluation() -> tuple[dict[str, float], np.ndarray | None]:
+    def evaluator(split: Task | GenerationTask, limit: int | None):
+        """A function that scores ``model`` on ``split``'s test examples (``limit`` of them)."""
         if generative:
-            return evaluate_generation(
+            return lambda: evaluate_generation(
                 model,
-                task,
+                split,
                 tokenizer,
                 max_length=config.max_length,
                 batch_size=config.eval_batch_size,
                 device=device,
-                limit=config.max_test,
+                limit=limit,
                 **share,
             )
-        return evaluate(model, test_batches, task.num_labels, device)
+        subset = held_out_subset(len(split.test_texts), limit)
+        examples = TokenizedTexts(
+            [split.test_texts[i] for i in subset],
+            [split.test_labels[i] for i in subset],
+            tokenizer,
+            config.max_length,
+        )
+        loader = eval_loader(examples, pad_id, config.eval_batch_size, **share)
+        return lambda: evaluate(model, loader, task.num_labels, device)
+
+    # With a validation split the evaluations during training read it, and the test split is
+    # read once, after the last step, in a final run only (a tuning run never reads it). Without
+    # one (val_fraction 0, the CLI's `train` default) the evaluations read test, as they always did.
+    has_val = config.val_fraction > 0
+    evaluate_during = (
+        evaluator(task.validation_view(), None) if has_val else evaluator(task, config.max_test)
+    )
+    evaluate_test = (
+        evaluator(task, config.max_test) if has_val and config.phase == "final" else None
+    )
 
     batches = forever(
         train_loader(
@@ -522,7 +575,7 @@ def train(
 
         if step == config.steps or (config.eval_every and step % config.eval_every == 0):
             eval_start = time.perf_counter()
-            scores, confusion = run_evaluation()
+            scores, confusion = evaluate_during()
             eval_time += time.perf_counter() - eval_start
             # the loss optimised (task + method term) and the method's term alone, averaged over
             # the steps since the last evaluation and over processes
@@ -534,6 +587,7 @@ def train(
                     "step": step,
                     "train_loss": train_loss,
                     "extra_loss": extra_loss,
+                    "split": "validation" if has_val else "test",
                     **scores,
                     "wall_time_s": time.perf_counter() - loop_start,
                 }
@@ -543,14 +597,30 @@ def train(
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     bar.close()
 
-    train_time = time.perf_counter() - loop_start - eval_time
     curve = pd.DataFrame(curve_rows)
+    held_out: dict[str, Any] = {}
+    last_confusion = confusion  # the last evaluation's (validation's, where there is one)
+    if has_val:
+        held_out = {f"val_{k}": v for k, v in scores.items()}
+        if "accuracy" in curve:  # the normalised area under the validation-accuracy curve
+            held_out["val_auc"] = float(curve["accuracy"].mean())
+        scores, confusion = {}, None
+        if evaluate_test is not None:
+            eval_start = time.perf_counter()
+            scores, confusion = evaluate_test()
+            eval_time += time.perf_counter() - eval_start
+            if process.is_main:
+                bar.write("test: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    train_time = time.perf_counter() - loop_start - eval_time
     metrics = {
         "task": task.name,
         "model": config.model,
         "method": method.name,
         "seed": config.seed,
+        "phase": config.phase,
+        "lr": config.lr,
         **scores,
+        **held_out,
         "confusion_matrix": None if confusion is None else confusion.tolist(),
         "class_names": task.class_names,
         **count_parameters(model),
@@ -565,6 +635,10 @@ def train(
         },
         "prepare": prepare_info,
     }
+    # every held-out prediction in one class: the run learned nothing (warned about at the end)
+    # (judged on test in a final run, on validation in a tuning run, which never reads test)
+    collapse_seen = confusion if confusion is not None else last_confusion
+    metrics["collapsed"] = predictions_collapsed(collapse_seen)
     if out is not None:
         curve.to_csv(out / "curve.csv", index=False)
         method.export(model, out / "adapter")
@@ -572,7 +646,24 @@ def train(
         metrics["timings"]["total_s"] = time.perf_counter() - run_start
         write_json_atomic(out / "metrics.json", metrics)
     barrier()  # every process sees the finished run directory before it goes on
+    if metrics["collapsed"] and process.is_main:
+        print(
+            collapse_warning(collapse_seen, task.class_names, steps=config.steps, lr=config.lr),
+            file=sys.stderr,
+        )
     return RunResult(metrics=metrics, curve=curve, model=model)
+
+
+def carve_splits(task: Task | GenerationTask, config: TrainConfig) -> Task | GenerationTask:
+    """``task`` with ``config.val_fraction`` of its training split carved out as validation, and
+    then ``config.train_size`` of the rest kept (so the validation split is the same whatever the
+    train size). A task that already has a validation split is used as it is."""
+    has_val = bool(task.val_texts if isinstance(task, Task) else task.val_prompts)
+    if config.val_fraction > 0 and not has_val:
+        task = task.carve_validation(config.val_fraction)
+    if config.train_size is not None:
+        task = task.subsample_train(config.train_size, min_size=config.batch_size)
+    return task
 
 
 def wrap_data_parallel(model: PeftModel, process: Process, device: torch.device) -> torch.nn.Module:

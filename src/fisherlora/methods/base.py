@@ -66,6 +66,9 @@ class AdapterMethod:
     """Plain LoRA behaviour at every step; a method overrides only the steps where it differs."""
 
     name = "lora"
+    # The name of the method that was run, where this one is a member of a composition
+    # (``fim-lora+filet+fw-lora``): what its report files are titled with. None: ``name``.
+    run_name: str | None = None
     # Under torch.distributed each process may calibrate on its own share of the batches: our
     # methods all-reduce their statistics (stats.py), so every process ends with the statistics
     # of the union. PEFT's calibrated peers do not, and read every batch on every process.

@@ -52,6 +52,8 @@ class Composed(AdapterMethod):
     def __init__(self, name: str, members: Sequence[Method]) -> None:
         self.name = name
         self.members = list(members)
+        for member in self.members:  # its plots are titled with the method that was run
+            member.run_name = name
 
     def prepare(
         self, model: PeftModel, calibration_loader: Iterable[dict[str, torch.Tensor]]

@@ -39,7 +39,8 @@ For a target layer ``y = W x`` (``W ∈ R^{m×n}``) with LoRA update ``s B A``:
 6. ``W_res = W − s B A`` in float32, cast once: right after init the model computes exactly
    what the base model computed (up to float rounding).
 7. :func:`fisherlora.adapters.export_lora` writes ``[A; A₀]``, ``[B, −B₀]`` at rank 2r, a stock
-   adapter for the original base weights.
+   adapter for the original base weights; after ``filet_init`` the model's own
+   ``save_pretrained`` writes that adapter too (PEFT's would fit only the residual base).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from fisherlora.capture import (
     calibration_batches,
     calibration_mode,
     capture_io,
+    check_batch,
     check_finite,
     layer_groups,
     padding_mask,
@@ -245,7 +247,10 @@ def filet_init(
     layers_per_pass: int | None = None,
 ) -> FiletReport:
     """FILet: initialise every LoRA adapter of ``model`` in its layer's Fisher subspace (see the
-    module docstring for the equations). Changes A, B and the base weights in place.
+    module docstring for the equations). Changes A, B and the base weights in place, and routes
+    the model's ``save_pretrained`` through :func:`fisherlora.adapters.export_lora`: the adapter it
+    writes, loaded on the untouched pretrained base, reproduces the model (PEFT's own would
+    apply only to the residual base weights). Called twice on one model it is refused.
 
     Args:
         model: a ``PeftModel`` with one LoRA adapter on ``nn.Linear`` layers; each module keeps
@@ -290,6 +295,8 @@ def filet_init(
     device = next(iter(layers.values())).get_base_layer().weight.device
     # The same batches for every group of layers (a loader may reshuffle when iterated again).
     batches = list(itertools.islice(iter(dataloader), n_batches))
+    for index, batch in enumerate(batches):  # the format, before any SVD of a base weight
+        check_batch(batch, index)
     generator = torch.Generator().manual_seed(seed)
     energies, selected, ratios, sigmas, factors = {}, {}, {}, {}, {}
     calibration_s, used = 0.0, 0

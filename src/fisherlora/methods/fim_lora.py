@@ -40,13 +40,14 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from fisherlora.adapters import apply_ranks, lora_layers
+from fisherlora.adapters import apply_ranks, check_rank_fits, lora_layers, max_useful_rank
 from fisherlora.allocate import water_fill
 from fisherlora.capture import (
     apply_mask,
     calibration_batches,
     calibration_mode,
     capture_io,
+    check_batch,
     check_finite,
     example_loss_scale,
     layer_groups,
@@ -137,7 +138,15 @@ def _allocation_problem(
     costs = {name: layer.in_features + layer.out_features for name, layer in layers.items()}
     r = model.peft_config[adapter].r
     low = max(1, r // 2) if r_min is None else r_min
-    high = 2 * r if r_max is None else r_max
+    # A rank above min(in, out) of a module adds nothing (max_useful_rank), and the bound is one
+    # for all modules: the default 2 r stops at the smallest module's limit (but never below r,
+    # which the model already has), and an explicit r_max above that limit is refused.
+    if r_max is None:
+        limit = min(max_useful_rank(layer) for layer in layers.values())
+        high = min(2 * r, max(r, limit))
+    else:
+        check_rank_fits(layers, r_max, what="r_max")
+        high = r_max
     if budget == "ranks":
         return old, costs, sum(old.values()), None, low, high
     return old, costs, sum(old[m] * costs[m] for m in old), costs, low, high
@@ -210,6 +219,8 @@ def fisher_of_b(
     device = next(iter(all_b.values())).device
     # The same batches for every group of layers (a loader may reshuffle when iterated again).
     batches = list(itertools.islice(iter(dataloader), n_batches))
+    for index, batch in enumerate(batches):  # the format, before any pass
+        check_batch(batch, index)
     fisher: dict[str, torch.Tensor] = {}
     used = 0
     for group in layer_groups(list(layers), layers_per_pass):
@@ -416,7 +427,7 @@ class FimLoRA(AdapterMethod):
 
     def save_report(self, out_dir: str | Path) -> None:
         if self.plan is not None:
-            self.plan.save(out_dir, title=f"{self.name} rank map")
+            self.plan.save(out_dir, title=f"{self.run_name or self.name} rank map")
 
 
 class RandomRank(FimLoRA):

@@ -453,7 +453,7 @@ class FwLoRA(AdapterMethod):
         plot_module_values(
             self.penalty.importance(),
             out / "importance.png",
-            title="FW-LoRA importance $I_m$",
+            title=f"{self.run_name or self.name}: FW-LoRA importance $I_m$",
             label="$I_m$",
         )
 

@@ -36,6 +36,7 @@ from peft.tuners.lora.corda import preprocess_corda
 from transformers import PreTrainedModel
 
 from fisherlora.adapters import lora_layers, record_residual, target_matches
+from fisherlora.capture import check_batch
 from fisherlora.errors import CalibrationError
 from fisherlora.methods.base import AdapterMethod
 
@@ -75,12 +76,18 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _first_batches(loader: Batches | None, n: int, method: str) -> list[dict[str, torch.Tensor]]:
+def _first_batches(
+    loader: Batches | None, n: int, method: str, *, labels: bool = False
+) -> list[dict[str, torch.Tensor]]:
+    """Up to ``n`` batches of ``loader``, each checked to be a mapping of tensors (with
+    ``labels`` where the peer computes the loss), before the peer changes anything."""
     if loader is None:
         raise CalibrationError(f"{method} needs calibration data; none was given")
     batches = list(itertools.islice(iter(loader), n))
     if not batches:
         raise CalibrationError(f"{method}: the calibration loader yielded no batches")
+    for index, batch in enumerate(batches):
+        check_batch(batch, index, labels=labels)
     return batches
 
 
@@ -241,7 +248,7 @@ class LoRAGA(CalibratedPeer):
         lora_config: LoraConfig,
         calibration_loader: Batches | None = None,
     ) -> PeftModel:
-        batches = _first_batches(calibration_loader, self.calib_batches, "lora-ga")
+        batches = _first_batches(calibration_loader, self.calib_batches, "lora-ga", labels=True)
         config = _with(
             lora_config,
             init_lora_weights="lora_ga",

@@ -1,0 +1,194 @@
+"""Per-method learning rates: tuning runs read validation only, the pick is the best validation
+accuracy, the final seeds run at it, and results.csv / the report say which rate was used."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pandas as pd
+import pytest
+
+from fisherlora.cli import main
+from fisherlora.errors import ConfigError
+from fisherlora.experiments import compare as compare_module
+from fisherlora.experiments.compare import (
+    CompareConfig,
+    check_out_dir,
+    compare,
+    parse_floats,
+    pick_learning_rates,
+)
+from fisherlora.experiments.train import TrainConfig
+
+
+def grid_comparison(out, **overrides) -> CompareConfig:
+    base = TrainConfig(
+        model="tiny-bert",
+        steps=8,
+        batch_size=16,
+        eval_every=4,
+        max_length=16,
+        calib_batches=2,
+        device="cpu",
+        val_fraction=0.2,
+        train_size=128,
+    )
+    settings = dict(
+        methods=["lora", "fw-lora"],
+        seeds=[0, 1],
+        ranks=[2],
+        out=str(out),
+        base=base,
+        lr_grid=[1e-3, 3e-2],
+        tune_seeds=[7],
+    )
+    return CompareConfig(**(settings | overrides))
+
+
+@pytest.fixture
+def patched_task(monkeypatch, keyword_task):
+    monkeypatch.setattr(compare_module, "load_task", lambda *a, **k: keyword_task)
+
+
+def record_runs(monkeypatch) -> list[TrainConfig]:
+    calls: list[TrainConfig] = []
+    real_train = compare_module.train
+
+    def recording_train(config, **kwargs):
+        calls.append(config)
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(compare_module, "train", recording_train)
+    return calls
+
+
+def test_tuning_runs_come_first_and_the_finals_run_at_the_picked_rate(
+    tmp_path, patched_task, monkeypatch
+):
+    calls = record_runs(monkeypatch)
+    config = grid_comparison(tmp_path)
+    compare(config, progress=False)
+    tuning = [c for c in calls if c.phase == "tune"]
+    finals = [c for c in calls if c.phase == "final"]
+    assert len(tuning) == 2 * 2 and len(finals) == 2 * 2
+    assert calls[: len(tuning)] == tuning  # every tuning run before any final run
+    assert {(c.method, c.lr, c.seed) for c in tuning} == {
+        (m, lr, 7) for m in ("lora", "fw-lora") for lr in (1e-3, 3e-2)
+    }
+    picked = json.loads((tmp_path / "picked_lr.json").read_text())["picked"]
+    rates = {p["method"]: p["lr"] for p in picked}
+    for c in finals:
+        assert c.lr == rates[c.method]
+    # the pick is the rate with the best validation accuracy (ties: the lower NLL)
+    for method in ("lora", "fw-lora"):
+        scores = {}
+        for lr in (1e-3, 3e-2):
+            m = json.loads((config.tune_dir(2, method, lr, 7) / "metrics.json").read_text())
+            assert "accuracy" not in m  # tuning runs carry no test metrics
+            scores[lr] = (m["val_accuracy"], -m["val_nll"])
+        assert rates[method] == max(scores, key=scores.__getitem__)
+
+    results = pd.read_csv(tmp_path / "results.csv")
+    assert {"phase", "lr", "val_accuracy", "val_nll", "nll", "val_auc"} <= set(results.columns)
+    assert set(results["phase"]) == {"tune", "final"}
+    assert results[results["phase"] == "tune"]["accuracy"].isna().all()
+    assert results[results["phase"] == "final"]["accuracy"].notna().all()
+    text = (tmp_path / "report.md").read_text()
+    assert "Learning rates were picked" in text and "Δ NLL" in text and "val AUC" in text
+    assert (tmp_path / "plots" / "lr_grid_r2.png").exists()
+    assert (tmp_path / "picked_lr.csv").exists()
+
+
+def test_a_resumed_grid_keeps_its_picks_and_reruns_nothing(tmp_path, patched_task, monkeypatch):
+    config = grid_comparison(tmp_path, methods=["lora"], seeds=[0])
+    compare(config, progress=False)
+    pinned = (tmp_path / "picked_lr.json").read_text()
+    calls = record_runs(monkeypatch)
+    compare(config, progress=False)
+    assert calls == []
+    assert (tmp_path / "picked_lr.json").read_text() == pinned
+    assert pick_learning_rates(config) == {
+        (p["rank"], p["method"]): p["lr"] for p in json.loads(pinned)["picked"]
+    }
+
+
+def test_a_diverged_tuning_run_rules_its_rate_out(tmp_path):
+    config = grid_comparison(tmp_path, methods=["lora"], seeds=[0])
+    for lr, outcome in ((1e-3, {"val_accuracy": 0.6, "val_nll": 0.7}), (3e-2, None)):
+        run_dir = config.tune_dir(2, "lora", lr, 7)
+        run_dir.mkdir(parents=True)
+        if outcome is None:
+            (run_dir / "error.txt").write_text("FloatingPointError: the loss became nan\n")
+        else:
+            (run_dir / "metrics.json").write_text(json.dumps(outcome))
+    assert pick_learning_rates(config) == {(2, "lora"): 1e-3}
+
+
+def test_ties_in_accuracy_go_to_the_lower_nll(tmp_path):
+    config = grid_comparison(tmp_path, methods=["lora"], seeds=[0])
+    for lr, nll in ((1e-3, 0.5), (3e-2, 0.4)):
+        run_dir = config.tune_dir(2, "lora", lr, 7)
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.json").write_text(json.dumps({"val_accuracy": 0.8, "val_nll": nll}))
+    assert pick_learning_rates(config) == {(2, "lora"): 3e-2}
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [("1e-3,abc", "comma-separated numbers"), ("1e-3,-1e-4", "positive"), ("", "names nothing")],
+)
+def test_lr_grids_that_do_not_parse_are_refused(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_floats(spec, "--lr-grid")
+
+
+def test_a_grid_without_a_validation_split_is_refused(tmp_path):
+    config = grid_comparison(tmp_path)
+    with pytest.raises(ConfigError, match="validation split"):
+        dataclasses.replace(config, base=dataclasses.replace(config.base, val_fraction=0.0))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr-grid", "1e-3,0"], "positive"),
+        (["--val-fraction", "0.7"], "val_fraction"),
+        (["--train-size", "4"], "at least one batch"),
+        (["--quick", "--lr-grid", "1e-3"], "--quick"),
+    ],
+)
+def test_cli_refuses_bad_protocol_flags_before_anything_runs(flags, message, tmp_path, capsys):
+    assert main(["compare", "--out", str(tmp_path / "c"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_train_size_the_data_cannot_give_is_refused_before_any_run(
+    tmp_path, patched_task, monkeypatch
+):
+    calls = record_runs(monkeypatch)
+    config = grid_comparison(
+        tmp_path, base=dataclasses.replace(grid_comparison(tmp_path).base, train_size=5000)
+    )
+    with pytest.raises(ConfigError, match="larger than the training split"):
+        compare(config, progress=False)
+    assert calls == []
+
+
+def test_an_older_comparison_without_the_new_settings_still_resumes(tmp_path):
+    """compare.json written before val_fraction / train_size / lr_grid existed matches the
+    values those comparisons ran with."""
+    config = grid_comparison(tmp_path, lr_grid=None)
+    config = dataclasses.replace(
+        config, base=dataclasses.replace(config.base, val_fraction=0.0, train_size=None)
+    )
+    check_out_dir(config)
+    pinned = json.loads((tmp_path / "compare.json").read_text())
+    for key in ("val_fraction", "train_size", "lr_grid", "tune_seeds"):
+        pinned["settings"].pop(key, None)
+    (tmp_path / "compare.json").write_text(json.dumps(pinned))
+    check_out_dir(config)  # no error: the legacy values match
+    changed = dataclasses.replace(config, base=dataclasses.replace(config.base, val_fraction=0.1))
+    with pytest.raises(ConfigError, match="val_fraction"):
+        check_out_dir(changed)

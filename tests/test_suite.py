@@ -1,0 +1,532 @@
+"""``fisherlora suite``: the suite file, the dry run, the pooled statistics and the report."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fisherlora.cli import main
+from fisherlora.errors import ConfigError
+from fisherlora.experiments.suite import (
+    STEP_TIMES,
+    Suite,
+    cell_differences,
+    estimate_run_seconds,
+    estimate_suite,
+    load_suite,
+    parse_suite,
+    pooled_differences,
+    run_suite,
+    write_suite_report,
+)
+from fisherlora.experiments.train import TrainConfig
+
+TINY_SUITE = """
+[suite]
+name = "tiny"
+description = "two cells"
+
+[defaults]
+model = "tiny-bert"
+methods = ["lora", "fim-lora"]
+seeds = [0, 1]
+steps = 6
+batch_size = 16
+max_length = 16
+calib_batches = 2
+eval_every = 3
+lr = 0.01
+device = "cpu"
+
+[[cell]]
+name = "grid"
+task = "rotten-tomatoes"
+rank = 4
+lr_grid = [0.01, 0.03]
+tune_seeds = [100]
+
+[[cell]]
+name = "plain"
+task = "rotten-tomatoes"
+ranks = [2]
+methods = "lora,fim-lora"
+"""
+
+
+def write(tmp_path, text: str, name: str = "suite.toml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def cell_toml(**keys) -> str:
+    """A suite of one cell (named "c" unless ``name`` is given) on the tiny model."""
+    keys = {"name": "c"} | keys
+    body = "\n".join(f"{k} = {json.dumps(v)}" for k, v in keys.items())
+    return f'[defaults]\nmodel = "tiny-bert"\n\n[[cell]]\n{body}\n'
+
+
+# --- the suite file ---------------------------------------------------------------------------
+
+
+def test_cells_are_the_defaults_with_their_own_keys_over_them(tmp_path):
+    suite = load_suite(str(write(tmp_path, TINY_SUITE)))
+    assert suite.name == "tiny" and suite.description == "two cells"
+    grid, plain = suite.cells
+    assert (grid.name, plain.name) == ("grid", "plain")
+    assert grid.settings["steps"] == 6 and grid.settings["model"] == "tiny-bert"
+    assert grid.ranks == [4] and plain.ranks == [2]
+    assert grid.methods == plain.methods == ["lora", "fim-lora"]  # list or comma string
+    assert grid.lr_grid == [0.01, 0.03] and plain.lr_grid is None
+    # the suite's validation share, and TrainConfig's defaults for what nobody set
+    assert grid.settings["val_fraction"] == 0.1
+    assert grid.settings["warmup_ratio"] == TrainConfig().warmup_ratio
+    # tuning runs: 2 methods x 2 rates x 1 seed; final: 2 methods x 2 seeds
+    assert grid.run_counts() == (4, 4) and plain.run_counts() == (0, 4)
+    assert suite.run_counts() == (4, 8)
+    config = grid.compare_config(tmp_path / "out" / "grid")
+    assert config.base.steps == 6 and config.base.val_fraction == 0.1
+    assert config.ranks == [4] and config.seeds == [0, 1]
+    if "lr_grid" in {f for f in type(config).__dataclass_fields__}:
+        assert config.lr_grid == [0.01, 0.03] and config.tune_seeds == [100]
+
+
+def test_unknown_keys_are_refused_naming_them_and_the_file(tmp_path):
+    path = write(
+        tmp_path, TINY_SUITE.replace("rank = 4\n", "rank = 4\nstepz = 3\nlearning_rate = 1\n")
+    )
+    with pytest.raises(ConfigError) as err:
+        load_suite(str(path))
+    message = str(err.value)
+    assert str(path) in message and "cell 'grid'" in message
+    assert "learning_rate, stepz" in message and "known keys are" in message
+
+
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ('[defaults]\nmodle = "x"\n[[cell]]\nname = "c"\n', "[defaults]: unknown key modle"),
+        ('[suite]\ntitle = "x"\n[[cell]]\nname = "c"\n', "[suite]: unknown key title"),
+        ('[cells]\nname = "c"\n', "unknown top-level key cells"),
+    ],
+)
+def test_unknown_keys_are_refused_in_every_table(tmp_path, text, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_suite(str(write(tmp_path, text)))
+
+
+def test_a_language_modelling_task_is_refused():
+    with pytest.raises(ConfigError, match=r"cell 'c'.*rotten-tomatoes-lm.*accuracy"):
+        parse_suite(cell_toml(task="rotten-tomatoes-lm", model="smollm2-135m"), "s.toml")
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"method": "lora"}, "does not set method"),
+        ({"seed": 3}, "does not set seed"),
+        ({"steps": "100"}, "steps must be int, got str"),
+        ({"rslora": 1}, "rslora must be bool"),
+        ({"lr": True}, "lr must be"),
+        ({"rank": 2, "ranks": [2, 4]}, "rank or ranks, not both"),
+        ({"methods": ["fim-lora", "filet"]}, "must include 'lora'"),
+        ({"methods": ["lora", "nope"]}, "unknown method 'nope'"),
+        ({"seeds": [0, 0]}, "lists a value twice"),
+        ({"lr_grid": [1e-3, -1.0]}, "rates must be positive"),
+        ({"lr_grid": [1e-3], "val_fraction": 0.0}, "val_fraction > 0"),
+        ({"steps": 0}, "steps must be a positive number"),  # TrainConfig's own check
+        ({"name": "a/b"}, "a cell name is a directory name"),
+    ],
+)
+def test_bad_cells_are_refused_naming_the_cell(keys, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_suite(cell_toml(**keys), "s.toml")
+
+
+def test_two_cells_with_one_name_and_a_suite_without_cells_are_refused():
+    with pytest.raises(ConfigError, match="two cells are named 'c'"):
+        parse_suite('[[cell]]\nname = "c"\n[[cell]]\nname = "c"\n', "s.toml")
+    with pytest.raises(ConfigError, match="no \\[\\[cell\\]\\] entries"):
+        parse_suite("[defaults]\nsteps = 3\n", "s.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        parse_suite("[[cell]\n", "s.toml")
+
+
+def test_an_unknown_suite_is_refused(tmp_path, capsys):
+    assert main(["suite", str(tmp_path / "missing.toml"), "--dry-run"]) == 2
+    assert "not a built-in suite (cpu, gpu) and no such file" in capsys.readouterr().err
+
+
+# --- the built-in suites and the dry run --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_the_built_in_suites_parse_and_dry_run_without_training(name, tmp_path, capsys):
+    suite = load_suite(name)
+    assert suite.cells and all(s.settings["lr_grid"] for s in suite.cells)
+    assert main(["suite", name, "--dry-run", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    for cell in suite.cells:
+        assert cell.name in printed
+    tune, final = suite.run_counts()
+    assert f"total: {tune + final} runs ({tune} tuning + {final} final)" in printed
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing written
+
+
+def test_the_cpu_suite_fits_about_twelve_hours_on_the_measured_cpu():
+    suite = load_suite("cpu")
+    table = estimate_suite(suite)
+    assert table["est_hours"].notna().all()
+    assert 6 <= table["est_hours"].sum() <= 12.0
+    methods = {m for c in suite.cells for m in c.methods}
+    assert {"lora", "fim-lora", "filet", "fw-lora", "fim-lora+filet+fw-lora"} <= methods
+    assert any(c.settings["model"] == "smollm2-135m" for c in suite.cells)
+    assert all(len(c.seeds) == 5 for c in suite.cells)
+    assert all(c.lr_grid == [3e-4, 1e-3, 3e-3] and c.tune_seeds == [100] for c in suite.cells)
+
+
+def test_the_gpu_suite_has_no_cpu_estimate_but_counts_its_runs(capsys):
+    table = estimate_suite(load_suite("gpu"))
+    assert table["est_hours"].isna().all() and (table["runs"] > 0).all()
+
+
+def test_the_estimate_is_the_measured_step_time_times_the_steps():
+    ref = STEP_TIMES["minilm"]
+    settings = TrainConfig(model="minilm", task="rotten-tomatoes", eval_every=0).__dict__.copy()
+    settings |= {"val_fraction": 0.0, "max_length": ref.max_length, "batch_size": ref.batch_size}
+    short = estimate_run_seconds(settings | {"steps": 100}, "lora", "final")
+    long = estimate_run_seconds(settings | {"steps": 300}, "lora", "final")
+    assert long - short == pytest.approx(200 * ref.seconds)
+    # a batch twice as large costs twice as much per step; DoRA's steps cost more than LoRA's
+    double = estimate_run_seconds(
+        settings | {"steps": 300, "batch_size": 2 * ref.batch_size}, "lora", "final"
+    )
+    assert double - long == pytest.approx(300 * ref.seconds)
+    assert estimate_run_seconds(settings | {"steps": 300}, "dora", "final") > long
+    # calibration methods pay their calibration; an unmeasured model has no estimate
+    assert estimate_run_seconds(settings | {"steps": 300}, "corda", "final") > long
+    assert estimate_run_seconds(settings | {"model": "roberta-base"}, "lora", "final") is None
+
+
+def test_the_dry_run_counts_finished_runs_and_scales_by_their_measured_time(tmp_path):
+    suite = load_suite(str(write(tmp_path, TINY_SUITE)))
+    before = estimate_suite(suite, tmp_path / "out").set_index("cell")
+    run = tmp_path / "out" / "plain" / "r2" / "lora" / "seed0"
+    run.mkdir(parents=True)
+    estimate = estimate_run_seconds(suite.cells[1].settings, "lora", "final")
+    (run / "metrics.json").write_text(
+        json.dumps({"method": "lora", "timings": {"total_s": 10 * estimate}})
+    )
+    after = estimate_suite(suite, tmp_path / "out").set_index("cell")
+    assert after.loc["plain", "done"] == 1 and after.loc["grid", "done"] == 0
+    left = before.loc["plain", "est_hours"] - estimate / 3600
+    assert after.loc["plain", "est_hours"] == pytest.approx(10 * left)
+    assert after.loc["grid", "est_hours"] == pytest.approx(before.loc["grid", "est_hours"])
+
+
+# --- pooled statistics ------------------------------------------------------------------------
+
+
+def synthetic_results(offsets: dict[str, dict[str, list[float]]], cells=("a", "b", "c"), seeds=5):
+    """Final runs: LoRA's outcomes drawn per (cell, seed); every other method's are LoRA's plus
+    ``offsets[method][outcome][seed]``."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for cell in cells:
+        for seed in range(seeds):
+            base = {
+                "accuracy": 0.8 + 0.02 * rng.standard_normal(),
+                "nll": 0.45 + 0.05 * rng.standard_normal(),
+                "val_auc": 0.78 + 0.02 * rng.standard_normal(),
+            }
+            rows.append({"cell": cell, "rank": 8, "method": "lora", "seed": seed} | base)
+            for method, by_outcome in offsets.items():
+                values = {k: v + by_outcome.get(k, [0.0] * seeds)[seed] for k, v in base.items()}
+                rows.append({"cell": cell, "rank": 8, "method": method, "seed": seed} | values)
+    frame = pd.DataFrame(rows)
+    frame["phase"] = "final"
+    return frame
+
+
+def pooled_row(pooled: pd.DataFrame, method: str, outcome: str) -> pd.Series:
+    return pooled[(pooled["method"] == method) & (pooled["outcome"] == outcome)].iloc[0]
+
+
+def test_a_constant_advantage_pools_to_itself_with_a_ci_that_excludes_zero_and_wins_everywhere():
+    results = synthetic_results(
+        {"better": {"accuracy": [0.01] * 5, "nll": [-0.02] * 5, "val_auc": [0.01] * 5}}
+    )
+    pooled = pooled_differences(results)
+    acc = pooled_row(pooled, "better", "accuracy")
+    assert acc["delta"] == pytest.approx(0.01)
+    assert acc["ci_low"] > 0 and acc["ci_low"] == pytest.approx(0.01)
+    assert (acc["cells"], acc["pairs"]) == (3, 15)
+    assert (acc["wins"], acc["ties"], acc["losses"]) == (3, 0, 0)
+    # NLL: Δ = method − LoRA, negative is better, and that is a win
+    nll = pooled_row(pooled, "better", "nll")
+    assert nll["delta"] == pytest.approx(-0.02) and nll["ci_high"] < 0
+    assert (nll["wins"], nll["losses"]) == (3, 0) and "lower is better" in nll["label"]
+
+
+def test_a_method_equal_to_lora_gets_a_ci_containing_zero_and_ties():
+    noise = [0.01, -0.01, 0.02, -0.02, 0.0]  # mean 0 in every cell
+    results = synthetic_results(
+        {
+            "same": {"accuracy": [0.0] * 5, "nll": [0.0] * 5},
+            "noisy": {"accuracy": noise, "nll": noise, "val_auc": noise},
+        }
+    )
+    pooled = pooled_differences(results)
+    for method in ("same", "noisy"):
+        for outcome in ("accuracy", "nll"):
+            row = pooled_row(pooled, method, outcome)
+            assert row["delta"] == pytest.approx(0.0, abs=1e-12)
+            assert row["ci_low"] <= 0 <= row["ci_high"]
+            assert (row["wins"], row["ties"], row["losses"]) == (0, 3, 0)
+    assert pooled_row(pooled, "noisy", "accuracy")["ci_high"] > 0.001  # a real interval
+
+
+def test_worse_accuracy_and_higher_nll_are_losses():
+    results = synthetic_results({"worse": {"accuracy": [-0.03] * 5, "nll": [0.1] * 5}})
+    per_cell = cell_differences(results)
+    rows = per_cell[per_cell["method"] == "worse"].set_index(["cell", "outcome"])
+    assert set(rows["verdict"].xs("accuracy", level="outcome")) == {"loss"}
+    assert set(rows["verdict"].xs("nll", level="outcome")) == {"loss"}
+    assert rows.loc[("a", "nll"), "delta"] == pytest.approx(0.1)
+
+
+def test_every_cell_weighs_the_same_whatever_its_seeds_and_tuning_runs_do_not_count():
+    rows = []
+    for cell, seeds, delta in (("a", 2, 0.1), ("b", 5, 0.0)):
+        for seed in range(seeds):
+            rows.append({"cell": cell, "rank": 4, "method": "lora", "seed": seed, "accuracy": 0.7})
+            rows.append(
+                {"cell": cell, "rank": 4, "method": "m", "seed": seed, "accuracy": 0.7 + delta}
+            )
+    results = pd.DataFrame(rows).assign(phase="final")
+    tuning = results.assign(phase="tune", accuracy=0.0)  # would pull everything to 0
+    pooled = pooled_differences(pd.concat([results, tuning]), outcomes={"accuracy": ("acc", True)})
+    row = pooled.iloc[0]
+    assert row["delta"] == pytest.approx(0.05)  # (0.1 + 0) / 2, not 0.2 / 7
+    assert (row["cells"], row["pairs"], row["min_pairs"]) == (2, 7, 2)
+    # cell a's differences are all 0.1 and cell b's all 0: every resample pools to 0.05
+    assert row["ci_low"] == pytest.approx(0.05) and row["ci_high"] == pytest.approx(0.05)
+
+
+def test_the_bootstrap_is_stratified_by_cell_and_reproducible():
+    d_a, d_b = np.array([0.0, 0.02, 0.04]), np.array([0.01, -0.01, 0.03, 0.05])
+    rows = []
+    for cell, diffs in (("a", d_a), ("b", d_b)):
+        for seed, d in enumerate(diffs):
+            rows.append({"cell": cell, "rank": 8, "method": "lora", "seed": seed, "accuracy": 0.5})
+            rows.append({"cell": cell, "rank": 8, "method": "m", "seed": seed, "accuracy": 0.5 + d})
+    results = pd.DataFrame(rows)
+    outcomes = {"accuracy": ("acc", True)}
+    row = pooled_differences(results, outcomes, n_bootstrap=2000, seed=7).iloc[0]
+    # the same resampling by hand: within each cell, n_c draws with replacement
+    rng = np.random.default_rng(7)
+    boot = np.zeros(2000)
+    for d in (np.round(d_a, 12), np.round(d_b, 12)):
+        boot += d[rng.integers(0, len(d), size=(2000, len(d)))].mean(axis=1)
+    boot /= 2
+    low, high = np.percentile(boot, [2.5, 97.5])
+    assert row["delta"] == pytest.approx((d_a.mean() + d_b.mean()) / 2)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high), abs=1e-12)
+    again = pooled_differences(results, outcomes, n_bootstrap=2000, seed=7).iloc[0]
+    assert (again["ci_low"], again["ci_high"]) == (row["ci_low"], row["ci_high"])
+
+
+def test_one_seed_has_no_interval_and_missing_outcomes_are_skipped():
+    results = synthetic_results({"m": {"accuracy": [0.01]}}, seeds=1).drop(columns=["val_auc"])
+    results["nll"] = math.nan
+    per_cell = cell_differences(results)
+    assert set(per_cell["outcome"]) == {"accuracy"}
+    assert set(per_cell["verdict"]) == {"no interval"}
+    row = pooled_differences(results).iloc[0]
+    assert row["no_interval"] == 3 and row["wins"] + row["ties"] + row["losses"] == 0
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+def fake_cell(out, cell: str, frame: pd.DataFrame, picked: dict[str, float] | None = None):
+    """A cell directory as compare leaves it: results.csv (tuning and final rows), picked_lr.csv."""
+    cell_dir = out / cell
+    cell_dir.mkdir(parents=True)
+    rows = frame[frame["cell"] == cell].drop(columns=["cell"]).copy()
+    rows["lr"] = [picked.get(m, 5e-4) if picked else 5e-4 for m in rows["method"]]
+    rows["trainable_params"] = 12_345
+    rows["run_dir"] = "somewhere"
+    tune = rows.assign(phase="tune", accuracy=math.nan, nll=math.nan, seed=100)
+    pd.concat([tune, rows]).to_csv(cell_dir / "results.csv", index=False)
+    if picked:
+        pd.DataFrame(
+            [
+                {"rank": 8, "method": m, "lr": lr, "val_accuracy": 0.8, "val_nll": 0.4}
+                for m, lr in picked.items()
+            ]
+        ).to_csv(cell_dir / "picked_lr.csv", index=False)
+
+
+SUITE_FOR_REPORT = """
+[suite]
+name = "report-test"
+
+[defaults]
+model = "tiny-bert"
+methods = ["lora", "fim-lora", "filet"]
+seeds = [0, 1, 2, 3, 4]
+rank = 8
+
+[[cell]]
+name = "a"
+
+[[cell]]
+name = "b"
+
+[[cell]]
+name = "c"
+
+[[cell]]
+name = "broken"
+"""
+
+
+@pytest.fixture
+def report_suite(tmp_path):
+    path = write(tmp_path, SUITE_FOR_REPORT)
+    suite = load_suite(str(path))
+    out = tmp_path / "out"
+    results = synthetic_results(
+        {
+            "fim-lora": {"accuracy": [0.01] * 5, "nll": [-0.02] * 5, "val_auc": [0.01] * 5},
+            "filet": {},
+        }
+    )
+    fake_cell(out, "a", results, picked={"lora": 1e-3, "fim-lora": 3e-3, "filet": 1e-3})
+    fake_cell(out, "b", results)
+    fake_cell(out, "c", results)
+    (out / "broken").mkdir()
+    (out / "broken" / "suite_error.txt").write_text("RuntimeError: out of memory (simulated)\n")
+    return suite, out, path
+
+
+def test_the_report_writes_markdown_html_and_the_final_rows(report_suite):
+    suite, out, _ = report_suite
+    report = write_suite_report(suite, out, command="fisherlora suite x --out " + "d" * 300)
+    text = report.read_text()
+    assert "## Pooled over cells" in text and "### a" in text and "### broken" in text
+    for column in ("Δ vs LoRA", "95 % CI (bootstrap)", "win / tie / loss", "NLL (lower is better)"):
+        assert column in text
+    assert "3 / 0 / 0" in text and "0 / 3 / 0" in text
+    assert "stratified bootstrap" in text and "10,000 resamples" in text
+    assert "fewest seeds in a cell" in text
+    # per-cell tables: the picked rate, parameters, accuracy ± std, Δ with its interval
+    assert "0.003 (picked)" in text and "12,345" in text and " ± " in text
+    assert "+0.0100 [+0.0100, +0.0100]" in text
+    assert "the comparison failed: RuntimeError: out of memory (simulated)" in text
+    assert (out / "suite_plots" / "forest.png").stat().st_size > 1000
+    page = (out / "suite_report.html").read_text()
+    assert page.count("data:image/png;base64,") == 1 and "src='suite_plots" not in page
+    assert "white-space:pre-wrap" in page and "overflow-wrap:anywhere" in page
+    csv = pd.read_csv(out / "suite_results.csv")
+    assert csv.columns[0] == "cell" and set(csv["cell"]) == {"a", "b", "c"}
+    assert set(csv["phase"]) == {"final"} and len(csv) == 3 * 3 * 5
+    pooled = pd.read_csv(out / "suite_pooled.csv")
+    assert set(pooled["method"]) == {"fim-lora", "filet"}
+
+
+def test_report_only_from_the_command_line_trains_nothing(report_suite, monkeypatch, capsys):
+    _, out, path = report_suite
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("report-only must not train")
+
+    monkeypatch.setattr("fisherlora.experiments.compare.compare", no_training)
+    code = main(["suite", str(path), "--out", str(out), "--report-only", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert "suite_report.md" in capsys.readouterr().out
+    assert (out / "suite_report.html").exists()
+
+
+def test_a_failing_cell_does_not_stop_the_others(tmp_path, monkeypatch):
+    suite = load_suite(str(write(tmp_path, TINY_SUITE)))
+    calls = []
+
+    def fake_compare(config, progress=True, command=""):
+        calls.append(config.out)
+        if config.out.endswith("grid"):
+            raise RuntimeError("simulated failure")
+        return config.out
+
+    monkeypatch.setattr("fisherlora.experiments.compare.compare", fake_compare)
+    report = run_suite(suite, tmp_path / "out", progress=False)
+    assert [p.rsplit("/", 1)[1] for p in calls] == ["grid", "plain"]
+    assert "simulated failure" in (tmp_path / "out" / "grid" / "suite_error.txt").read_text()
+    assert "the comparison failed: RuntimeError: simulated failure" in report.read_text()
+    assert json.loads((tmp_path / "out" / "suite.json").read_text())["name"] == "tiny"
+
+
+def test_a_cell_directory_with_other_settings_is_refused_before_anything_runs(
+    tmp_path, monkeypatch
+):
+    suite = load_suite(str(write(tmp_path, TINY_SUITE)))
+    config = suite.cells[1].compare_config(tmp_path / "out" / "plain")
+    settings = config.shared_settings() | {"steps": 999}
+    (tmp_path / "out" / "plain").mkdir(parents=True)
+    (tmp_path / "out" / "plain" / "compare.json").write_text(json.dumps({"settings": settings}))
+    monkeypatch.setattr(
+        "fisherlora.experiments.compare.compare",
+        lambda *a, **k: pytest.fail("nothing may run"),
+    )
+    with pytest.raises(ConfigError, match=r"cell 'plain'.*other settings \(steps\)"):
+        run_suite(suite, tmp_path / "out", progress=False)
+
+
+def test_the_suite_command_needs_an_out_directory_unless_dry_run(tmp_path, capsys):
+    assert main(["suite", str(write(tmp_path, TINY_SUITE))]) == 2
+    assert "--out DIR is required" in capsys.readouterr().err
+
+
+# --- end to end (needs the comparison's validation split and learning-rate grid) ---------------
+
+
+@pytest.mark.skipif(
+    "val_fraction" not in TrainConfig.__dataclass_fields__
+    or "lr_grid"
+    not in __import__(
+        "fisherlora.experiments.compare", fromlist=["CompareConfig"]
+    ).CompareConfig.__dataclass_fields__,
+    reason="needs TrainConfig.val_fraction and CompareConfig.lr_grid",
+)
+def test_a_tiny_suite_runs_end_to_end_and_resumes(tmp_path, monkeypatch, keyword_task):
+    from fisherlora.experiments import compare as compare_module
+
+    monkeypatch.setattr(compare_module, "load_task", lambda *a, **k: keyword_task)
+    path = write(tmp_path, TINY_SUITE)
+    out = tmp_path / "out"
+    code = main(["suite", str(path), "--out", str(out), "--no-progress"])
+    assert code == 0
+    results = pd.read_csv(out / "suite_results.csv")
+    assert len(results) == 2 * 2 * 2  # cells x methods x seeds, final runs only
+    assert set(results["cell"]) == {"grid", "plain"}
+    assert (out / "grid" / "picked_lr.csv").exists()
+    text = (out / "suite_report.md").read_text()
+    assert "## Pooled over cells" in text and "fim-lora" in text
+    assert (out / "suite_report.html").exists()
+    # rerunning trains nothing
+    trained = []
+    real_train = compare_module.train
+    monkeypatch.setattr(
+        compare_module, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k)
+    )
+    assert main(["suite", str(path), "--out", str(out), "--no-progress"]) == 0
+    assert trained == []
+    dry = estimate_suite(Suite("tiny", "", str(path), load_suite(str(path)).cells), out)
+    assert dry["done"].tolist() == [8, 4]
