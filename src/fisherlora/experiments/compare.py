@@ -74,17 +74,23 @@ LEGACY_SETTINGS = {
 TUNE_SEED = 100
 
 
-def parse_floats(spec: str, what: str) -> list[float]:
-    """``"1e-4,3e-4"`` → ``[1e-4, 3e-4]``: positive, finite, no repeats; a clear error else."""
+def _parse_list(spec: str, what: str, convert, kind: str) -> list:
+    """``spec`` split at commas, each item converted; refused when empty, repeated or unparsable."""
     items = [s.strip() for s in str(spec).split(",") if s.strip()]
     try:
-        values = [float(s) for s in items]
+        values = [convert(s) for s in items]
     except ValueError as err:
-        raise ConfigError(f"{what} must be comma-separated numbers, got {spec!r}") from err
+        raise ConfigError(f"{what} must be comma-separated {kind}, got {spec!r}") from err
     if not values:
         raise ConfigError(f"{what} names nothing: {spec!r}")
     if len(set(values)) != len(values):
         raise ConfigError(f"{what} lists a value twice: {spec!r}")
+    return values
+
+
+def parse_floats(spec: str, what: str) -> list[float]:
+    """``"1e-4,3e-4"`` → ``[1e-4, 3e-4]``: positive, finite, no repeats; a clear error else."""
+    values = _parse_list(spec, what, float, "numbers")
     if not all(math.isfinite(v) and v > 0 for v in values):
         raise ConfigError(f"{what} must hold positive numbers only, got {spec!r}")
     return values
@@ -92,15 +98,7 @@ def parse_floats(spec: str, what: str) -> list[float]:
 
 def parse_ints(spec: str, what: str, minimum: int) -> list[int]:
     """``"0,1,2"`` → ``[0, 1, 2]``; a clear error for anything that is not such a list."""
-    items = [s.strip() for s in str(spec).split(",") if s.strip()]
-    try:
-        values = [int(s) for s in items]
-    except ValueError as err:
-        raise ConfigError(f"{what} must be comma-separated whole numbers, got {spec!r}") from err
-    if not values:
-        raise ConfigError(f"{what} names nothing: {spec!r}")
-    if len(set(values)) != len(values):
-        raise ConfigError(f"{what} lists a value twice: {spec!r}")
+    values = _parse_list(spec, what, int, "whole numbers")
     if min(values) < minimum:
         raise ConfigError(f"{what} must be >= {minimum}, got {spec!r}")
     return values

@@ -757,11 +757,15 @@ def _write_html(out: Path, command, header, table, notes, figures) -> None:
     parts.append("<h2>Notes</h2><ul>")
     parts += [f"<li>{html.escape(n)}</li>" for n in notes]
     parts.append("</ul>")
-    for caption, path in figures:
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        parts.append(
-            f"<h3>{html.escape(caption)}</h3>"
-            f"<img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
-        )
+    parts += [embedded_figure(caption, path) for caption, path in figures]
     parts.append("</body></html>")
     (out / "report.html").write_text("\n".join(parts))
+
+
+def embedded_figure(caption: str, path: Path) -> str:
+    """A captioned PNG inside the HTML itself (base64), so that the report is one file."""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (
+        f"<h3>{html.escape(caption)}</h3>"
+        f"<img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+    )

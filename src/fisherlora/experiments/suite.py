@@ -43,7 +43,6 @@ an estimate of the hours from step times measured on a 2-core CPU (:data:`STEP_T
 from __future__ import annotations
 
 import argparse
-import base64
 import dataclasses
 import html
 import json
@@ -1246,6 +1245,8 @@ def _write_suite_markdown(out, suite, command, header, pooled, sections, figures
 
 
 def _write_suite_html(out, suite, command, header, pooled, sections, figures) -> None:
+    from fisherlora.experiments.report import embedded_figure
+
     def table_html(table: pd.DataFrame, empty: str) -> str:
         if table.empty:
             return f"<p>{html.escape(empty)}</p>"
@@ -1269,12 +1270,7 @@ def _write_suite_html(out, suite, command, header, pooled, sections, figures) ->
     parts.append("<h2>Pooled over cells</h2>")
     parts.append(table_html(pooled, "No paired results yet."))
     parts.append(f"<p>{html.escape(STATISTICS_NOTE)}</p>")
-    for caption, path in figures:
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        parts.append(
-            f"<h3>{html.escape(caption)}</h3>"
-            f"<img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
-        )
+    parts += [embedded_figure(caption, path) for caption, path in figures]
     parts.append("<h2>Cells</h2>")
     for name, shape, table, notes in sections:
         parts.append(f"<h3>{html.escape(name)}</h3><p>{html.escape(shape)}</p>")
