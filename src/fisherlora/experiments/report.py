@@ -504,7 +504,9 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
             extra["val AUC"] = _pm(r["val_auc_mean"], r["val_auc_std"])
             extra["Δ val AUC [95 % CI]"] = _delta(r, "val_auc_")
             extra["steps to LoRA's final val acc"] = (
-                "never"
+                "–"
+                if is_base
+                else "never"
                 if r["reached_lora_final"] == 0
                 else f"{r['steps_to_lora_final']:.0f} ({int(r['reached_lora_final'])}/{int(r['seeds'])})"
             )
