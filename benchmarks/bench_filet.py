@@ -5,9 +5,11 @@ get the same ``n_batches`` Rotten Tomatoes training batches of 32. The peers run
 ``fisherlora compare`` runs them (``fisherlora.methods.peers``: build, then prepare). Times are
 medians of ``--reps`` interleaved repetitions, also as "training-step equivalents" (the median
 time of one plain LoRA training step in the same run). Peak memory: VmHWM of a fresh process per
-init, median of ``--memory-reps``, against one running 8 LoRA training steps.
+init, median of ``--memory-reps``, against one running 8 LoRA training steps (on ``--device
+cuda``: the GPU's peak allocation, and every timed init is synchronised).
 
     python benchmarks/bench_filet.py --reps 5 --out benchmarks/results/filet_init.json
+    python benchmarks/bench_filet.py --device cuda --out benchmarks/results/filet_init-cuda.json
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ import time
 from pathlib import Path
 
 import torch
-from common import child_peak_memory, default_setup, peak_rss_mb, training_steps
+from common import (
+    add_device_argument,
+    check_device,
+    child_peak_memory,
+    default_setup,
+    peak_memory_mb,
+    sync,
+    training_steps,
+)
 from peft import get_peft_model
 
 from fisherlora.methods import get_method
@@ -53,13 +63,13 @@ def _filet(base, config, batches, basis):
     return model
 
 
-def memory_child(mode: str, n_batches: int) -> None:
-    base, config, batches = default_setup(n_batches)
+def memory_child(mode: str, n_batches: int, device: str) -> None:
+    base, config, batches = default_setup(n_batches, device=device)
     if mode == "lora":
         training_steps(get_peft_model(base, config), batches)
     else:
         INITS[mode](base, config, batches)
-    print(json.dumps({"mode": mode, "peak_mb": peak_rss_mb()}))
+    print(json.dumps({"mode": mode, "peak_mb": peak_memory_mb(device)}))
 
 
 def main() -> None:
@@ -70,12 +80,14 @@ def main() -> None:
     parser.add_argument("--inits", default=",".join(INITS))
     parser.add_argument("--out", default="benchmarks/results/filet_init.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    add_device_argument(parser)
     args = parser.parse_args()
+    check_device(args.device)
     if args.child:
-        memory_child(args.child, args.n_batches)
+        memory_child(args.child, args.n_batches, args.device)
         return
 
-    base, config, batches = default_setup(args.n_batches)
+    base, config, batches = default_setup(args.n_batches, device=args.device)
     inits = args.inits.split(",")
     times: dict[str, list[float]] = {name: [] for name in ["lora_step", *inits]}
     training_steps(get_peft_model(copy.deepcopy(base), config), batches[:2])  # warm-up
@@ -86,13 +98,18 @@ def main() -> None:
         for name in inits:
             fresh = copy.deepcopy(base)
             torch.manual_seed(rep)
+            sync(args.device)
             start = time.perf_counter()
             INITS[name](fresh, config, batches)
+            sync(args.device)
             times[name].append(time.perf_counter() - start)
         print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
 
     peak = child_peak_memory(
-        __file__, ["lora", *inits], args.memory_reps, ["--n-batches", str(args.n_batches)]
+        __file__,
+        ["lora", *inits],
+        args.memory_reps,
+        ["--n-batches", str(args.n_batches), "--device", args.device],
     )
     median = {k: statistics.median(v) for k, v in times.items()}
     step = median["lora_step"]
@@ -101,7 +118,8 @@ def main() -> None:
         | {
             "model": "minilm",
             "task": "rotten-tomatoes",
-            "device": "cpu",
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
             "threads": torch.get_num_threads(),
         },
         "times_s": times,

@@ -7,9 +7,11 @@ Measured, each as the median of ``--reps`` repetitions, on the same ``n_batches`
 - allocation + resize time as a share of the calibration time;
 - peak resident memory of a process that loads the model and then runs the LoRA steps, against
   one that loads the model and runs the calibration (separate processes, since a process's peak
-  memory only ever grows).
+  memory only ever grows); on ``--device cuda`` the GPU's peak allocation, and the LoRA steps
+  are synchronised (the calibration time is the library's own, which ends reading its results).
 
     python benchmarks/bench_fim_lora.py --reps 5 --out benchmarks/results/fim_lora.json
+    python benchmarks/bench_fim_lora.py --device cuda --out benchmarks/results/fim_lora-cuda.json
 """
 
 from __future__ import annotations
@@ -20,21 +22,31 @@ import statistics
 from pathlib import Path
 
 import torch
-from common import child_peak_memory, default_setup, peak_rss_mb, training_steps
+from common import (
+    add_device_argument,
+    check_device,
+    child_peak_memory,
+    default_setup,
+    peak_memory_mb,
+    reset_peak_memory,
+    sync,
+    training_steps,
+)
 from peft import get_peft_model
 
 from fisherlora.methods.fim_lora import allocate_ranks
 
 
-def memory_child(mode: str, n_batches: int, batch_size: int, rank: int) -> None:
-    base, config, batches = default_setup(n_batches, batch_size, rank)
+def memory_child(mode: str, n_batches: int, batch_size: int, rank: int, device: str) -> None:
+    base, config, batches = default_setup(n_batches, batch_size, rank, device=device)
     model = get_peft_model(base, config)
-    loaded = peak_rss_mb()
+    loaded = peak_memory_mb(device)
+    reset_peak_memory(device)  # CUDA: the model stays in the peak, loading transients do not
     if mode == "lora":
         training_steps(model, batches)
     else:
         allocate_ranks(model, batches, n_batches=n_batches, estimator=mode, progress=False)
-    print(json.dumps({"mode": mode, "after_load_mb": loaded, "peak_mb": peak_rss_mb()}))
+    print(json.dumps({"mode": mode, "after_load_mb": loaded, "peak_mb": peak_memory_mb(device)}))
 
 
 def main() -> None:
@@ -46,12 +58,16 @@ def main() -> None:
     parser.add_argument("--memory-reps", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/fim_lora.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    add_device_argument(parser)
     args = parser.parse_args()
+    check_device(args.device)
     if args.child:
-        memory_child(args.child, args.n_batches, args.batch_size, args.rank)
+        memory_child(args.child, args.n_batches, args.batch_size, args.rank, args.device)
         return
 
-    base, config, batches = default_setup(args.n_batches, args.batch_size, args.rank)
+    base, config, batches = default_setup(
+        args.n_batches, args.batch_size, args.rank, device=args.device
+    )
     lora_model = get_peft_model(base, config)
     training_steps(lora_model, batches[:2])  # warm-up: first-call allocations and kernels
     base = lora_model.unload()
@@ -68,6 +84,7 @@ def main() -> None:
             if mode == "lora_steps":
                 times[mode].append(sum(training_steps(model, batches)))
             else:
+                sync(args.device)
                 plan = allocate_ranks(
                     model, batches, n_batches=args.n_batches, estimator=mode, progress=False
                 )
@@ -88,6 +105,8 @@ def main() -> None:
             str(args.batch_size),
             "--rank",
             str(args.rank),
+            "--device",
+            args.device,
         ],
     )
     median = {k: statistics.median(v) for k, v in times.items()}
@@ -96,7 +115,8 @@ def main() -> None:
         | {
             "model": "minilm",
             "task": "rotten-tomatoes",
-            "device": "cpu",
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
             "threads": torch.get_num_threads(),
         },
         "times_s": times,

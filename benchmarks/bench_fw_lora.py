@@ -7,9 +7,11 @@ warm-up with the sketch (k = 8) and with the exact estimator (hooks on,
 penalty in the loss, ``step()`` after each optimizer step); FW-LoRA after warm-up (hooks removed,
 only the r×r-trace penalty). Reported: median step time of each, ratios to LoRA (of the medians,
 and the median of the per-batch ratios), and peak memory
-(VmHWM of a fresh process per mode, median of ``--memory-reps``).
+(VmHWM of a fresh process per mode, median of ``--memory-reps``; on ``--device cuda`` the GPU's
+peak allocation, and every timed step is synchronised).
 
     python benchmarks/bench_fw_lora.py --reps 5 --out benchmarks/results/fw_lora.json
+    python benchmarks/bench_fw_lora.py --device cuda --out benchmarks/results/fw_lora-cuda.json
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import child_peak_memory, default_setup, peak_rss_mb
+from common import (
+    add_device_argument,
+    check_device,
+    child_peak_memory,
+    default_setup,
+    peak_memory_mb,
+    sync,
+)
 from peft import get_peft_model
 
 from fisherlora.methods.fw_lora import FisherPenalty
@@ -47,7 +56,10 @@ def make_stepper(mode: str, base, config, first_batch) -> Callable[[dict], float
             estimator=mode.split("-")[-1] if mode.startswith("warmup") else "sketch",
         )
 
+    device = first_batch["input_ids"].device
+
     def step(batch: dict) -> float:
+        sync(device)
         start = time.perf_counter()
         loss = model(**batch).loss
         if penalty is not None:
@@ -58,6 +70,7 @@ def make_stepper(mode: str, base, config, first_batch) -> Callable[[dict], float
         if penalty is not None:
             penalty.step()
         optimizer.zero_grad(set_to_none=True)
+        sync(device)
         return time.perf_counter() - start
 
     step(first_batch)  # first-call allocations; for after-warmup this step ends the warm-up
@@ -69,10 +82,10 @@ def run_mode(mode: str, base, config, batches) -> list[float]:
     return [step(batch) for batch in batches]
 
 
-def memory_child(mode: str, n_batches: int) -> None:
-    base, config, batches = default_setup(n_batches)
+def memory_child(mode: str, n_batches: int, device: str) -> None:
+    base, config, batches = default_setup(n_batches, device=device)
     run_mode(mode, base, config, batches)
-    print(json.dumps({"mode": mode, "peak_mb": peak_rss_mb()}))
+    print(json.dumps({"mode": mode, "peak_mb": peak_memory_mb(device)}))
 
 
 def main() -> None:
@@ -82,12 +95,14 @@ def main() -> None:
     parser.add_argument("--memory-reps", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/fw_lora.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    add_device_argument(parser)
     args = parser.parse_args()
+    check_device(args.device)
     if args.child:
-        memory_child(args.child, args.steps)
+        memory_child(args.child, args.steps, args.device)
         return
 
-    base, config, batches = default_setup(args.steps)
+    base, config, batches = default_setup(args.steps, device=args.device)
     # Step-level interleaving: every batch is run by every mode back to back (in a rotating
     # order), so drift of the machine's speed hits all modes alike; ratios are per batch.
     steppers = {mode: make_stepper(mode, base, config, batches[0]) for mode in MODES}
@@ -108,14 +123,17 @@ def main() -> None:
         )
     median = {mode: statistics.median(v) for mode, v in step_times.items()}
     memory_modes = [m for m in MODES if m != "lora-again"]
-    peak = child_peak_memory(__file__, memory_modes, args.memory_reps, ["--steps", "8"])
+    peak = child_peak_memory(
+        __file__, memory_modes, args.memory_reps, ["--steps", "8", "--device", args.device]
+    )
     result = {
         "setting": vars(args)
         | {
             "model": "minilm",
             "task": "rotten-tomatoes",
             "batch_size": 32,
-            "device": "cpu",
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
             "threads": torch.get_num_threads(),
         },
         "step_times_s": step_times,

@@ -2,7 +2,8 @@
 
 MiniLM with LoRA r = 8 on query/key/value/dense (37 modules), 8 Rotten Tomatoes batches of 32.
 Each setting runs in a fresh process (a process's peak only grows); peak memory is that
-process's VmHWM, median of ``--reps``; time is the calibration's wall time in the same process.
+process's VmHWM (on ``--device cuda``: the GPU's peak allocation), median of ``--reps``; time is
+the calibration's wall time in the same process (synchronised on CUDA).
 Also reported: the analytic extra memory of the FILet candidate bases per group,
 ``max over groups Σ (n_m + m_m) · min(n_m, m_m)`` floats.
 
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import default_setup, peak_rss_mb
+from common import add_device_argument, check_device, default_setup, peak_memory_mb, sync
 from peft import get_peft_model
 
 from fisherlora.adapters import lora_layers
@@ -30,10 +31,11 @@ from fisherlora.methods.fim_lora import allocate_ranks
 GROUPS = ("all", "12", "4", "1")
 
 
-def child(method: str, per_pass: str, n_batches: int) -> None:
-    base, config, batches = default_setup(n_batches)
+def child(method: str, per_pass: str, n_batches: int, device: str) -> None:
+    base, config, batches = default_setup(n_batches, device=device)
     model = get_peft_model(base, config)
     layers_per_pass = None if per_pass == "all" else int(per_pass)
+    sync(device)
     start = time.perf_counter()
     if method == "filet":
         filet_init(
@@ -43,6 +45,7 @@ def child(method: str, per_pass: str, n_batches: int) -> None:
         allocate_ranks(
             model, batches, n_batches=n_batches, progress=False, layers_per_pass=layers_per_pass
         )
+    sync(device)
     seconds = time.perf_counter() - start
     _, layers = lora_layers(model)
     shapes = [layer.get_base_layer().weight.shape for layer in layers.values()]
@@ -52,7 +55,7 @@ def child(method: str, per_pass: str, n_batches: int) -> None:
         * 4
         / 2**20
     )
-    print(json.dumps({"peak_mb": peak_rss_mb(), "seconds": seconds, "bases_mb": basis_mb}))
+    print(json.dumps({"peak_mb": peak_memory_mb(device), "seconds": seconds, "bases_mb": basis_mb}))
 
 
 def main() -> None:
@@ -61,9 +64,11 @@ def main() -> None:
     parser.add_argument("--n-batches", type=int, default=8)
     parser.add_argument("--out", default="benchmarks/results/grouped_calibration.json")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    add_device_argument(parser)
     args = parser.parse_args()
+    check_device(args.device)
     if args.child:
-        child(*args.child, args.n_batches)
+        child(*args.child, args.n_batches, args.device)
         return
     results = {}
     for method in ("filet", "fim-lora"):
@@ -78,6 +83,8 @@ def main() -> None:
                     per_pass,
                     "--n-batches",
                     str(args.n_batches),
+                    "--device",
+                    args.device,
                 ]
                 output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
                 runs.append(json.loads(output.strip().splitlines()[-1]))

@@ -1,7 +1,14 @@
-"""Shared pieces of the benchmarks: the default model and batches, LoRA steps, peak memory."""
+"""Shared pieces of the benchmarks: the default model and batches, LoRA steps, peak memory.
+
+Every benchmark takes ``--device cpu|cuda`` (:func:`add_device_argument`; default cpu). On CUDA
+a timed region starts and ends with :func:`sync` (kernels run asynchronously: without it a time
+measures the launches, not the work), and :func:`peak_memory_mb` is
+``torch.cuda.max_memory_allocated`` instead of the process's peak resident set.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -17,14 +24,56 @@ from fisherlora.experiments.models import default_targets, load_model
 from fisherlora.experiments.tasks import load_task
 
 
-def default_setup(n_batches: int, batch_size: int = 32, rank: int = 8, seed: int = 0):
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where the model and batches live (cuda: synchronised timings, GPU peak memory)",
+    )
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device; a clear exit where CUDA is asked for but absent."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    return torch.device(device)
+
+
+def sync(device: str | torch.device) -> None:
+    """Wait for the queued GPU work (nothing to wait for on CPU); call on both ends of a timing."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: str | torch.device) -> None:
+    """Start a new GPU peak-memory window (a CPU process's peak RSS cannot be reset here)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: str | torch.device) -> float:
+    """``torch.cuda.max_memory_allocated`` on CUDA; the process's peak RSS on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_mb()
+
+
+def default_setup(
+    n_batches: int, batch_size: int = 32, rank: int = 8, seed: int = 0, device: str = "cpu"
+):
     """MiniLM with a fresh head, its LoRA config (query/key/value/dense) and ``n_batches``
-    length-grouped Rotten Tomatoes training batches, exactly as the runner builds them."""
+    length-grouped Rotten Tomatoes training batches, exactly as the runner builds them; the model
+    and the batches on ``device``."""
     task = load_task("rotten-tomatoes")
     base, tokenizer = load_model("minilm", task.num_labels, seed=seed)
     data = TokenizedTexts(task.train_texts, task.train_labels, tokenizer, max_length=128)
     loader = train_loader(data, tokenizer.pad_token_id, batch_size, seed=seed)
-    batches = [b for _, b in zip(range(n_batches), loader, strict=False)]
+    batches = [
+        {k: v.to(device) for k, v in b.items()}
+        for _, b in zip(range(n_batches), loader, strict=False)
+    ]
+    base.to(device)
     config = LoraConfig(
         task_type="SEQ_CLS", r=rank, lora_alpha=2 * rank, target_modules=default_targets(base)
     )
@@ -37,7 +86,9 @@ def training_steps(model, batches, extra_loss=None, after_step=None) -> list[flo
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-4)
     times = []
+    device = next(model.parameters()).device
     for batch in batches:
+        sync(device)
         start = time.perf_counter()
         loss = model(**batch).loss
         if extra_loss is not None:
@@ -48,6 +99,7 @@ def training_steps(model, batches, extra_loss=None, after_step=None) -> list[flo
         if after_step is not None:
             after_step()
         optimizer.zero_grad(set_to_none=True)
+        sync(device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -63,8 +115,9 @@ def peak_rss_mb() -> float:
 def child_peak_memory(
     script: str, modes: list[str], reps: int, extra_args: list[str]
 ) -> dict[str, float]:
-    """Median peak RSS of ``script --child MODE`` runs, each in a fresh process (a process's
-    peak only grows, so every measurement needs its own)."""
+    """Median peak memory of ``script --child MODE`` runs, each in a fresh process (a process's
+    peak only grows, so every measurement needs its own): peak RSS, or the GPU's peak allocation
+    where ``extra_args`` hold ``--device cuda`` and the child reports :func:`peak_memory_mb`."""
     runs: dict[str, list[float]] = {mode: [] for mode in modes}
     for _ in range(reps):
         for mode in modes:

@@ -86,3 +86,7 @@ def test_full_composition_keeps_budget_outputs_and_exports(tmp_path):
     method.save_report(tmp_path)
     for name in ("ranks.json", "filet.json", "fw_lora.json"):
         assert (tmp_path / name).exists(), name
+    # the plots come back as data, each titled with the composed run (the runner draws them)
+    figures = method.figures()
+    assert [f.file for f in figures] == ["rank_map.png", "energy_spectrum.png", "importance.png"]
+    assert figures[0].title == "fim-lora+filet+fw-lora rank map"

@@ -82,3 +82,26 @@ def test_overflowed_step_is_skipped_under_a_scaler_and_an_error_without():
         else:
             with pytest.raises(CalibrationError, match="non-finite frozen-weight gradient norm"):
                 penalty.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fw_lora_statistics_stay_float32_under_autocast(dtype):
+    """The runner's --precision bf16/fp16 runs the forward passes under autocast: the warm-up
+    hooks' products are formed in float32 all the same (they used to come out in half precision
+    and fail against float32 gradients in backward)."""
+    batches = random_batches(2, seed=4)
+    penalties = []
+    for autocast_dtype in (None, dtype):
+        model = tiny_peft_model("llama", seed=3)
+        penalty = FisherPenalty(model, warmup_steps=10)
+        for batch in batches:
+            with torch.autocast("cpu", dtype=dtype, enabled=autocast_dtype is not None):
+                loss = model(**batch).loss
+            loss.backward()
+            assert all(term.dtype == torch.float32 for term in penalty._pending.values())
+            penalty.step()
+            model.zero_grad(set_to_none=True)
+        penalties.append(penalty)
+    plain, autocast = penalties
+    # the same statistic, up to the half-precision activations and gradients
+    assert autocast.fisher.tolist() == pytest.approx(plain.fisher.tolist(), rel=0.05)

@@ -28,7 +28,11 @@ def tiny_config(tmp_path=None, **overrides) -> TrainConfig:
 
 def test_loop_learns_a_learnable_task(keyword_task):
     result = train(tiny_config(steps=120), task=keyword_task, progress=False)
-    assert result.metrics["accuracy"] >= 0.9
+    # 0.914 accuracy / 0.28 NLL on CPU, 0.891 accuracy on an H100 (other kernels, other rounding):
+    # accuracy on 128 examples moves in steps of 0.008, so the bar leaves a few examples' room and
+    # the smoother NLL (0.693 at chance) holds the rest
+    assert result.metrics["accuracy"] >= 0.85
+    assert result.metrics["nll"] < 0.45
     assert result.curve["train_loss"].iloc[-1] < 0.5 * result.curve["train_loss"].iloc[0] + 0.1
     assert list(result.curve["step"]) == [30, 60, 90, 120]
 

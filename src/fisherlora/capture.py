@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -100,6 +100,13 @@ def apply_mask(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return t * mask.unsqueeze(-1).to(t.dtype)
 
 
+def _no_autocast(device_type: str):
+    """A block in which autocast is off on ``device_type`` (nothing to do where it is not on)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
+
+
 def register_io_hooks(
     modules: Mapping[str, nn.Module],
     callback: IOCallback,
@@ -135,12 +142,19 @@ def register_io_hooks(
                 kept = last[1]
             else:
                 x = raw.detach().float()
-                kept = x if keep_input is None else keep_input(name, x, mask)
+                # float32 also under a training loop's autocast (bf16/fp16), which would run
+                # keep_input's products in half precision (and hand backward a half tensor)
+                with _no_autocast(raw.device.type):
+                    kept = x if keep_input is None else keep_input(name, x, mask)
                 if shared_input:
                     last[0], last[1] = weakref.ref(raw), kept
-            output.register_hook(lambda g: callback(name, kept, g.detach().float(), mask))
+            output.register_hook(lambda g: backward_hook(name, kept, g, mask))
 
         return forward_hook
+
+    def backward_hook(name: str, kept: Any, g: torch.Tensor, mask: Any) -> None:
+        with _no_autocast(g.device.type):  # a backward() called inside an autocast block
+            callback(name, kept, g.detach().float(), mask)
 
     return [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
 

@@ -199,6 +199,13 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
     if single_run:
         loop.add_argument("--seed", type=int)
     loop.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    loop.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        help="fp32 (default), or forward passes and losses under bf16 / fp16 autocast with "
+        "float32 master weights (fp16 with loss scaling); the weights load in float32 "
+        "whatever dtype the checkpoint was saved in",
+    )
     if single_run:
         loop.add_argument(
             "--out", help="run directory (config.json, curve.csv, metrics.json, adapter/)"

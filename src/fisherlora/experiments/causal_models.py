@@ -31,6 +31,8 @@ from transformers import (
 
 from fisherlora.errors import ConfigError
 from fisherlora.experiments.hub import check_model_source
+from fisherlora.experiments.model_names import CLASSIFIER_NAMES
+from fisherlora.experiments.precision import as_float32, float32_load_kwargs
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -92,7 +94,8 @@ def smollm2_path() -> Path:
 
 def _pretrained_causal(name_or_path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=torch.float32)
+    # float32 whatever the checkpoint stores (see precision.py)
+    model = as_float32(AutoModelForCausalLM.from_pretrained(name_or_path, **float32_load_kwargs()))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
@@ -131,10 +134,7 @@ CAUSAL_REGISTRY: dict[str, Callable[[], tuple[PreTrainedModel, PreTrainedTokeniz
 def load_causal_lm(name: str, *, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the causal LM ``name`` (registry name, local folder or hub name) and its tokenizer
     (right padding; EOS as the pad token where it has none). A tiny model is drawn from ``seed``."""
-    # models.py imports this module for the registry it serves, hence the import here
-    from fisherlora.experiments.models import MODEL_REGISTRY
-
-    if name in MODEL_REGISTRY:
+    if name in CLASSIFIER_NAMES:  # models.MODEL_REGISTRY's names (models.py imports this module)
         raise ConfigError(
             f"{name!r} is a sequence classifier; generation tasks need a causal LM such as "
             f"{sorted(CAUSAL_REGISTRY)}"

@@ -24,17 +24,21 @@ settings (a process's batch is ``batch_size``, so other world sizes train differ
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from fisherlora.errors import ConfigError, FisherLoraError
+
+# the settings live in their own module, which report.py imports too (report never imports
+# this module); re-exported here
+from fisherlora.experiments.compare_config import TUNE_SEED as TUNE_SEED
+from fisherlora.experiments.compare_config import VARYING as VARYING
+from fisherlora.experiments.compare_config import CompareConfig as CompareConfig
 from fisherlora.experiments.distributed import (
     Process,
     barrier,
@@ -55,10 +59,7 @@ from fisherlora.experiments.train import (
     train,
     write_json_atomic,
 )
-from fisherlora.methods import method_names
 
-# Settings that vary inside a comparison (everything else must match across its runs).
-VARYING = ("method", "seed", "rank", "alpha", "out", "phase")
 # Settings added after comparisons were first pinned, with the value that older comparisons
 # ran with: a compare.json without the key matches exactly that value (so they still resume).
 LEGACY_SETTINGS = {
@@ -68,10 +69,9 @@ LEGACY_SETTINGS = {
     "tune_seeds": None,
     # the refusal threshold for dropped rows of a data file (the built-in tasks drop none)
     "max_dropped_fraction": 0.2,
+    # comparisons before --precision trained in float32 (with the checkpoint's stored dtype)
+    "precision": "fp32",
 }
-# The default seed of the tuning runs: none of the usual final seeds, so the final runs' test
-# numbers come from runs that took no part in the selection.
-TUNE_SEED = 100
 
 
 def _parse_list(spec: str, what: str, convert, kind: str) -> list:
@@ -102,89 +102,6 @@ def parse_ints(spec: str, what: str, minimum: int) -> list[int]:
     if min(values) < minimum:
         raise ConfigError(f"{what} must be >= {minimum}, got {spec!r}")
     return values
-
-
-@dataclass
-class CompareConfig:
-    """A comparison: ``methods`` x ``seeds`` x ``ranks`` runs of ``base`` (all else shared)."""
-
-    methods: list[str]
-    seeds: list[int]
-    ranks: list[int]
-    out: str
-    base: TrainConfig = field(default_factory=TrainConfig)
-    # α = alpha_ratio · r at every rank (s = α/r constant across the sweep) unless alpha is given
-    alpha_ratio: float = 2.0
-    alpha: float | None = None
-    # learning rates tried per (rank, method) on validation before the final seeds (None: the
-    # base's lr for every method), and the seeds of those tuning runs
-    lr_grid: list[float] | None = None
-    tune_seeds: list[int] = field(default_factory=lambda: [TUNE_SEED])
-
-    def __post_init__(self) -> None:
-        method_names(",".join(self.methods))  # unknown methods / impossible combinations
-        if not self.seeds or not self.ranks:
-            raise ConfigError("a comparison needs at least one seed and one rank")
-        if self.lr_grid is not None:
-            if not self.lr_grid or not all(
-                isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in self.lr_grid
-            ):
-                raise ConfigError(f"the lr grid must hold positive numbers, got {self.lr_grid}")
-            if self.base.val_fraction <= 0:
-                raise ConfigError(
-                    "an lr grid picks rates on a validation split: set val_fraction > 0 "
-                    "(--val-fraction)"
-                )
-            if not self.tune_seeds:
-                raise ConfigError("an lr grid needs at least one tuning seed")
-        if self.alpha_ratio <= 0 or (self.alpha is not None and self.alpha <= 0):
-            raise ConfigError("alpha and alpha_ratio must be positive")
-        if self.base.task.endswith("-lm"):
-            raise ConfigError(
-                "compare ranks methods by accuracy; a language-modelling task (-lm) has none. "
-                "Use a classification task or its -gen form, or `fisherlora train` per method"
-            )
-
-    def run_dir(self, rank: int, method: str, seed: int) -> Path:
-        return Path(self.out) / f"r{rank}" / method / f"seed{seed}"
-
-    def tune_dir(self, rank: int, method: str, lr: float, seed: int) -> Path:
-        return Path(self.out) / f"r{rank}" / method / "tune" / f"lr{lr:g}-seed{seed}"
-
-    def run_config(
-        self, rank: int, method: str, seed: int, lr: float | None = None, phase: str = "final"
-    ) -> TrainConfig:
-        alpha = self.alpha if self.alpha is not None else self.alpha_ratio * rank
-        lr = self.base.lr if lr is None else lr
-        out = self.tune_dir(rank, method, lr, seed) if phase == "tune" else None
-        return dataclasses.replace(
-            self.base,
-            method=method,
-            seed=seed,
-            rank=rank,
-            alpha=alpha,
-            lr=lr,
-            phase=phase,
-            out=str(out or self.run_dir(rank, method, seed)),
-        )
-
-    def tuning_runs(self) -> list[tuple[int, str, float, int]]:
-        """Every (rank, method, lr, seed) tuning run (none without a grid)."""
-        return [
-            (rank, method, lr, seed)
-            for seed in self.tune_seeds
-            for rank in self.ranks
-            for method in self.methods
-            for lr in self.lr_grid or []
-        ]
-
-    def shared_settings(self) -> dict[str, Any]:
-        varying = VARYING + (("lr",) if self.lr_grid else ())
-        settings = {k: v for k, v in dataclasses.asdict(self.base).items() if k not in varying}
-        settings |= {"alpha": self.alpha, "alpha_ratio": self.alpha_ratio}
-        if self.lr_grid:
-            settings |= {"lr_grid": list(self.lr_grid), "tune_seeds": list(self.tune_seeds)}
-        return settings
 
 
 def check_out_dir(config: CompareConfig, process: Process | None = None) -> None:

@@ -30,6 +30,7 @@ from fisherlora.adapters import target_matches
 from fisherlora.errors import ConfigError
 from fisherlora.experiments.causal_models import CAUSAL_REGISTRY, tiny_llama_config
 from fisherlora.experiments.hub import check_model_source
+from fisherlora.experiments.precision import as_float32, float32_load_kwargs
 
 # Default LoRA targets per architecture family (matched as PEFT matches a list: by name suffix).
 DEFAULT_TARGETS = {
@@ -78,7 +79,12 @@ def _pretrained(
     name_or_path: str | Path, num_labels: int
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=num_labels)
+    # float32 whatever the checkpoint stores (transformers 5 keeps a stored fp16/bf16); the
+    # runner's --precision decides what runs in half precision, never the checkpoint
+    model = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, num_labels=num_labels, **float32_load_kwargs()
+    )
+    as_float32(model)
     if tokenizer.pad_token is None:  # decoder-only tokenizers: pad with EOS, as HF recommends
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -13,16 +12,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-
-def layer_and_kind(name: str) -> tuple[str, str]:
-    """Split a module name at its layer index: ``bert.encoder.layer.3.attention.self.query`` →
-    ``("3", "attention.self.query")``; names without one (``bert.pooler.dense``) → ``("-", name)``
-    shortened to its last two parts."""
-    parts = name.split(".")
-    for i, part in enumerate(parts):
-        if re.fullmatch(r"\d+", part):
-            return part, ".".join(parts[i + 1 :]) or parts[i - 1]
-    return "-", ".".join(parts[-2:])
+# the module table lives in the library layer (RankPlan.rank_table returns it); re-exported here
+from fisherlora.figures import layer_and_kind as layer_and_kind
+from fisherlora.figures import module_grid as module_grid
 
 
 def text_colour(rgba: Sequence[float]) -> str:
@@ -34,18 +26,6 @@ def text_colour(rgba: Sequence[float]) -> str:
     )
     luminance = 0.2126 * red + 0.7152 * green + 0.0722 * blue
     return "white" if luminance < 0.179 else "black"
-
-
-def module_grid(values: Mapping[str, float]) -> pd.DataFrame:
-    """Per-module values as a table: one row per layer (numeric order, un-numbered last), one
-    column per module type (in order of first appearance)."""
-    rows = [(*layer_and_kind(name), value) for name, value in values.items()]
-    frame = pd.DataFrame(rows, columns=["layer", "module", "value"])
-    table = frame.pivot_table(
-        index="layer", columns="module", values="value", aggfunc="first", sort=False
-    )
-    order = sorted(table.index, key=lambda layer: (layer == "-", int(layer) if layer != "-" else 0))
-    return table.loc[order, list(dict.fromkeys(frame["module"]))]
 
 
 def plot_module_values(

@@ -49,8 +49,8 @@ from fisherlora.experiments.plots import (
 from fisherlora.methods import RANK_ALLOCATING, base_method
 from fisherlora.methods.peers import WORKAROUNDS
 
-if TYPE_CHECKING:
-    from fisherlora.experiments.compare import CompareConfig
+if TYPE_CHECKING:  # compare.py imports this module, never the other way (issue #19)
+    from fisherlora.experiments.compare_config import CompareConfig
 
 BASELINE = "lora"
 

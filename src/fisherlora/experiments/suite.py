@@ -509,7 +509,7 @@ STEP_TIMES: dict[str, StepTime] = {
     "minilm": StepTime(
         0.50, 32, "rotten-tomatoes", 128, 0.45, 3.0, "benchmarks/results/compare-rt, LoRA r=2,8"
     ),
-    # README (causal LM section): 60 steps of batch 8 at max_length 64, r = 8 on all seven
+    # docs/cli.md (causal LM section): 60 steps of batch 8 at max_length 64, r = 8 on all seven
     # projections, 1.59 s per step, 169 s for the whole command with 400 test prompts. The eval
     # factor and load time are ASSUMPTIONS fitted to that one total (no smollm2 run is stored
     # under benchmarks/results).

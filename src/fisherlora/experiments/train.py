@@ -58,6 +58,7 @@ from fisherlora.experiments.generation_tasks import (
     load_generation_task,
 )
 from fisherlora.experiments.limits import check_max_length
+from fisherlora.experiments.method_plots import save_method_report
 from fisherlora.experiments.metrics import (
     classification_metrics,
     collapse_warning,
@@ -65,6 +66,13 @@ from fisherlora.experiments.metrics import (
     summed_confusion_matrix,
 )
 from fisherlora.experiments.models import default_targets, load_model
+from fisherlora.experiments.precision import (
+    PRECISIONS,
+    autocast,
+    check_precision,
+    grad_scaler,
+    nonfinite_loss_message,
+)
 from fisherlora.experiments.tasks import MAX_DROPPED_FRACTION, Task, held_out_subset, load_task
 from fisherlora.methods import get_method
 from fisherlora.stats import all_reduce_mean, all_reduce_sum
@@ -129,6 +137,9 @@ class TrainConfig:
     eval_batch_size: int = 128
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    # fp32; or bf16 / fp16: forward passes and losses under autocast, float32 master weights
+    # (fp16 with a GradScaler); see precision.py
+    precision: str = "fp32"
     out: str | None = None  # run directory; None writes nothing
 
     def __post_init__(self) -> None:
@@ -184,6 +195,10 @@ class TrainConfig:
             raise ConfigError(f"val_fraction must be 0 or in (0, 0.5], got {self.val_fraction}")
         if self.phase not in ("final", "tune"):
             raise ConfigError(f"phase must be 'final' or 'tune', got {self.phase!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}"
+            )
         if self.phase == "tune" and self.val_fraction == 0:
             raise ConfigError("a tuning run reads validation only: it needs val_fraction > 0")
         if self.train_size is not None and (
@@ -219,6 +234,11 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {name!r} asked for, but torch sees {torch.cuda.device_count()} CUDA "
+            f"device(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
     return device
 
 
@@ -388,9 +408,17 @@ def train(
     ``NAME-lm``) trains a causal LM with the loss on the completion tokens only."""
     run_start = time.perf_counter()
     process, device = init_distributed(resolve_device(config.device))
+    check_precision(config.precision, device)
     progress = progress and process.is_main
     reset_peak_memory(device)
-    method = get_method(config.method, method_options(config, progress))
+    # forward passes and losses of training and evaluation run in ``autocasting()``; the weights,
+    # the method terms, calibration and the optimizer stay float32 (a no-op context at fp32)
+    autocasting = autocast(config.precision, device)
+    scaler = grad_scaler(config.precision, device)  # fp16 only
+    options = method_options(config, progress)
+    if scaler is not None:  # FW-LoRA divides its warm-up statistics by the loss scale
+        options["grad_scaler"] = scaler
+    method = get_method(config.method, options)
     task = task or (load_generation_task if is_generation_task(config.task) else load_task)(
         config.task,
         data=config.data,
@@ -552,22 +580,33 @@ def train(
             last = micro == config.grad_accum - 1
             sync = contextlib.nullcontext() if last or forward is model else forward.no_sync()
             with sync:
-                loss = forward(**batch).loss
+                with autocasting():
+                    loss = forward(**batch).loss
+                # the method's term in float32, outside autocast (FW-LoRA's r×r traces)
                 extra = method.loss(model, step)
                 if extra is not None:
                     loss = loss + extra
                     step_extra += extra.item() / config.grad_accum
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
-                        f"the training loss became {loss.item()} at step {step}; try a lower --lr"
+                        nonfinite_loss_message(loss.item(), step, config.precision)
                     )
-                (loss / config.grad_accum).backward()
+                loss_share = loss / config.grad_accum
+                (loss_share if scaler is None else scaler.scale(loss_share)).backward()
             step_loss += loss.item() / config.grad_accum
+        if scaler is not None:
+            # the true gradients, for clipping and for after_backward (AdaLoRA's sensitivities)
+            scaler.unscale_(optimizer)
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)  # skipped where a gradient overflowed
         scheduler.step()
         method.after_backward(model, step)
+        if scaler is not None:
+            scaler.update()  # after after_backward: FW-LoRA reads this step's scale
         optimizer.zero_grad(set_to_none=True)
         step_times.append(time.perf_counter() - step_start)
         losses_since_eval.append((step_loss, step_extra))
@@ -575,7 +614,8 @@ def train(
 
         if step == config.steps or (config.eval_every and step % config.eval_every == 0):
             eval_start = time.perf_counter()
-            scores, confusion = evaluate_during()
+            with autocasting():
+                scores, confusion = evaluate_during()
             eval_time += time.perf_counter() - eval_start
             # the loss optimised (task + method term) and the method's term alone, averaged over
             # the steps since the last evaluation and over processes
@@ -607,7 +647,8 @@ def train(
         scores, confusion = {}, None
         if evaluate_test is not None:
             eval_start = time.perf_counter()
-            scores, confusion = evaluate_test()
+            with autocasting():
+                scores, confusion = evaluate_test()
             eval_time += time.perf_counter() - eval_start
             if process.is_main:
                 bar.write("test: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
@@ -642,7 +683,7 @@ def train(
     if out is not None:
         curve.to_csv(out / "curve.csv", index=False)
         method.export(model, out / "adapter")
-        method.save_report(out)
+        save_method_report(method, out)  # its JSON files and the figures it asks for
         metrics["timings"]["total_s"] = time.perf_counter() - run_start
         write_json_atomic(out / "metrics.json", metrics)
     barrier()  # every process sees the finished run directory before it goes on

@@ -13,8 +13,11 @@ A method acts at up to five points of a fine-tuning run and does nothing at the 
 
 A method may also shape the optimizer's parameter groups (``param_groups``, e.g. FW-LoRA's
 per-module weight decay), and has ``save_report(out_dir)``, which the runner calls at the end of
-a run to write the method's own files (a rank map, an energy spectrum) into the run directory,
-and ``state_dict`` / ``load_state_dict`` for checkpoints (the HF Trainer integration).
+a run to write the method's own data files (``ranks.json``, ``filet.json``) into the run
+directory, ``figures()``, the plots of that data it asks for (a rank map, an energy spectrum:
+``fisherlora.figures`` records, drawn by the experiments layer, so a method never imports
+matplotlib or the runner), and ``state_dict`` / ``load_state_dict`` for checkpoints (the HF
+Trainer integration).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from fisherlora.adapters import export_lora
+from fisherlora.figures import Figure
 
 
 @runtime_checkable
@@ -107,6 +111,11 @@ class AdapterMethod:
 
     def save_report(self, out_dir: str | Path) -> None:
         return None
+
+    def figures(self) -> list[Figure]:
+        """The plots this method's report asks for, as data (drawn by the experiments layer:
+        ``fisherlora.experiments.method_plots``); none for plain LoRA and the peers."""
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must hold of the method's training-time state (FW-LoRA's F, I and

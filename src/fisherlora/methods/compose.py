@@ -18,6 +18,7 @@ import torch
 from peft import PeftModel
 
 from fisherlora.errors import ConfigError
+from fisherlora.figures import Figure
 from fisherlora.methods.base import AdapterMethod, Method
 
 # Members that may be combined, by the phase they act in (lower first).
@@ -81,6 +82,9 @@ class Composed(AdapterMethod):
     def save_report(self, out_dir: str | Path) -> None:
         for member in self.members:
             member.save_report(out_dir)
+
+    def figures(self) -> list[Figure]:
+        return [figure for member in self.members for figure in member.figures()]
 
     def state_dict(self) -> dict[str, Any]:
         return {member.name: member.state_dict() for member in self.members}

@@ -68,6 +68,7 @@ from fisherlora.capture import (
     padding_mask,
 )
 from fisherlora.errors import CalibrationError, ConfigError
+from fisherlora.figures import EnergySpectrum, Figure
 from fisherlora.methods.base import AdapterMethod
 from fisherlora.stats import all_reduce_sum, world_size
 
@@ -107,17 +108,18 @@ class FiletReport:
         }
 
     def save(self, out_dir: str | Path) -> None:
-        """``filet.json`` and ``energy_spectrum.png`` (energies per module type, selected marked)."""
-        from fisherlora.experiments.plots import plot_energy_spectrum
-
+        """``filet.json`` (the runner draws ``energy_spectrum.png`` from :meth:`figure`)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "filet.json").write_text(json.dumps(asdict(self), indent=1))
-        plot_energy_spectrum(
-            self.energies,
-            self.selected,
-            out / "energy_spectrum.png",
+
+    def figure(self) -> EnergySpectrum:
+        """``energy_spectrum.png`` as data: energies per module type, the selected marked."""
+        return EnergySpectrum(
+            file="energy_spectrum.png",
             title=f"FILet energies (basis={self.basis}, select={self.select})",
+            energies=self.energies,
+            selected=self.selected,
         )
 
 
@@ -465,3 +467,6 @@ class Filet(AdapterMethod):
             (Path(out_dir) / "filet_training.json").write_text(
                 json.dumps(self.diagnostics(), indent=1)
             )
+
+    def figures(self) -> list[Figure]:
+        return [] if self.report is None else [self.report.figure()]

@@ -55,6 +55,7 @@ from fisherlora.capture import (
     token_mask,
 )
 from fisherlora.errors import ConfigError
+from fisherlora.figures import Figure, ModuleValues, module_grid
 from fisherlora.methods.base import AdapterMethod
 from fisherlora.stats import all_reduce_mean, all_reduce_sum, per_example_sq_grad, reduce_score
 
@@ -97,25 +98,27 @@ class RankPlan:
 
     def rank_table(self):
         """Ranks as a ``pandas.DataFrame``: one row per layer, one column per module type."""
-        from fisherlora.experiments.plots import module_grid
-
         return module_grid(self.ranks)
 
-    def save(self, out_dir: str | Path, title: str = "FIM-LoRA rank map") -> None:
-        """Write ``ranks.json`` and the annotated heatmap ``rank_map.png`` into ``out_dir``."""
-        from fisherlora.experiments.plots import plot_module_values
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "ranks.json").write_text(json.dumps(self.to_dict(), indent=2))
-        plot_module_values(
-            self.ranks,
-            out / "rank_map.png",
-            title,
+    def figure(self, title: str = "FIM-LoRA rank map") -> ModuleValues:
+        """The rank map ``rank_map.png`` as data: layer × module type, annotated, colours
+        diverging around the base rank (``fisherlora.experiments.method_plots.draw_figure``
+        draws it)."""
+        return ModuleValues(
+            file="rank_map.png",
+            title=title,
+            values=dict(self.ranks),
             label=f"rank (base {self.base_rank})",
             center=self.base_rank,
             integers=True,
         )
+
+    def save(self, out_dir: str | Path) -> None:
+        """Write ``ranks.json`` into ``out_dir`` (the runner draws ``rank_map.png`` from
+        :meth:`figure`)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ranks.json").write_text(json.dumps(self.to_dict(), indent=2))
 
 
 def _check_options(budget: str, score: str, estimator: str) -> None:
@@ -427,7 +430,12 @@ class FimLoRA(AdapterMethod):
 
     def save_report(self, out_dir: str | Path) -> None:
         if self.plan is not None:
-            self.plan.save(out_dir, title=f"{self.run_name or self.name} rank map")
+            self.plan.save(out_dir)
+
+    def figures(self) -> list[Figure]:
+        if self.plan is None:
+            return []
+        return [self.plan.figure(title=f"{self.run_name or self.name} rank map")]
 
 
 class RandomRank(FimLoRA):

@@ -36,6 +36,7 @@ from peft import PeftModel
 from fisherlora.adapters import lora_layers
 from fisherlora.capture import check_finite, register_io_hooks
 from fisherlora.errors import ConfigError
+from fisherlora.figures import Figure, ModuleValues
 from fisherlora.methods.base import AdapterMethod
 from fisherlora.stats import all_reduce_mean
 
@@ -396,8 +397,10 @@ class FwLoRA(AdapterMethod):
         fw_normalize: str = "sum",
         fw_mode: str = "loss",
         seed: int = 0,
+        grad_scaler: torch.amp.GradScaler | None = None,  # the runner's, under --precision fp16
     ) -> None:
         warmup = default_warmup(steps) if fw_warmup_steps is None else fw_warmup_steps
+        self.grad_scaler = grad_scaler
         self.options = dict(
             warmup_steps=warmup,
             lam=fw_lambda,
@@ -411,7 +414,7 @@ class FwLoRA(AdapterMethod):
         self.penalty_history: list[float] = []
 
     def prepare(self, model: PeftModel, calibration_loader: Iterable) -> dict[str, Any]:
-        self.penalty = FisherPenalty(model, **self.options)
+        self.penalty = FisherPenalty(model, **self.options, grad_scaler=self.grad_scaler)
         return {"fw_lora": {k: v for k, v in self.options.items()}}
 
     def param_groups(self, model: PeftModel, weight_decay: float) -> list[dict]:
@@ -438,8 +441,6 @@ class FwLoRA(AdapterMethod):
             self.penalty.load_state_dict(state)
 
     def save_report(self, out_dir: str | Path) -> None:
-        from fisherlora.experiments.plots import plot_module_values
-
         if self.penalty is None:
             return
         out = Path(out_dir)
@@ -450,12 +451,18 @@ class FwLoRA(AdapterMethod):
             "steps_seen": self.penalty.step_count,
         }
         (out / "fw_lora.json").write_text(json.dumps(report, indent=1))
-        plot_module_values(
-            self.penalty.importance(),
-            out / "importance.png",
-            title=f"{self.run_name or self.name}: FW-LoRA importance $I_m$",
-            label="$I_m$",
-        )
+
+    def figures(self) -> list[Figure]:
+        if self.penalty is None:
+            return []
+        return [
+            ModuleValues(
+                file="importance.png",
+                title=f"{self.run_name or self.name}: FW-LoRA importance $I_m$",
+                values=self.penalty.importance(),
+                label="$I_m$",
+            )
+        ]
 
 
 def default_warmup(steps: int) -> int:
