@@ -280,13 +280,29 @@ def tiny_mpnet():
     return MPNetForSequenceClassification(config)
 
 
+def tiny_roberta():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
+    return RobertaForSequenceClassification(config)
+
+
 @pytest.mark.parametrize(
     ("build", "expected"),
     [
         (tiny_distilbert, ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"]),
         (tiny_mpnet, ["q", "k", "v", "o", "intermediate.dense", "output.dense"]),
+        # BERT's names would put LoRA on RoBERTa's classifier.dense as well
+        (tiny_roberta, ["query", "key", "value", "output.dense", "intermediate.dense"]),
     ],
-    ids=["distilbert", "mpnet"],
+    ids=["distilbert", "mpnet", "roberta"],
 )
 def test_an_unknown_architecture_gets_its_attention_and_mlp_linears(build, expected, capsys):
     from fisherlora.experiments.models import default_targets

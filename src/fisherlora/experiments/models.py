@@ -145,7 +145,14 @@ def default_targets(model: PreTrainedModel, *, verbose: bool = True) -> list[str
     if family is None and model_type in ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"):
         family = DEFAULT_TARGETS["llama"]
     linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    if family is not None and all(any(target_matches(name, t) for name in linear) for t in family):
+    # the output head is trained whole (PEFT's modules_to_save), never a LoRA target: RoBERTa's
+    # `classifier.dense` would match BERT's `dense` (BERT's pooler keeps its LoRA, as it always had)
+    head = [n for n in linear if set(n.split(".")) & set(OUTPUT_HEADS)]
+    if (
+        family is not None
+        and all(any(target_matches(name, t) for name in linear) for t in family)
+        and not any(target_matches(name, t) for name in head for t in family)
+    ):
         return list(family)
     targets = linear_targets(model)
     if verbose:
@@ -159,6 +166,8 @@ def default_targets(model: PreTrainedModel, *, verbose: bool = True) -> list[str
 
 # Modules that are a model's output head or pooler, never a default LoRA target.
 HEAD_NAMES = ("classifier", "pre_classifier", "score", "lm_head", "pooler", "qa_outputs")
+# The output heads proper (trained whole by PEFT for classification), a subset of HEAD_NAMES.
+OUTPUT_HEADS = ("classifier", "pre_classifier", "score", "lm_head", "qa_outputs")
 
 
 def linear_targets(model: torch.nn.Module) -> list[str]:
