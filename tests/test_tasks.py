@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 from fisherlora.errors import ConfigError
@@ -138,3 +139,44 @@ def test_unsupported_file_type(tmp_path):
 def test_test_data_without_data_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match="needs --data"):
         load_task("rotten-tomatoes", test_data=tmp_path / "t.csv")
+
+
+class FakeSplit:
+    """The bits of a ``datasets.Dataset`` that ``load_hub_task`` reads."""
+
+    def __init__(self, texts, labels):
+        self.frame = pd.DataFrame({"sentence": texts, "label": labels})
+        self.column_names = list(self.frame.columns)
+        self.features = {}
+
+    def __getitem__(self, column):
+        return self.frame[column].tolist()
+
+    def to_pandas(self):
+        return self.frame.copy()
+
+
+def test_a_hub_config_is_loaded_and_hidden_test_labels_fall_back_to_validation(monkeypatch):
+    import types
+
+    from fisherlora.experiments.tasks import load_hub_task
+
+    calls = []
+
+    def load_dataset(path, *config):
+        calls.append((path, *config))
+        return {
+            "train": FakeSplit([f"train text {i}" for i in range(40)], [i % 2 for i in range(40)]),
+            "validation": FakeSplit(
+                [f"val text {i}" for i in range(10)], [i % 2 for i in range(10)]
+            ),
+            "test": FakeSplit([f"test text {i}" for i in range(10)], [-1] * 10),  # hidden, as GLUE
+        }
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    task = load_hub_task("nyu-mll/glue:cola", text_column="sentence")
+    assert calls == [("nyu-mll/glue", "cola")]
+    assert sorted(task.test_texts) == sorted(f"val text {i}" for i in range(10))
+    assert set(task.test_labels) == {0, 1}
+    load_hub_task("plain-name", text_column="sentence")
+    assert calls[-1] == ("plain-name",)

@@ -351,7 +351,11 @@ def load_hub_task(
 ) -> Task:
     """A Hugging Face ``datasets`` data set with ``train`` and ``test`` (or ``validation``) splits;
     dropped rows are counted and limited per split as in :func:`load_file_task`, and each split
-    comes in a fixed pseudo-random order."""
+    comes in a fixed pseudo-random order.
+
+    ``name`` may name a configuration as ``"path:config"`` (``"nyu-mll/glue:cola"``). A test
+    split whose labels are hidden (every label negative, as GLUE's ``-1``) is passed over for
+    ``validation``, the split such benchmarks report on."""
     try:
         import datasets
     except ImportError as err:
@@ -360,16 +364,25 @@ def load_hub_task(
             "from the Hugging Face hub needs the 'datasets' package (pip install datasets); "
             "for a local file use --data FILE"
         ) from err
+    path, _, config = name.partition(":")
     try:
-        splits = datasets.load_dataset(name)
+        splits = datasets.load_dataset(path, config) if config else datasets.load_dataset(path)
     except Exception as err:  # the hub is unreachable or the name does not exist
         raise ConfigError(
             f"could not load data set {name!r} from the Hugging Face hub: {err}"
         ) from err
-    test_split = next((s for s in ("test", "validation") if s in splits), None)
+
+    def labelled(split: str) -> bool:
+        if label_column not in splits[split].column_names:
+            return True  # the column check below names what is missing
+        labels = pd.to_numeric(pd.Series(splits[split][label_column]), errors="coerce")
+        return not (labels.notna().all() and (labels < 0).all())
+
+    test_split = next((s for s in ("test", "validation") if s in splits and labelled(s)), None)
     if "train" not in splits or test_split is None:
         raise ConfigError(
-            f"data set {name!r} needs a 'train' and a 'test' or 'validation' split; it has {list(splits)}"
+            f"data set {name!r} needs a 'train' and a labelled 'test' or 'validation' split; it has "
+            f"{list(splits)}"
         )
     frames = {s: splits[s].to_pandas() for s in ("train", test_split)}
     train_t, train_l, test_t, test_l = (
