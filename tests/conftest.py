@@ -181,3 +181,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def train_a_few_steps(model, seed: int = 5, steps: int = 3) -> None:
+    """A few AdamW steps on random batches, so that adapters move away from their init."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for batch in random_batches(steps, seed=seed):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()

@@ -2,7 +2,15 @@ import json
 
 import pytest
 import torch
-from conftest import assert_unchanged, logits, random_batches, run_tiny, snapshot, tiny_peft_model
+from conftest import (
+    assert_unchanged,
+    logits,
+    random_batches,
+    run_tiny,
+    snapshot,
+    tiny_peft_model,
+    train_a_few_steps,
+)
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
@@ -19,15 +27,6 @@ from fisherlora.methods.filet import (
 from fisherlora.methods.fim_lora import allocate_ranks
 
 pytestmark = pytest.mark.filterwarnings("ignore:the calibration loader ran out")
-
-
-def train_a_few_steps(model, seed=5, steps=3):
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for batch in random_batches(steps, seed=seed):
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])

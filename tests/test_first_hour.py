@@ -26,6 +26,7 @@ from conftest import (
     tiny_base,
     tiny_lora_config,
     tiny_peft_model,
+    train_a_few_steps,
 )
 from peft import PeftModel, get_peft_model
 
@@ -36,15 +37,6 @@ from fisherlora.methods.filet import filet_init
 from fisherlora.methods.fim_lora import allocate_ranks
 
 pytestmark = pytest.mark.filterwarnings("ignore:the calibration loader ran out")
-
-
-def train_a_few_steps(model, seed=5, steps=3):
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for batch in random_batches(steps, seed=seed):
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
 
 
 # --- 1. save_pretrained after FILet ------------------------------------------------------------
