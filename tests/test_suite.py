@@ -230,6 +230,16 @@ def test_the_dry_run_counts_finished_runs_and_scales_by_their_measured_time(tmp_
     assert after.loc["grid", "est_hours"] == pytest.approx(before.loc["grid", "est_hours"])
 
 
+def test_a_paused_run_counts_its_typical_steps_not_its_wall_clock():
+    from fisherlora.experiments.suite import pause_robust_seconds
+
+    # 100 steps of a median 0.5 s, 30 s of loading / calibration / evaluation; the run was
+    # suspended for an hour, which its train_s and total_s carry
+    timings = {"median_step_s": 0.5, "train_s": 3650.0, "total_s": 3680.0}
+    assert pause_robust_seconds(timings, {"steps": 100}) == pytest.approx(80.0)
+    assert pause_robust_seconds({"total_s": 12.0}, {"steps": 100}) == 12.0  # older runs
+
+
 # --- pooled statistics ------------------------------------------------------------------------
 
 

@@ -604,6 +604,21 @@ def estimate_run_seconds(settings: Mapping[str, Any], method: str, phase: str) -
     return ref.load_s + init + steps * step + evaluated * eval_example
 
 
+def pause_robust_seconds(timings: Mapping[str, Any], settings: Mapping[str, Any]) -> float:
+    """A finished run's seconds with its training time taken as ``median_step_s × steps``: a
+    run that was paused or shared the CPU for a while (a suspended suite, a test run beside it)
+    keeps a typical median step, while its wall-clock ``train_s`` and ``total_s`` do not. The
+    rest (loading, calibration, evaluation) is taken as measured. ``total_s`` where the
+    timings lack a part."""
+    try:
+        steps = int(settings["steps"])
+        typical = float(timings["median_step_s"]) * steps
+        rest = float(timings["total_s"]) - float(timings["train_s"])
+    except (KeyError, TypeError, ValueError):
+        return float(timings["total_s"])
+    return typical + max(rest, 0.0)
+
+
 def _finished_runs(cell_dir: Path) -> list[dict[str, Any]]:
     """Method, phase and measured seconds of every finished run under ``cell_dir``."""
     runs = []
@@ -616,7 +631,7 @@ def _finished_runs(cell_dir: Path) -> list[dict[str, Any]]:
                 {
                     "method": metrics.get("method", settings.get("method", BASELINE)),
                     "phase": metrics.get("phase", settings.get("phase", "final")),
-                    "total_s": float(metrics["timings"]["total_s"]),
+                    "total_s": pause_robust_seconds(metrics["timings"], settings),
                 }
             )
         except (OSError, ValueError, KeyError, TypeError):
