@@ -22,35 +22,19 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import platform
 import time
 
 import torch
 from common import write_results
-from fim_estimator_agreement import agreement, runner_model
+from fim_estimator_agreement import agreement, calibration_batches, runner_model
 
-from fisherlora.experiments.batching import TokenizedTexts, train_loader
 from fisherlora.experiments.tasks import load_task
 from fisherlora.experiments.train import TrainConfig, carve_splits
 from fisherlora.methods import get_method
 
 VAL_FRACTION = 0.1  # as `fisherlora compare` carves it: calibration reads the rest only
-
-
-def calibration_prefix(config: TrainConfig, task, tokenizer, n: int) -> list[dict]:
-    """The first ``n`` batches of the runner's calibration loader (it cycles past one epoch)."""
-    data = TokenizedTexts(task.train_texts, task.train_labels, tokenizer, config.max_length)
-    batches: list[dict] = []
-    while len(batches) < n:
-        loader = train_loader(
-            data,
-            tokenizer.pad_token_id,
-            config.batch_size,
-            seed=config.seed + 1,
-            group_by_length=config.group_by_length,
-        )
-        batches += [b for _, b in zip(range(n - len(batches)), loader, strict=False)]
-    return batches
 
 
 def plan_for(config: TrainConfig, task, batches: list[dict], **options) -> dict:
@@ -87,7 +71,9 @@ def main() -> None:
     for rank in [int(r) for r in args.ranks.split(",")]:
         config = TrainConfig(rank=rank, alpha=2.0 * rank, seed=args.seed)
         _, tokenizer = runner_model(config, task.num_labels)
-        batches = calibration_prefix(config, task, tokenizer, max(args.reference, *counts))
+        # the runner's calibration loader (one epoch holds 182 batches: no batch repeats)
+        longest = dataclasses.replace(config, calib_batches=max(args.reference, *counts))
+        batches = calibration_batches(longest, task, tokenizer)
         reference = plan_for(config, task, batches[: args.reference])
         saturation = []
         for count in counts:
