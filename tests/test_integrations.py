@@ -1,15 +1,23 @@
 """FisherTrainer: our methods inside ``transformers.Trainer.train()``, with checkpoints."""
 
+import sys
+
 import pytest
 import torch
 from conftest import tiny_peft_model
 from peft import LoraConfig, get_peft_model
-from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments
+from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
+from fisherlora import integrations
 from fisherlora.adapters import lora_layers
 from fisherlora.errors import ConfigError
 from fisherlora.experiments.models import load_model
-from fisherlora.integrations import STATE_FILE, FisherTrainer
+from fisherlora.integrations import (
+    STATE_FILE,
+    FisherTrainer,
+    FisherTrainerMixin,
+    fisher_trainer_class,
+)
 
 
 class KeywordDataset(torch.utils.data.Dataset):
@@ -112,3 +120,36 @@ def test_optimizer_passed_in_or_no_lora_is_refused(tmp_path, keyword_task):
             model=tiny_peft_model().unload(),
             args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True),
         )
+
+
+def test_the_mixin_goes_on_any_trainer_class_and_only_on_one(tmp_path):
+    class CustomTrainer(Trainer):
+        pass
+
+    combined = fisher_trainer_class(CustomTrainer)
+    assert combined.__name__ == "FisherCustomTrainer"
+    assert combined.__mro__[1:3] == (FisherTrainerMixin, CustomTrainer)
+    assert fisher_trainer_class(CustomTrainer) is combined  # one class per base
+    assert fisher_trainer_class(combined) is combined
+    assert fisher_trainer_class(Trainer) is FisherTrainer
+    with pytest.raises(ConfigError, match="Trainer subclass"):
+        fisher_trainer_class(dict)
+
+    class NotATrainer(FisherTrainerMixin):
+        pass
+
+    with pytest.raises(ConfigError, match=r"must be combined with a transformers\.Trainer"):
+        NotATrainer()
+    with pytest.raises(ConfigError, match="does not take model_init"):
+        combined(
+            model_init=tiny_peft_model,
+            args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True),
+        )
+
+
+def test_without_trl_the_sft_trainer_names_the_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "trl", None)  # as if trl were not installed
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[trl\]"'):
+        _ = integrations.FisherSFTTrainer
+    with pytest.raises(AttributeError):
+        _ = integrations.NoSuchTrainer

@@ -1,18 +1,29 @@
 """Hugging Face ``Trainer`` integration: our methods inside ``Trainer.train()``.
 
-``FisherTrainer`` is a ``transformers.Trainer`` that runs a fisherlora method at the points of
-the Method protocol:
+:class:`FisherTrainerMixin` holds the whole integration and composes with any
+``transformers.Trainer`` subclass; :class:`FisherTrainer` is that mixin on a plain ``Trainer``,
+:func:`fisher_trainer_class` puts it on any other (``fisher_trainer_class(SFTTrainer)``), and
+``FisherSFTTrainer`` is the one for TRL's ``SFTTrainer`` (importable when ``trl`` is installed:
+``pip install "fisherlora[trl]"``). Either way the method runs at the points of the Method
+protocol:
 
 - ``prepare`` (FIM-LoRA rank allocation, FILet initialisation, FW-LoRA's hooks) at the start of
   ``train()``, before the Trainer creates its optimizer, on calibration batches drawn from the
-  training set in a fixed, seeded order (so that a resumed run re-derives the very same ranks
-  and initialisation; the ranks are checked against those saved in the checkpoint);
-- ``loss`` (FW-LoRA's penalty) added to the task loss of every micro-batch in ``compute_loss``;
+  (prepared, e.g. SFT-tokenised) training set in a fixed order seeded by ``args.seed`` and put
+  together by the trainer's own data collator, so that the loss masks of training (a
+  completion-only loss) hold for calibration too, and a resumed run re-derives the very same
+  ranks and initialisation (the ranks are checked against those saved in the checkpoint);
+- ``loss`` (FW-LoRA's penalty) added to the task loss of every training micro-batch in
+  ``compute_loss``, once per optimizer step in all (a share of it per micro-batch where the
+  trainer scales the task loss for gradient accumulation itself); not to evaluation losses;
 - ``after_backward`` (FW-LoRA's schedule) once per optimizer step, from the
   ``on_optimizer_step`` callback;
 - ``param_groups`` where the method shapes them (FW-LoRA ``fw_mode="decay"``);
 - ``state_dict`` saved into every checkpoint (``fisherlora_state.pt``) and restored by
   ``train(resume_from_checkpoint=...)``.
+
+Every override calls ``super()``, so the mixin goes *first* among the bases:
+``class MyTrainer(FisherTrainerMixin, SomeTrainer)``.
 
 Usage::
 
@@ -29,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,33 +56,40 @@ from fisherlora.methods.base import AdapterMethod, Method
 
 STATE_FILE = "fisherlora_state.pt"
 RANKS_FILE = "fisherlora_ranks.json"
+TRL_HINT = 'pip install "fisherlora[trl]" (in a checkout: pip install -e ".[trl]")'
 
 
 class _AfterOptimizerStep(TrainerCallback):
     """Calls the method's ``after_backward`` after each optimizer step, before the gradients are
     zeroed (the Trainer's ``on_optimizer_step``)."""
 
-    def __init__(self, trainer: FisherTrainer) -> None:
+    def __init__(self, trainer: FisherTrainerMixin) -> None:
         self.trainer = trainer
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.fisher.after_backward(self.trainer.model, state.global_step + 1)
 
 
-class FisherTrainer(Trainer):
-    """A ``transformers.Trainer`` that runs a fisherlora method (see the module docstring).
+class FisherTrainerMixin:
+    """Runs a fisherlora method inside any ``transformers.Trainer`` subclass (see the module
+    docstring); put it first among the bases, e.g. ``class T(FisherTrainerMixin, SFTTrainer)``,
+    or let :func:`fisher_trainer_class` do it.
 
     Args:
         fisher_method: a method name as for ``fisherlora train --method`` (``"fim-lora"``,
             ``"filet"``, ``"fw-lora"``, ``"fim-lora+filet+fw-lora"``, ...) or a Method object.
         fisher_options: the method's settings (``calib_batches``, ``r_min``, ``fw_lambda``,
             ``fw_warmup_steps``, ...; the names of ``fisherlora train``'s flags). ``steps``
-            defaults to the Trainer's ``max_steps`` when that is set.
-        calibration_dataloader: the calibration batches; default: the training set in an order
-            drawn from ``args.seed``, batches of ``per_device_train_batch_size``, the Trainer's
+            defaults to the Trainer's ``max_steps`` when that is set, ``seed`` to ``args.seed``.
+        calibration_dataloader: the calibration batches; default: the trainer's training set
+            (as the trainer prepared it: TRL's SFTTrainer tokenises it in ``__init__``) with the
+            columns the model does not take removed as the trainer removes them, in an order
+            drawn from ``args.seed``, batches of ``per_device_train_batch_size``, the trainer's
             data collator.
-        Everything else goes to ``transformers.Trainer``; the model must be a ``PeftModel`` with
-        a LoRA adapter, and no optimizer may be passed in (the method must act before it exists).
+        Everything else goes to the trainer class the mixin is combined with. After its
+        ``__init__`` the model must be a ``PeftModel`` with one LoRA adapter (built by you, or
+        by TRL from its ``peft_config``); no optimizer and no ``model_init`` may be passed in
+        (the method changes the adapters before the optimizer may exist).
     """
 
     def __init__(
@@ -81,12 +100,26 @@ class FisherTrainer(Trainer):
         calibration_dataloader: Any = None,
         **kwargs: Any,
     ) -> None:
+        if not isinstance(self, Trainer):
+            raise ConfigError(
+                f"{type(self).__name__}: FisherTrainerMixin must be combined with a "
+                "transformers.Trainer subclass, listed after the mixin "
+                "(class MyTrainer(FisherTrainerMixin, SFTTrainer))"
+            )
+        if kwargs.get("model_init") is not None:
+            raise ConfigError(
+                f"{type(self).__name__} does not take model_init: the Trainer would build a new "
+                "model inside train(), after the method changed the adapters; pass model="
+            )
+        own_optimizer = ConfigError(
+            f"{type(self).__name__} creates the optimizer itself: the method changes the "
+            "adapters (ranks, initial values, parameter groups) before the optimizer may exist"
+        )
+        if (kwargs.get("optimizers") or (None, None))[0] is not None:
+            raise own_optimizer  # before a trainer's __init__ does its work (SFT tokenises)
         super().__init__(*args, **kwargs)
         if self.optimizer is not None:
-            raise ConfigError(
-                "FisherTrainer creates the optimizer itself: the method changes the adapters "
-                "(ranks, initial values, parameter groups) before the optimizer may exist"
-            )
+            raise own_optimizer
         lora_layers(self.model)  # a clear error now for a model without LoRA layers
         options = dict(fisher_options or {})
         if self.args.max_steps and self.args.max_steps > 0:
@@ -101,18 +134,44 @@ class FisherTrainer(Trainer):
         self.add_callback(_AfterOptimizerStep(self))
 
     # -- before the optimizer ------------------------------------------------------------------
-    def _calibration_batches(self):
+    def calibration_batches(self) -> Any:
+        """The batches ``prepare`` calibrates on: ``calibration_dataloader`` where one was given,
+        else the training set in the order ``torch.randperm(len(train_dataset))`` draws from a
+        generator seeded with ``args.seed`` (a stream: its own order), put together as described
+        in the class docstring; the method reads as many batches as its ``calib_batches`` asks
+        for."""
         if self.calibration_dataloader is not None:
             return self.calibration_dataloader
-        if self.train_dataset is None:
-            raise ConfigError("FisherTrainer needs a train_dataset (or a calibration_dataloader)")
+        dataset = self.train_dataset
+        if dataset is None:
+            raise ConfigError(
+                f"{type(self).__name__} needs a train_dataset (or a calibration_dataloader)"
+            )
+        if getattr(self, "padding_free", False):
+            raise ConfigError(
+                "padding-free batches (padding_free=True, or packing with the 'bfd' strategies) "
+                "put every example of a batch in one row, and the calibration needs a row per "
+                "example: set padding_free=False and packing=False, or pass a "
+                "calibration_dataloader of padded batches"
+            )
+        collator = self.data_collator
+        hf_datasets = sys.modules.get("datasets")  # imported wherever a datasets.Dataset exists
+        if hf_datasets is not None and isinstance(dataset, hf_datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description="calibration")
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description="calibration")
+        # the DataLoader draws its workers' base seed from `generator`, not the global RNG
         generator = torch.Generator().manual_seed(self.args.seed)
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+            order = None  # a stream: its first batches, in its own order
+        else:
+            order = torch.randperm(len(dataset), generator=generator).tolist()
         return DataLoader(
-            self.train_dataset,
+            dataset,
             batch_size=self.args.per_device_train_batch_size,
-            shuffle=True,
+            sampler=order,
             generator=generator,
-            collate_fn=self.data_collator,
+            collate_fn=collator,
         )
 
     def _ranks(self) -> dict[str, int]:
@@ -120,22 +179,26 @@ class FisherTrainer(Trainer):
         return {name: int(layer.r[adapter]) for name, layer in layers.items()}
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        """``Trainer.train``, after the method's ``prepare`` (once per trainer); on resume the
+        method state saved in the checkpoint is restored before the trainer's loop starts."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ConfigError(f"no checkpoint to resume from in {self.args.output_dir}")
         if self.fisher_info is None:  # once per trainer: the adapters change only here
             self.model.train()
-            self.fisher_info = self.fisher.prepare(self.model, self._calibration_batches())
+            self.fisher_info = self.fisher.prepare(self.model, self.calibration_batches())
         if resume_from_checkpoint:
             self._restore_method_state(Path(resume_from_checkpoint))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def create_optimizer(self, model=None):
+        """The trainer's optimizer, over the method's parameter groups where it shapes them."""
         shaped = type(self.fisher).param_groups is not AdapterMethod.param_groups
         if self.optimizer is None and shaped:
             groups = self.fisher.param_groups(self.model, self.args.weight_decay)
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(
+            chosen = getattr(self, "optimizer_cls_and_kwargs", None)
+            optimizer_cls, optimizer_kwargs = chosen or self.get_optimizer_cls_and_kwargs(
                 self.args, self.model
             )
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
@@ -143,13 +206,35 @@ class FisherTrainer(Trainer):
         return super().create_optimizer(model)
 
     # -- during training -----------------------------------------------------------------------
+    def _loss_scaled_for_accumulation(self, num_items_in_batch: Any) -> bool:
+        """Whether ``training_step`` leaves this micro-batch's loss undivided by the number of
+        accumulation steps (the trainer's own rule: the loss was normalised by the token count
+        of the whole accumulated batch)."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is not None:
+            return bool(scaled)
+        accepts = getattr(self, "model_accepts_loss_kwargs", False)
+        return bool(accepts and num_items_in_batch is not None) or (
+            getattr(self, "compute_loss_func", None) is not None
+        )
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The trainer's task loss, plus the method's term while training."""
         result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
+        if not self.model.training:  # an evaluation: the task loss alone
+            return result
         extra = self.fisher.loss(self.model, self.state.global_step + 1)
         if extra is None:
             return result
+        if self._loss_scaled_for_accumulation(num_items_in_batch):
+            # the trainer will not divide this micro-batch's loss: the penalty's share, so that
+            # an optimizer step sees the penalty once, as with one micro-batch
+            steps = getattr(
+                self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
+            )
+            extra = extra / max(1, int(steps))
         if return_outputs:
             loss, outputs = result
             return loss + extra, outputs
@@ -180,4 +265,54 @@ class FisherTrainer(Trainer):
             self.fisher.load_state_dict(torch.load(state_file, weights_only=False))
 
 
-__all__ = ["FisherTrainer"]
+class FisherTrainer(FisherTrainerMixin, Trainer):
+    """A ``transformers.Trainer`` that runs a fisherlora method: :class:`FisherTrainerMixin` on
+    the plain ``Trainer`` (its arguments are the mixin's and the Trainer's)."""
+
+
+_TRAINER_CLASSES: dict[type, type] = {Trainer: FisherTrainer}
+
+
+def fisher_trainer_class(base: type[Trainer]) -> type[Trainer]:
+    """The class ``Fisher<Base>(FisherTrainerMixin, base)``: ``base`` (any ``transformers.Trainer``
+    subclass, e.g. ``trl.SFTTrainer``) running a fisherlora method. One class per ``base``
+    (the same object on every call); ``base`` itself where it already has the mixin.
+
+    Args:
+        base: the trainer class to extend.
+
+    Returns:
+        The trainer class, taking ``base``'s arguments and the mixin's (``fisher_method``,
+        ``fisher_options``, ``calibration_dataloader``).
+    """
+    if not (isinstance(base, type) and issubclass(base, Trainer)):
+        raise ConfigError(f"expected a transformers.Trainer subclass, got {base!r}")
+    if issubclass(base, FisherTrainerMixin):
+        return base
+    if base not in _TRAINER_CLASSES:
+        _TRAINER_CLASSES[base] = type(
+            f"Fisher{base.__name__}",
+            (FisherTrainerMixin, base),
+            {
+                "__module__": __name__,
+                "__doc__": f"``{base.__module__}.{base.__qualname__}`` running a fisherlora "
+                "method (see :class:`FisherTrainerMixin`).",
+            },
+        )
+    return _TRAINER_CLASSES[base]
+
+
+def __getattr__(name: str) -> Any:
+    # FisherSFTTrainer: made on first use, so that this module does not need trl
+    if name == "FisherSFTTrainer":
+        try:
+            from trl import SFTTrainer
+        except ImportError as err:
+            raise ImportError(
+                f"fisherlora.integrations.FisherSFTTrainer needs TRL: {TRL_HINT}"
+            ) from err
+        return fisher_trainer_class(SFTTrainer)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["FisherTrainer", "FisherTrainerMixin", "fisher_trainer_class"]
