@@ -220,10 +220,10 @@ def test_collapse_is_every_prediction_in_one_class_of_several_true_ones():
 def test_a_collapsed_run_is_flagged_and_warned_about(
     collapse, small_csv, tmp_path, monkeypatch, capsys
 ):
-    import fisherlora.experiments.train as train_module
+    import fisherlora.experiments.task_kinds.classification as classification
     from fisherlora.experiments.metrics import classification_metrics
 
-    real = train_module.evaluate
+    real = classification.evaluate
 
     def forced(model, loader, num_labels, device):
         """The real evaluation, its confusion matrix forced to all-one-class or to perfect."""
@@ -235,7 +235,7 @@ def test_a_collapsed_run_is_flagged_and_warned_about(
             np.fill_diagonal(forced, confusion.sum(axis=1))
         return scores | classification_metrics(forced), forced
 
-    monkeypatch.setattr(train_module, "evaluate", forced)
+    monkeypatch.setattr(classification, "evaluate", forced)
     out = tmp_path / "run"
     assert run_tiny(small_csv, out, "--steps", "2") == 0
     metrics = json.loads((out / "metrics.json").read_text())

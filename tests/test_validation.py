@@ -10,11 +10,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-import fisherlora.experiments.train as train_module
+import fisherlora.experiments.task_kinds.classification as classification
+import fisherlora.experiments.task_kinds.generation as generation
 from fisherlora.errors import ConfigError
 from fisherlora.experiments.generation_tasks import as_generation_task
+from fisherlora.experiments.task_kinds.classification import evaluate
 from fisherlora.experiments.tasks import Task, train_subset, validation_mask
-from fisherlora.experiments.train import TrainConfig, evaluate, train
+from fisherlora.experiments.train import TrainConfig, train
 from tests.test_train import tiny_config
 
 
@@ -95,14 +97,14 @@ def test_a_train_size_above_the_training_split_is_refused(keyword_task):
 def count_evaluations(monkeypatch) -> list[int]:
     """Record the number of examples each evaluation reads."""
     sizes: list[int] = []
-    original = train_module.evaluate
+    original = classification.evaluate
 
     def spy(model, loader, num_labels, device):
         scores, confusion = original(model, loader, num_labels, device)
         sizes.append(int(confusion.sum()))
         return scores, confusion
 
-    monkeypatch.setattr(train_module, "evaluate", spy)
+    monkeypatch.setattr(classification, "evaluate", spy)
     return sizes
 
 
@@ -163,14 +165,14 @@ def test_a_generation_task_validates_on_its_own_split_and_scores_the_completion_
     """Classification by generation: the evaluations during training read the validation pairs,
     the test split is scored once at the end, and the NLL is the true completion's −log p."""
     sizes: list[int] = []
-    original = train_module.evaluate_generation
+    original = generation.evaluate_choices
 
     def spy(model, task, *args, **kwargs):
         scores, confusion = original(model, task, *args, **kwargs)
         sizes.append(int(confusion.sum()))
         return scores, confusion
 
-    monkeypatch.setattr(train_module, "evaluate_generation", spy)
+    monkeypatch.setattr(generation, "evaluate_choices", spy)
     small = replace(
         keyword_task,
         train_texts=keyword_task.train_texts[:160],
@@ -203,6 +205,6 @@ def test_a_tuning_run_judges_collapse_on_validation(monkeypatch, keyword_task):
         confusion = np.array([[5, 0], [7, 0]])  # every prediction is class 0
         return {"accuracy": 5 / 12, "macro_f1": 0.3, "mcc": 0.0, "nll": 0.7}, confusion
 
-    monkeypatch.setattr(train_module, "evaluate", one_class)
+    monkeypatch.setattr(classification, "evaluate", one_class)
     config = tiny_config(steps=2, eval_every=1, val_fraction=0.25, phase="tune", train_size=64)
     assert train(config, task=keyword_task, progress=False).metrics["collapsed"] is True

@@ -1,18 +1,21 @@
 """Held-out evaluation of a causal LM on a :class:`GenerationTask`.
 
-- ``classify``: each class's completion c is scored as ``log p(c | prompt) = Σ_t log p(c_t |
-  prompt, c_<t)``; the prediction is the best-scoring class. Accuracy, macro-F1, MCC and the
-  confusion matrix follow as for a classifier, and ``nll`` is the true completion's
-  ``−log p(c_y | prompt)`` averaged over examples.
-- ``lm``: the completion tokens' mean negative log-likelihood ``NLL = −(1/T) Σ log p(y_t | y_<t)``
-  over all T held-out completion tokens, and ``perplexity = exp(NLL)``.
+- ``classify`` (:func:`evaluate_choices`): each class's completion c is scored as
+  ``log p(c | prompt) = Σ_t log p(c_t | prompt, c_<t)``; the prediction is the best-scoring
+  class. Accuracy, macro-F1, MCC and the confusion matrix follow as for a classifier, and
+  ``nll`` is the true completion's ``−log p(c_y | prompt)`` averaged over examples.
+- ``lm`` (:func:`evaluate_completions`): the completion tokens' mean negative log-likelihood
+  ``NLL = −(1/T) Σ log p(y_t | y_<t)`` over all T held-out completion tokens, and
+  ``perplexity = exp(NLL)``.
 
 Under torch.distributed each process scores its share; the sums are all-reduced (``stats.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -51,7 +54,7 @@ def completion_log_probs(
     return torch.cat(totals), scored.sum(dim=1)
 
 
-def evaluate_generation(
+def evaluate_choices(
     model: torch.nn.Module,
     task: GenerationTask,
     tokenizer: PreTrainedTokenizerBase,
@@ -62,28 +65,14 @@ def evaluate_generation(
     rank: int = 0,
     world_size: int = 1,
     limit: int | None = None,
-) -> tuple[dict[str, float], np.ndarray | None]:
-    """Scores of ``model`` on ``task``'s test pairs (``limit`` of them, a fixed random subset, if
-    given), and the confusion matrix for ``classify`` (``None`` for ``lm``)."""
-    was_training = model.training
-    model.eval()
+) -> tuple[dict[str, float], np.ndarray]:
+    """Scores and confusion matrix of ``model`` on a ``classify`` task's test prompts (``limit``
+    of them, a fixed random subset, if given): each class's completion scored, the best one
+    predicted."""
     subset = held_out_subset(len(task.test_prompts), limit)
     prompts = [task.test_prompts[i] for i in subset]
     labels = [task.test_labels[i] for i in subset]
-    try:
-        if task.kind == "lm":
-            completions = [task.test_completions[i] for i in subset]
-            return _evaluate_lm(
-                model,
-                tokenizer,
-                prompts,
-                completions,
-                max_length,
-                batch_size,
-                device,
-                rank,
-                world_size,
-            )
+    with _evaluating(model):
         scores = _choice_scores(
             model,
             task.choices,
@@ -95,8 +84,6 @@ def evaluate_generation(
             rank,
             world_size,
         )
-    finally:
-        model.train(was_training)
     shard = _shard(len(prompts), batch_size, rank, world_size)
     mine = [labels[i] for batch in shard for i in batch]
     predictions = scores.argmax(dim=1).tolist()
@@ -106,6 +93,48 @@ def evaluate_generation(
     sums = torch.tensor([-true_scores.double().sum().item(), len(mine)], dtype=torch.float64)
     nll_sum, count = all_reduce_sum(sums.to(device)).tolist()
     return classification_metrics(confusion) | {"nll": nll_sum / max(count, 1.0)}, confusion
+
+
+def evaluate_completions(
+    model: torch.nn.Module,
+    task: GenerationTask,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int,
+    batch_size: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    limit: int | None = None,
+) -> tuple[dict[str, float], None]:
+    """The NLL and perplexity of ``model`` on an ``lm`` task's test completions (``limit`` of
+    them, a fixed random subset, if given); no confusion matrix."""
+    subset = held_out_subset(len(task.test_prompts), limit)
+    prompts = [task.test_prompts[i] for i in subset]
+    completions = [task.test_completions[i] for i in subset]
+    with _evaluating(model):
+        return _evaluate_lm(
+            model,
+            tokenizer,
+            prompts,
+            completions,
+            max_length,
+            batch_size,
+            device,
+            rank,
+            world_size,
+        )
+
+
+@contextlib.contextmanager
+def _evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode (dropout off) inside, back in its own mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _shard(n: int, batch_size: int, rank: int, world_size: int) -> ShardedBatches:

@@ -2,7 +2,9 @@
 
 The loop is plain PyTorch a reader can follow top to bottom: AdamW, a linear schedule with
 warm-up, gradient clipping, optional gradient accumulation, evaluation on the held-out split at
-intervals. Methods act only through the five steps of the ``Method`` protocol.
+intervals. Methods act only through the five steps of the ``Method`` protocol, and tasks only
+through their kind (``task_kinds``: the model, the batches, the evaluation), so the loop is the
+same for every kind of task.
 
 Under ``torchrun --nproc-per-node N`` (or ``accelerate launch``) the same loop runs data-parallel:
 each process reads its share of the batches (every N-th, so a step sees the examples of N
@@ -29,6 +31,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,30 +45,12 @@ from transformers import get_linear_schedule_with_warmup
 
 from fisherlora.adapters import resolve_targets
 from fisherlora.errors import ConfigError
-from fisherlora.experiments.batching import (
-    PromptCompletionTexts,
-    TokenizedTexts,
-    eval_loader,
-    forever,
-    train_loader,
-)
-from fisherlora.experiments.causal_models import load_causal_lm
+from fisherlora.experiments.batching import forever
 from fisherlora.experiments.distributed import Process, barrier, init_distributed
-from fisherlora.experiments.generation_eval import evaluate_generation
-from fisherlora.experiments.generation_tasks import (
-    GenerationTask,
-    is_generation_task,
-    load_generation_task,
-)
-from fisherlora.experiments.limits import check_max_length
+from fisherlora.experiments.generation_tasks import GenerationTask
 from fisherlora.experiments.method_plots import save_method_report
-from fisherlora.experiments.metrics import (
-    classification_metrics,
-    collapse_warning,
-    predictions_collapsed,
-    summed_confusion_matrix,
-)
-from fisherlora.experiments.models import default_targets, load_model
+from fisherlora.experiments.metrics import collapse_warning, predictions_collapsed
+from fisherlora.experiments.models import default_targets
 from fisherlora.experiments.precision import (
     PRECISIONS,
     autocast,
@@ -73,9 +58,10 @@ from fisherlora.experiments.precision import (
     grad_scaler,
     nonfinite_loss_message,
 )
-from fisherlora.experiments.tasks import MAX_DROPPED_FRACTION, Task, held_out_subset, load_task
+from fisherlora.experiments.task_kinds import Evaluation, Split, TaskKind, load_data, task_kind
+from fisherlora.experiments.tasks import MAX_DROPPED_FRACTION, Task
 from fisherlora.methods import get_method
-from fisherlora.stats import all_reduce_mean, all_reduce_sum
+from fisherlora.stats import all_reduce_mean
 
 
 @dataclass
@@ -293,38 +279,6 @@ def library_versions() -> dict[str, str]:
     }
 
 
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, loader, num_labels: int, device: torch.device
-) -> tuple[dict[str, float], np.ndarray]:
-    """Accuracy, macro-F1, MCC, the held-out NLL and the confusion matrix of ``model`` on
-    ``loader``; under torch.distributed ``loader`` is this process's share and the confusion
-    matrices and NLL sums are summed.
-
-    ``nll = −(1/N) Σ_i log softmax(z_i)[y_i]``: the cross-entropy of the true class, a far more
-    sensitive paired outcome than accuracy (it moves with every example's confidence)."""
-    was_training = model.training
-    model.eval()
-    labels, predictions = [], []
-    nll_sum = torch.zeros(2, dtype=torch.float64, device=device)  # Σ −log p(y), examples
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        predictions.append(logits.argmax(dim=-1).cpu())
-        labels.append(batch["labels"].cpu())
-        nll = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
-        nll_sum += torch.stack([nll.double(), nll_sum.new_tensor(len(batch["labels"]))])
-    model.train(was_training)
-    confusion = summed_confusion_matrix(
-        torch.cat(labels).tolist() if labels else [],
-        torch.cat(predictions).tolist() if predictions else [],
-        num_labels,
-        device,
-    )
-    total, count = all_reduce_sum(nll_sum).tolist()
-    return classification_metrics(confusion) | {"nll": total / max(count, 1.0)}, confusion
-
-
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     """Trainable parameters (adapters + classifier head), adapter parameters (every trainable
     ``lora_*`` tensor), the adapter parameters still in effect (see
@@ -399,13 +353,15 @@ def method_options(config: TrainConfig, progress: bool = True) -> dict[str, Any]
 def train(
     config: TrainConfig,
     *,
-    task: Task | GenerationTask | None = None,
+    task: Task | GenerationTask | TaskKind | None = None,
     progress: bool = True,
 ) -> RunResult:
     """Fine-tune ``config.model`` on ``config.task`` with ``config.method`` and evaluate it.
 
-    A classification task trains a sequence classifier; a generation task (``NAME-gen``,
-    ``NAME-lm``) trains a causal LM with the loss on the completion tokens only."""
+    ``task`` is the data (default: ``config.task``, loaded); its kind (``task_kinds``) loads the
+    model, makes the batches and evaluates: a classification task trains a sequence classifier,
+    a generation task (``NAME-gen``, ``NAME-lm``) a causal LM with the loss on the completion
+    tokens only. A :class:`TaskKind` given as ``task`` is used as it is (its splits as they are)."""
     run_start = time.perf_counter()
     process, device = init_distributed(resolve_device(config.device))
     check_precision(config.precision, device)
@@ -419,124 +375,32 @@ def train(
     if scaler is not None:  # FW-LoRA divides its warm-up statistics by the loss scale
         options["grad_scaler"] = scaler
     method = get_method(config.method, options)
-    task = task or (load_generation_task if is_generation_task(config.task) else load_task)(
-        config.task,
-        data=config.data,
-        test_data=config.test_data,
-        text_column=config.text_column,
-        label_column=config.label_column,
-        max_dropped_fraction=config.max_dropped_fraction,
-    )
-    task = carve_splits(task, config)
+    if not isinstance(task, TaskKind):
+        task = task_kind(carve_splits(task or load_data(config), config), config)
     set_seed(config.seed)
-    generative = isinstance(task, GenerationTask)
-    if generative:
-        base_model, tokenizer = load_causal_lm(config.model, seed=config.seed)
-    else:
-        base_model, tokenizer = load_model(config.model, task.num_labels, seed=config.seed)
+    base_model = task.load_model(config.model, seed=config.seed)
     targets = list(config.targets) if config.targets else default_targets(base_model)
-    # before anything is allocated or written: an impossible rank or text length would
-    # otherwise fail only later (after gigabytes of adapters, or mid-forward with a traceback)
+    # before anything is allocated or written: an impossible rank would otherwise fail only
+    # later (after gigabytes of adapters)
     resolve_targets(base_model, targets, rank=config.rank)
-    check_max_length(base_model, config.max_length, config.model)
     lora_config = LoraConfig(
-        task_type="CAUSAL_LM" if generative else "SEQ_CLS",
+        task_type=task.peft_task_type,
         r=config.rank,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         target_modules=targets,
         use_rslora=config.rslora,
     )
+    out = start_run_directory(config, task, targets, device, process)
 
-    out = Path(config.out) if config.out and process.is_main else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").unlink(missing_ok=True)  # a rerun is unfinished until it ends
-        settings = dataclasses.asdict(config) | {"targets": targets}
-        (out / "config.json").write_text(
-            json.dumps(
-                {
-                    "settings": settings,
-                    "task": {"name": task.name, **task.sizes(), "class_names": task.class_names},
-                    "versions": library_versions(),
-                    "device": str(device),
-                    "world_size": process.world_size,
-                },
-                indent=2,
-            )
-        )
-
-    pad_id = tokenizer.pad_token_id
-    share = {"rank": process.rank, "world_size": process.world_size}
-    if generative:
-        train_set = PromptCompletionTexts(
-            task.train_prompts,
-            task.train_completions,
-            tokenizer,
-            config.max_length,
-            append_eos=task.kind == "lm",
-        )
-    else:
-        train_set = TokenizedTexts(
-            task.train_texts, task.train_labels, tokenizer, config.max_length
-        )
-
-    def evaluator(split: Task | GenerationTask, limit: int | None):
-        """A function that scores ``model`` on ``split``'s test examples (``limit`` of them)."""
-        if generative:
-            return lambda: evaluate_generation(
-                model,
-                split,
-                tokenizer,
-                max_length=config.max_length,
-                batch_size=config.eval_batch_size,
-                device=device,
-                limit=limit,
-                **share,
-            )
-        subset = held_out_subset(len(split.test_texts), limit)
-        examples = TokenizedTexts(
-            [split.test_texts[i] for i in subset],
-            [split.test_labels[i] for i in subset],
-            tokenizer,
-            config.max_length,
-        )
-        loader = eval_loader(examples, pad_id, config.eval_batch_size, **share)
-        return lambda: evaluate(model, loader, task.num_labels, device)
-
-    # With a validation split the evaluations during training read it, and the test split is
-    # read once, after the last step, in a final run only (a tuning run never reads it). Without
-    # one (val_fraction 0, the CLI's `train` default) the evaluations read test, as they always did.
     has_val = config.val_fraction > 0
-    evaluate_during = (
-        evaluator(task.validation_view(), None) if has_val else evaluator(task, config.max_test)
-    )
-    evaluate_test = (
-        evaluator(task, config.max_test) if has_val and config.phase == "final" else None
-    )
-
+    evaluate_during, evaluate_test = held_out_evaluators(task, config, device, process)
     batches = forever(
-        train_loader(
-            train_set,
-            pad_id,
-            config.batch_size,
-            seed=config.seed,
-            group_by_length=config.group_by_length,
-            **share,
+        task.train_batches(
+            config.batch_size, seed=config.seed, rank=process.rank, world_size=process.world_size
         )
     )
-    # Calibration reads training data only, in an order of its own, so that the training batches
-    # are the same whichever method runs. Under torch.distributed our methods read their shares
-    # of the global batches and all-reduce; a peer reads the global batches whole.
-    sharded = getattr(method, "shards_calibration", False)
-    calibration_loader = train_loader(
-        train_set,
-        pad_id,
-        config.batch_size if sharded else config.batch_size * process.world_size,
-        seed=config.seed + 1,
-        group_by_length=config.group_by_length,
-        **(share if sharded else {}),
-    )
+    calibration_loader = calibration_batches(task, method, config, process)
 
     base_model.to(device)
     started = time.perf_counter()
@@ -552,14 +416,9 @@ def train(
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     forward = wrap_data_parallel(model, process, device)
-    optimizer = torch.optim.AdamW(method.param_groups(model, config.weight_decay), lr=config.lr)
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer,
-        num_warmup_steps=round(config.warmup_ratio * config.steps),
-        num_training_steps=config.steps,
-    )
+    optimizer, scheduler = make_optimizer(model, method, config)
 
-    curve_rows: list[dict[str, float]] = []
+    curve_rows: list[dict[str, Any]] = []
     step_times: list[float] = []
     losses_since_eval: list[tuple[float, float]] = []  # (loss, method term) per step
     eval_time = 0.0
@@ -573,27 +432,9 @@ def train(
     )
     for step in bar:
         step_start = time.perf_counter()
-        step_loss = step_extra = 0.0
-        for micro in range(config.grad_accum):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
-            # DDP all-reduces the gradients in the last micro-batch's backward only
-            last = micro == config.grad_accum - 1
-            sync = contextlib.nullcontext() if last or forward is model else forward.no_sync()
-            with sync:
-                with autocasting():
-                    loss = forward(**batch).loss
-                # the method's term in float32, outside autocast (FW-LoRA's r×r traces)
-                extra = method.loss(model, step)
-                if extra is not None:
-                    loss = loss + extra
-                    step_extra += extra.item() / config.grad_accum
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        nonfinite_loss_message(loss.item(), step, config.precision)
-                    )
-                loss_share = loss / config.grad_accum
-                (loss_share if scaler is None else scaler.scale(loss_share)).backward()
-            step_loss += loss.item() / config.grad_accum
+        step_loss, step_extra = accumulate_gradients(
+            forward, model, method, batches, step, config, scaler, autocasting, device
+        )
         if scaler is not None:
             # the true gradients, for clipping and for after_backward (AdaLoRA's sensitivities)
             scaler.unscale_(optimizer)
@@ -615,7 +456,7 @@ def train(
         if step == config.steps or (config.eval_every and step % config.eval_every == 0):
             eval_start = time.perf_counter()
             with autocasting():
-                scores, confusion = evaluate_during()
+                scores, confusion = evaluate_during(model)
             eval_time += time.perf_counter() - eval_start
             # the loss optimised (task + method term) and the method's term alone, averaged over
             # the steps since the last evaluation and over processes
@@ -636,7 +477,6 @@ def train(
             if process.is_main:
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     bar.close()
-
     curve = pd.DataFrame(curve_rows)
     held_out: dict[str, Any] = {}
     last_confusion = confusion  # the last evaluation's (validation's, where there is one)
@@ -648,7 +488,7 @@ def train(
         if evaluate_test is not None:
             eval_start = time.perf_counter()
             with autocasting():
-                scores, confusion = evaluate_test()
+                scores, confusion = evaluate_test(model)
             eval_time += time.perf_counter() - eval_start
             if process.is_main:
                 bar.write("test: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
@@ -693,6 +533,128 @@ def train(
             file=sys.stderr,
         )
     return RunResult(metrics=metrics, curve=curve, model=model)
+
+
+def make_optimizer(
+    model: PeftModel, method: Any, config: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over the method's parameter groups, and a linear schedule with warm-up."""
+    optimizer = torch.optim.AdamW(method.param_groups(model, config.weight_decay), lr=config.lr)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=round(config.warmup_ratio * config.steps),
+        num_training_steps=config.steps,
+    )
+    return optimizer, scheduler
+
+
+def accumulate_gradients(
+    forward: torch.nn.Module,
+    model: PeftModel,
+    method: Any,
+    batches: Iterator[dict[str, torch.Tensor]],
+    step: int,
+    config: TrainConfig,
+    scaler: torch.amp.GradScaler | None,
+    autocasting: Callable[[], contextlib.AbstractContextManager],
+    device: torch.device,
+) -> tuple[float, float]:
+    """The forward and backward passes of one optimizer step (``config.grad_accum`` micro-batches
+    of ``batches``) through ``forward`` (``model`` or its DDP view); the gradients accumulate in
+    ``model``. Returns the step's loss (task + method term) and the method's term alone."""
+    step_loss = step_extra = 0.0
+    for micro in range(config.grad_accum):
+        batch = {k: v.to(device) for k, v in next(batches).items()}
+        # DDP all-reduces the gradients in the last micro-batch's backward only
+        last = micro == config.grad_accum - 1
+        sync = contextlib.nullcontext() if last or forward is model else forward.no_sync()
+        with sync:
+            with autocasting():
+                loss = forward(**batch).loss
+            # the method's term in float32, outside autocast (FW-LoRA's r×r traces)
+            extra = method.loss(model, step)
+            if extra is not None:
+                loss = loss + extra
+                step_extra += extra.item() / config.grad_accum
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    nonfinite_loss_message(loss.item(), step, config.precision)
+                )
+            loss_share = loss / config.grad_accum
+            (loss_share if scaler is None else scaler.scale(loss_share)).backward()
+        step_loss += loss.item() / config.grad_accum
+    return step_loss, step_extra
+
+
+def start_run_directory(
+    config: TrainConfig,
+    task: TaskKind,
+    targets: list[str],
+    device: torch.device,
+    process: Process,
+) -> Path | None:
+    """``config.out`` with ``config.json`` written and no ``metrics.json`` (a rerun is unfinished
+    until it ends), on rank 0; ``None`` elsewhere, and where the run writes nothing."""
+    if not config.out or not process.is_main:
+        return None
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)
+    settings = dataclasses.asdict(config) | {"targets": targets}
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "settings": settings,
+                "task": {"name": task.name, **task.sizes(), "class_names": task.class_names},
+                "versions": library_versions(),
+                "device": str(device),
+                "world_size": process.world_size,
+            },
+            indent=2,
+        )
+    )
+    return out
+
+
+def held_out_evaluators(
+    task: TaskKind, config: TrainConfig, device: torch.device, process: Process
+) -> tuple[Callable[[torch.nn.Module], Evaluation], Callable[[torch.nn.Module], Evaluation] | None]:
+    """The evaluation run during training, and the one run once after the last step (or
+    ``None``).
+
+    With a validation split the evaluations during training read it, and the test split is read
+    once, after the last step, in a final run only (a tuning run never reads it). Without one
+    (val_fraction 0, the CLI's `train` default) the evaluations read test, as they always did."""
+
+    def on(split: Split, limit: int | None) -> Callable[[torch.nn.Module], Evaluation]:
+        return task.evaluator(
+            split,
+            limit=limit,
+            batch_size=config.eval_batch_size,
+            device=device,
+            rank=process.rank,
+            world_size=process.world_size,
+        )
+
+    if config.val_fraction == 0:
+        return on("test", config.max_test), None
+    final = on("test", config.max_test) if config.phase == "final" else None
+    return on("validation", None), final
+
+
+def calibration_batches(
+    task: TaskKind, method: Any, config: TrainConfig, process: Process
+) -> Iterable[dict[str, torch.Tensor]]:
+    """The batches data-driven methods calibrate on. They read training data only, in an order
+    of their own, so that the training batches are the same whichever method runs. Under
+    torch.distributed our methods read their shares of the global batches and all-reduce; a
+    peer reads the global batches whole."""
+    seed = config.seed + 1
+    if getattr(method, "shards_calibration", False):
+        return task.train_batches(
+            config.batch_size, seed=seed, rank=process.rank, world_size=process.world_size
+        )
+    return task.train_batches(config.batch_size * process.world_size, seed=seed)
 
 
 def carve_splits(task: Task | GenerationTask, config: TrainConfig) -> Task | GenerationTask:
