@@ -363,3 +363,157 @@ def test_runner_refuses_decay_mode_without_a_weight_decay_before_any_work(
         "2",
     )
     assert code == 0
+
+
+# -- the penalty's single autograd node (UpdatePenalty) --------------------------------------
+MIXED_RANKS = dict(
+    rank_pattern={"layers.0.self_attn.q_proj": 3, "gate_proj": 5, "layers.1.mlp.down_proj": 2},
+    alpha_pattern={"k_proj": 4, "layers.1.mlp.up_proj": 32},
+)
+
+
+def mixed_rank_model(dtype=torch.float64):
+    """The tiny Llama with ranks and scalings that differ within modules of one width (as after
+    a FIM-LoRA allocation), in ``dtype``."""
+    return tiny_peft_model("llama", seed=4, **MIXED_RANKS).to(dtype)
+
+
+def naive_penalty(model, initial, importance, lam):
+    """λ Σ (1 − I_m) ‖s (B A − B₀ A₀)‖²_F with every m×n product formed (``initial[name]``
+    None: B₀ = 0), differentiable by autograd."""
+    adapter, layers = lora_layers(model)
+    total = 0.0
+    for i, (name, layer) in enumerate(layers.items()):
+        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        delta = b @ a if initial[name] is None else b @ a - initial[name][1] @ initial[name][0]
+        total = total + lam * (1 - importance[i]) * (layer.scaling[adapter] * delta).square().sum()
+    return total
+
+
+@pytest.mark.parametrize("start", ["b0-zero", "residual"])
+def test_update_penalty_value_and_gradients_equal_the_dense_formula_in_float64(start):
+    model = mixed_rank_model()
+    adapter, layers = lora_layers(model)
+    initial = residual_init(model) if start == "residual" else dict.fromkeys(layers)
+    penalty = FisherPenalty(model, warmup_steps=2, lam=0.3)
+    assert penalty.residual_init == (start == "residual")
+    ranks = {layer.lora_A[adapter].weight.shape[0] for layer in layers.values()}
+    assert ranks == {2, 3, 5, 8}
+    assert any(not group.uniform for group in penalty._plan)  # zero-padded ranks are exercised
+    assert len({layer.scaling[adapter] for layer in layers.values()}) > 1
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():  # as training would move A and B away from where they started
+        for layer in layers.values():
+            for w in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight):
+                w += 0.2 * torch.randn(w.shape, generator=generator, dtype=w.dtype)
+    importance = torch.rand(len(layers), generator=generator, dtype=torch.float64)
+    penalty.importance_ = importance / importance.sum()
+    penalty._coefficients = None
+    importance = penalty.importance_.tolist()
+
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    value = penalty.penalty()
+    assert value.dtype == torch.float64
+    want = naive_penalty(model, initial, importance, 0.3)
+    assert value.item() == pytest.approx(want.item(), rel=1e-12)
+    got = torch.autograd.grad(value, params)
+    expected = torch.autograd.grad(want, params)
+    for g, w in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+    # Under gradient accumulation and a loss scale (the runner's (loss / accum) · scale over
+    # micro-batches) the gradients add into .grad like any other term's.
+    for _ in range(2):
+        (penalty.penalty() * 1024.0 / 2).backward()
+    for p, w in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.grad, 1024.0 * w, rtol=1e-10, atol=1e-9)
+
+    # Without a graph (the logged value) it is the same number
+    with torch.no_grad():
+        assert penalty.penalty().item() == pytest.approx(want.item(), rel=1e-12)
+
+
+def test_update_penalty_passes_gradcheck():
+    from fisherlora.methods.fw_lora import ModuleGroup, UpdatePenalty
+
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    # two modules 5 -> 4 of ranks 2 and 3 (zero-padded to 3) from a residual start, one 3 -> 6
+    # of rank 2 from B₀ = 0
+    a0 = torch.zeros(2, 3, 5, dtype=torch.float64)
+    b0 = torch.zeros(2, 4, 3, dtype=torch.float64)
+    a0[0, :2], a0[1] = randn(2, 5), randn(3, 5)
+    b0[0, :, :2], b0[1] = randn(4, 2), randn(4, 3)
+    constant = ((a0 @ a0.mT) * (b0.mT @ b0)).sum(dim=(1, 2))
+    cpu = torch.device("cpu")
+    plan = [
+        ModuleGroup([0, 1], 0, [2, 3], cpu, torch.float64, (a0, b0, constant)),
+        ModuleGroup([2], 4, [2], cpu, torch.float64),
+    ]
+    plan[0].coefficients = torch.tensor([0.7, 1.3], dtype=torch.float64)
+    plan[1].coefficients = torch.tensor([0.4], dtype=torch.float64)
+    factors = [randn(2, 5), randn(3, 5), randn(4, 2), randn(4, 3), randn(2, 3), randn(6, 2)]
+    for f in factors:
+        f.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda *f: UpdatePenalty.apply(plan, *f), factors)
+
+
+def test_penalty_state_round_trips_and_reads_the_older_format(tmp_path):
+    model = mixed_rank_model()  # float64: the comparisons are not about rounding
+    initial = residual_init(model)
+    penalty = FisherPenalty(model, warmup_steps=2, lam=0.3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    run(model, penalty, optimizer, random_batches(3, seed=4))  # past warm-up: I ≠ 0
+    importance = list(penalty.importance().values())
+    expected = naive_penalty(model, initial, importance, 0.3).item()
+    assert expected > 0
+    assert penalty.penalty().item() == pytest.approx(expected, rel=1e-10)
+    torch.save(penalty.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+
+    # a penalty made on the trained model (whose factors are no longer B₀, A₀) measures from the
+    # right place once the state is loaded
+    later = FisherPenalty(model, warmup_steps=2, lam=0.3)
+    assert later.penalty().item() == pytest.approx(0.0, abs=1e-10)
+    later.load_state_dict(state)
+    assert later.importance() == penalty.importance()
+    assert later.penalty().item() == pytest.approx(expected, rel=1e-10)
+
+    # the format of earlier versions: per group of equal A and B shapes, stacked (A₀, B₀, ‖B₀A₀‖²)
+    adapter, layers = lora_layers(model)
+    by_shape = {}
+    for name, layer in layers.items():
+        shape = (*layer.lora_A[adapter].weight.shape, *layer.lora_B[adapter].weight.shape)
+        by_shape.setdefault(shape, []).append(name)
+    legacy = {k: v for k, v in state.items() if k != "initial_factors"}
+    legacy["initial"] = [
+        (
+            torch.stack([initial[n][0] for n in names]),
+            torch.stack([initial[n][1] for n in names]),
+            torch.zeros(len(names), dtype=torch.float64),  # recomputed on load
+        )
+        for names in by_shape.values()
+    ]
+    older = FisherPenalty(model, warmup_steps=2, lam=0.3)
+    older.load_state_dict(legacy)
+    assert older.penalty().item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_warm_up_buffer_ignores_what_an_overflowed_step_left():
+    # The first product of a step overwrites the module's view of the buffer (beta = 0): a
+    # step whose gradients overflowed (inf) must not leak into the next one.
+    model = no_dropout_model()
+    batches = random_batches(1, seed=3)
+    penalty = FisherPenalty(model, warmup_steps=5, estimator="exact")
+    model(**batches[0]).loss.backward()
+    penalty._buffer.fill_(float("nan"))
+    penalty._pending.clear()  # as step() leaves it
+    model.zero_grad()
+    model(**batches[0]).loss.backward()
+    penalty.step()
+    reference = reference_grad_sq_norms(model, batches)
+    for name, value in reference.items():
+        assert penalty.last_proxy[name] == pytest.approx(value, rel=1e-5), name

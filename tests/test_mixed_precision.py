@@ -105,3 +105,23 @@ def test_fw_lora_statistics_stay_float32_under_autocast(dtype):
     plain, autocast = penalties
     # the same statistic, up to the half-precision activations and gradients
     assert autocast.fisher.tolist() == pytest.approx(plain.fisher.tolist(), rel=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fw_lora_penalty_is_float32_inside_autocast(dtype):
+    """A Trainer's compute_loss runs under autocast: the penalty's r×r products stay float32
+    there (same value and gradients as outside it)."""
+    model = tiny_peft_model("llama", seed=3)
+    penalty = FisherPenalty(model, warmup_steps=0, lam=0.5)
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    with torch.no_grad():  # B ≠ 0, so the penalty and its gradients are not zero
+        for p in params:
+            p.add_(0.1 * torch.randn_like(p))
+    value = penalty.penalty()
+    expected = torch.autograd.grad(value, params)
+    with torch.autocast("cpu", dtype=dtype):
+        inside = penalty.penalty()
+    assert inside.dtype == torch.float32 and value.item() > 0
+    assert inside.item() == pytest.approx(value.item(), rel=1e-6)
+    for got, want in zip(torch.autograd.grad(inside, params), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)

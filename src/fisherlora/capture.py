@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -283,8 +283,56 @@ def calibration_batches(
         warnings.warn(
             f"the calibration loader ran out after {used} of the {n_batches} batches asked for; "
             f"the statistics use {used}",
-            stacklevel=2,
+            stacklevel=3,  # the method that called run_passes
         )
+
+
+class PassStatistic(Protocol):
+    """What a set of calibration passes accumulates for one method. Several statistics can share
+    the same passes (:func:`run_passes`): a forward/backward pass computes the same ``x`` and ``g``
+    at every layer whichever hooks read them, so each gets exactly what passes of its own would
+    give it on the same batches."""
+
+    def hooks(self) -> AbstractContextManager:
+        """Its hooks, registered for the duration of the passes (removed on exit, also on error)."""
+        ...
+
+    def start_batch(self, batch: Mapping[str, torch.Tensor]) -> None:
+        """Before the forward pass of ``batch`` (already on the model's device)."""
+        ...
+
+    def end_batch(self, batch: Mapping[str, torch.Tensor]) -> None:
+        """After the backward pass of ``batch``, before the next one."""
+        ...
+
+
+def run_passes(
+    model: nn.Module,
+    trainable: Iterable[nn.Parameter],
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    n_batches: int,
+    device: torch.device,
+    statistics: Sequence[PassStatistic],
+    *,
+    dropout: bool = False,
+    progress: bool = True,
+    desc: str = "calibration",
+) -> int:
+    """Calibration passes: one forward/backward pass of the task loss per batch (up to
+    ``n_batches``), in :func:`calibration_mode` with only ``trainable`` taking gradients, and every
+    statistic's hooks in place. Returns the number of batches used."""
+    used = 0
+    with calibration_mode(model, trainable, dropout=dropout), ExitStack() as hooks:
+        for statistic in statistics:
+            hooks.enter_context(statistic.hooks())
+        for batch in calibration_batches(batches, n_batches, device, progress=progress, desc=desc):
+            for statistic in statistics:
+                statistic.start_batch(batch)
+            model(**batch).loss.backward()
+            for statistic in statistics:
+                statistic.end_batch(batch)
+            used += 1
+    return used
 
 
 def check_finite(name: str, tensor: torch.Tensor, what: str = "gradient") -> None:

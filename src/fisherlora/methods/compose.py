@@ -6,6 +6,19 @@ They compose because each acts at a different step of the Method protocol: a ran
 initialises adapters of their final size), ``fw-lora`` in ``prepare`` (its hooks), ``loss``,
 ``param_groups`` and ``after_backward``. The members run in that phase order whatever order the
 name lists them in; every member writes its own report files.
+
+One calibration: ``fim-lora+filet`` runs FIM-LoRA's passes only, with FILet's hooks in them.
+FIM-LoRA calibrates at B = 0, where every adapted layer computes exactly the base model's
+function (and so does the whole model, dropout off), so each layer's input x and output gradient
+g are the ones FILet's own passes would see on the same batches; FILet's energies
+``e_i = p_i q_i`` do not depend on the ranks, only which r_m of them are selected does. So the
+passes collect FIM-LoRA's ``(∂L/∂B)²`` and FILet's ``p``, ``q`` together, FIM-LoRA allocates the
+ranks, and FILet selects r_m candidates per layer from the same statistics: the ranks, A, B and
+base weights are those of running ``fim-lora`` and then ``filet`` apart on the same batches
+(a test holds it). Both read the first ``calib_batches`` batches of the calibration loader; apart,
+FILet would read the loader a second time, which a reshuffling loader (the runner's) fills with
+other batches. The passes are shared only where both calibrate every layer at once with the same
+number of batches (no ``layers_per_pass``); otherwise each runs its own, as before.
 """
 
 from __future__ import annotations
@@ -20,6 +33,8 @@ from peft import PeftModel
 from fisherlora.errors import ConfigError
 from fisherlora.figures import Figure
 from fisherlora.methods.base import AdapterMethod, Method
+from fisherlora.methods.filet import CandidateEnergies, Filet
+from fisherlora.methods.fim_lora import FimLoRA
 
 # Members that may be combined, by the phase they act in (lower first).
 PHASES = {"fim-lora": 0, "random-rank": 0, "filet": 1, "fw-lora": 2}
@@ -50,18 +65,47 @@ def check_composition(
 class Composed(AdapterMethod):
     """Several of our methods in one run; each protocol step calls every member in phase order."""
 
-    def __init__(self, name: str, members: Sequence[Method]) -> None:
+    def __init__(
+        self, name: str, members: Sequence[Method], share_calibration: bool = True
+    ) -> None:
         self.name = name
         self.members = list(members)
+        # fim-lora+filet: one set of calibration passes for both (module docstring)
+        self.share_calibration = share_calibration
         for member in self.members:  # its plots are titled with the method that was run
             member.run_name = name
+
+    def _calibration_pair(self) -> tuple[FimLoRA, Filet] | None:
+        """The rank allocator and FILet whose calibrations can be one, if there are such."""
+        allocators = [m for m in self.members if isinstance(m, FimLoRA) and m.calibrates]
+        filets = [m for m in self.members if isinstance(m, Filet)]
+        if not (self.share_calibration and allocators and filets):
+            return None
+        fim, filet = allocators[0], filets[0]
+        same_batches = fim.options["n_batches"] == filet.options["n_batches"]
+        ungrouped = fim.options["layers_per_pass"] is None
+        return (fim, filet) if same_batches and ungrouped else None
 
     def prepare(
         self, model: PeftModel, calibration_loader: Iterable[dict[str, torch.Tensor]]
     ) -> dict[str, Any]:
         info: dict[str, Any] = {}
+        pair = self._calibration_pair()
+        collected: CandidateEnergies | None = None
+        if pair is not None:
+            collected = pair[1].calibration_statistic(model)  # None where FILet is grouped
         for member in self.members:
-            info[member.name] = member.prepare(model, calibration_loader)
+            if collected is not None and member is pair[0]:
+                info[member.name] = member.prepare(
+                    model, calibration_loader, also_collect=[collected]
+                )
+                collected.calibration_s = member.plan.calibration_s
+            elif collected is not None and member is pair[1]:
+                info[member.name] = member.prepare(
+                    model, calibration_loader, collected=collected, collected_by=pair[0].name
+                )
+            else:
+                info[member.name] = member.prepare(model, calibration_loader)
         return info
 
     def param_groups(self, model: PeftModel, weight_decay: float) -> list[dict[str, Any]]:

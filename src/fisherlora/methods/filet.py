@@ -5,13 +5,23 @@ For a target layer ``y = W x`` (``W ∈ R^{m×n}``) with LoRA update ``s B A``:
 1. Candidate directions from the frozen weight:
    ``basis="gram"`` (the paper): ``V̂ = normalize_columns(WᵀW)``, ``Û = normalize_columns(W V̂)``
    (unit-norm, not orthogonal, at most ``min(m, n)`` independent);
-   ``basis="svd"``: the orthonormal singular vectors of ``W = U Σ Vᵀ``.
-   Candidates with ``σ_i = ‖W v̂_i‖ ≈ 0`` are dropped.
+   ``basis="svd"``: the orthonormal singular vectors of ``W = U Σ Vᵀ`` (from the
+   eigendecomposition of the smaller Gram matrix, ``WᵀW`` or ``WWᵀ``, in float64, where W is at
+   least twice as long as wide: there that is cheaper than an SVD of W).
+   Candidates with ``σ_i = ‖W v̂_i‖ ≈ 0`` are dropped. The candidates of a weight already seen in
+   this process come from :data:`DECOMPOSITIONS` (a bounded cache keyed by a hash of the weight).
 2. A calibration pass projects each token's input x and output gradient g ``= ∂L/∂y`` onto the
    candidates, ``p_i = E[(v̂_iᵀ x)²]``, ``q_i = E[(û_iᵀ g)²]`` over every position the attention
    mask keeps, whatever its label (``∇W = Σ_t g_t x_tᵀ`` runs over all of them; a prompt token
    labelled -100 still has ``g ≠ 0`` when a scored token attends to it): the diagonals of
-   ``V̂ᵀ S_X V̂`` and ``Ûᵀ S_Y Û`` without ever storing ``S_X`` (n×n) or ``S_Y`` (m×m).
+   ``V̂ᵀ S_X V̂`` and ``Ûᵀ S_Y Û``. Each side in the cheaper exact form (per token, k candidates):
+   projecting, ``Σ_t (v̂_iᵀ x_t)²`` (n·k work), or, where fewer than k numbers carry the
+   statistic, a small second moment whose quadratic forms are the same sums: ``q_i = û_iᵀ S_Y û_i``
+   with ``S_Y = Σ_t g_t g_tᵀ`` where ``m < k`` (m² work), and, for the gram candidates of a layer
+   with ``m (m + n) < n²``, ``v̂_i = Wᵀ c_i`` (``c_i = W e_i / ‖WᵀW e_i‖``) so
+   ``p_i = c_iᵀ S_{Wx} c_i`` with ``S_{Wx} = Σ_t (W x_t)(W x_t)ᵀ`` (m·n + m² work; the n×n ``V̂``
+   is never formed). A stored second moment is never larger than the candidates it replaces, and
+   ``S_X`` (n×n) is never stored.
 3. Fisher energy (K-FAC): ``e_i = p_i q_i``.
 4. ``r`` candidates by ``select="min"`` (the paper), ``"max"`` or ``"random"`` (FILet-M/P/R).
 5. Magnitudes ``d_i``, then ``A = diag(√(d/s)) V̂_selᵀ``, ``B = Û_sel diag(√(d/s))``, so
@@ -45,11 +55,14 @@ For a target layer ``y = W x`` (``W ∈ R^{m×n}``) with LoRA update ``s B A``:
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import os
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +72,13 @@ from peft.tuners.lora import LoraLayer
 
 from fisherlora.adapters import has_residual, lora_layers, record_residual
 from fisherlora.capture import (
-    calibration_batches,
     calibration_mode,
     capture_io,
     check_batch,
     check_finite,
     layer_groups,
     padding_mask,
+    run_passes,
 )
 from fisherlora.errors import CalibrationError, ConfigError
 from fisherlora.figures import EnergySpectrum, Figure
@@ -76,6 +89,10 @@ BASES = ("gram", "svd")
 SELECTS = ("min", "max", "random")
 SCALES = ("fisher", "fisher-norm", "singular")
 DEGENERATE = 1e-6  # a candidate with σ_i below this fraction of the layer's largest is dropped
+# The svd basis comes from an eigendecomposition of the smaller Gram matrix (float64) when W is
+# at least this many times longer than wide: measured on MiniLM's 384×1536 layers (2-core CPU) it
+# took half the time of torch.linalg.svd, on its 384×384 ones longer.
+GRAM_EIGH_ASPECT = 2
 
 
 @dataclass
@@ -94,6 +111,9 @@ class FiletReport:
     # ‖s B A‖₂ / max_i σ_i over all candidates: ‖s B A‖₂ / ‖W‖₂ with the svd basis, an upper
     # bound of it with the gram basis (max ‖W v̂_i‖ ≤ ‖W‖₂; no m×n SVD is computed for it)
     delta_norm_ratio: dict[str, float] = field(default_factory=dict)
+    # The method whose calibration passes also collected these statistics (a composition's one
+    # calibration: calibration_s is then the time of those shared passes), or "" for FILet's own.
+    calibration_shared_with: str = ""
 
     def summary(self) -> dict[str, Any]:
         ratios = list(self.delta_norm_ratio.values())
@@ -123,22 +143,153 @@ class FiletReport:
         )
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """One layer's candidates (module docstring, step 1): ``û_i``, the columns of ``u`` [m, k];
+    ``σ_i = ‖W v̂_i‖`` [k]; and ``v̂_i``, the columns of ``v`` [n, k] or, where ``v`` is None, of
+    ``Wᵀ c`` (``c`` [m, k]): the gram candidates of a layer with ``m (m + n) < n²``, whose n×n
+    ``V̂ = WᵀW D⁻¹ = Wᵀ (W D⁻¹)`` is never formed."""
+
+    u: torch.Tensor
+    sigma: torch.Tensor
+    v: torch.Tensor | None = None
+    c: torch.Tensor | None = None
+
+    def right(self, weight: torch.Tensor, idx: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """The right directions ``v̂_i`` of the candidates ``idx`` as columns, float32."""
+        if self.v is not None:
+            return self.v[:, idx]
+        return weight.detach().float().T @ self.c[:, idx]
+
+    def to(self, device: torch.device | str) -> Candidates:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Candidates(**{k: None if t is None else t.to(device) for k, t in moved.items()})
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (getattr(self, f.name) for f in fields(self))
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _svd_from_gram(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U, σ, V`` of ``W`` from the eigendecomposition of its smaller Gram matrix in float64
+    (``WᵀW = V Σ² Vᵀ`` and ``U = W V Σ⁻¹`` for a tall W; ``WWᵀ`` for a wide one), σ descending
+    as :func:`torch.linalg.svd` gives them. float64 keeps ``σ_i`` accurate to ~1e-8 ``σ_max``
+    (the squared condition number of the Gram matrix would cost float32 its small ones)."""
+    w64 = w.double()
+    tall = w64.shape[0] >= w64.shape[1]
+    gram = w64.T @ w64 if tall else w64 @ w64.T
+    lam, vecs = torch.linalg.eigh(gram)
+    lam, vecs = lam.flip(0), vecs.flip(1)
+    sigma = lam.clamp_min(0).sqrt()
+    other = (w64 @ vecs if tall else w64.T @ vecs) / sigma.clamp_min(torch.finfo(w64.dtype).tiny)
+    u, v = (other, vecs) if tall else (vecs, other)
+    return u.float(), sigma.float(), v.float()
+
+
+def layer_candidates(weight: torch.Tensor, basis: str) -> Candidates:
+    """The :class:`Candidates` of a weight (computed in float32; svd via float64 Gram matrices
+    where cheaper, see :func:`_svd_from_gram`)."""
+    w = weight.detach().float()
+    m, n = w.shape
+    tiny = torch.finfo(w.dtype).tiny
+    v = c = None
+    if basis == "svd":
+        if max(m, n) >= GRAM_EIGH_ASPECT * min(m, n):
+            u, sigma, v = _svd_from_gram(w)
+        else:
+            u, sigma, vh = torch.linalg.svd(w, full_matrices=False)
+            v = vh.T
+    else:
+        if m * (m + n) < n * n:
+            # V̂ = WᵀW D⁻¹ = Wᵀ C with C = W D⁻¹, d_i = ‖WᵀW e_i‖ = √(w_iᵀ WWᵀ w_i), and
+            # W V̂ = (WWᵀ) W D⁻¹: m²n work instead of mn², and V̂ (n×n) is never formed.
+            wwt_w = (w @ w.T) @ w
+            d = (w * wwt_w).sum(dim=0).clamp_min(0).sqrt().clamp_min(tiny)
+            c, wv = w / d, wwt_w / d
+        else:
+            gram = w.T @ w
+            v = gram / torch.linalg.vector_norm(gram, dim=0).clamp_min(tiny)
+            wv = w @ v
+        sigma = torch.linalg.vector_norm(wv, dim=0)
+        u = wv / sigma.clamp_min(tiny)
+    keep = sigma > DEGENERATE * sigma.max()
+    return Candidates(
+        u=u[:, keep].contiguous(),
+        sigma=sigma[keep],
+        v=None if v is None else v[:, keep].contiguous(),
+        c=None if c is None else c[:, keep].contiguous(),
+    )
+
+
 def candidate_directions(
     weight: torch.Tensor, basis: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right directions ``V̂`` [n, k], left directions ``Û`` [m, k] and ``σ_i = ‖W v̂_i‖`` [k]."""
-    w = weight.detach().float()
-    if basis == "svd":
-        u, sigma, vh = torch.linalg.svd(w, full_matrices=False)
-        v = vh.T
-    else:
-        gram = w.T @ w
-        v = gram / torch.linalg.vector_norm(gram, dim=0).clamp_min(torch.finfo(w.dtype).tiny)
-        wv = w @ v
-        sigma = torch.linalg.vector_norm(wv, dim=0)
-        u = wv / sigma.clamp_min(torch.finfo(w.dtype).tiny)
-    keep = sigma > DEGENERATE * sigma.max()
-    return v[:, keep].contiguous(), u[:, keep].contiguous(), sigma[keep]
+    candidates = layer_candidates(weight, basis)
+    return candidates.right(weight), candidates.u, candidates.sigma
+
+
+class DecompositionCache:
+    """The candidates of base weights already decomposed in this process, so that repeated FILet
+    inits on one base (the methods and seeds of a comparison, the runs of a suite) do not
+    decompose its weights again.
+
+    Keyed by the basis and a SHA-1 of the weight's bytes (with its shape and dtype): a weight that
+    changed in any bit misses. Entries are CPU tensors (on a CPU run the very tensors FILet used,
+    shared read-only; moved to the weight's device on a hit), evicted least recently used first
+    so that they hold at most ``max_bytes`` (an entry larger than that is not kept);
+    ``max_bytes = 0`` turns the cache off. It holds no reference to a weight or a model.
+    :func:`filet_init` uses it only for a model all of whose candidates fit (MiniLM's 37 target
+    layers: ≈ 75 MB gram, ≈ 64 MB svd); a larger model (a 7B Llama's are tens of GB) is
+    decomposed afresh every time, without hashing its weights or filling the cache. Hashing reads
+    every target weight once (≈ 30 ms for MiniLM's 43 MB on a 2-core CPU).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple, Candidates] = OrderedDict()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(weight: torch.Tensor, basis: str) -> tuple:
+        data = weight.detach().contiguous().cpu()
+        digest = hashlib.sha1(data.view(torch.uint8).numpy(), usedforsecurity=False).hexdigest()
+        return (basis, tuple(data.shape), str(data.dtype), digest)
+
+    def get(
+        self, weight: torch.Tensor, basis: str, compute: Callable[[], Candidates]
+    ) -> Candidates:
+        """The cached candidates of ``weight``, or ``compute()``'s (then kept, if they fit)."""
+        if self.max_bytes <= 0:
+            return compute()
+        key = self.key(weight, basis)
+        if key in self._entries:
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return self._entries[key].to(weight.device)
+        self.misses += 1
+        candidates = compute()
+        if candidates.nbytes <= self.max_bytes:
+            self._entries[key] = candidates.to("cpu")
+            while self.nbytes > self.max_bytes:
+                self._entries.popitem(last=False)
+        return candidates
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.hits = self.misses = 0
+
+
+# The process's cache; its size in MiB from FISHERLORA_FILET_CACHE_MB (default 256; 0: off).
+DECOMPOSITIONS = DecompositionCache(int(os.environ.get("FISHERLORA_FILET_CACHE_MB", "256")) << 20)
 
 
 def lowrank_spectral_norm(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -184,11 +335,124 @@ def _check_options(basis: str, select: str, scale: str) -> None:
         )
 
 
+class _Projected:
+    """``Σ_t (d_iᵀ z_t)²`` for the columns ``d_i`` of ``directions`` [dim, k], projecting every
+    ``z_t`` (T·dim·k work); with ``lift`` [ℓ, dim], for ``d_i = Lᵀ p_i`` and ``p_i`` the columns
+    of ``directions`` [ℓ, k] (T·ℓ·(dim + k) work)."""
+
+    def __init__(self, directions: torch.Tensor, lift: torch.Tensor | None = None) -> None:
+        self.directions, self.lift = directions, lift
+        self.sums = torch.zeros(directions.shape[1], device=directions.device)
+
+    def add(self, z: torch.Tensor) -> None:
+        y = z if self.lift is None else z @ self.lift.T
+        self.sums += (y @ self.directions).square().sum(dim=0)
+
+    def result(self) -> torch.Tensor:
+        return self.sums
+
+
+class _SecondMoment:
+    """The same sums for directions ``d_i = Lᵀ p_i`` from ``S = Σ_t (L z_t)(L z_t)ᵀ``:
+    ``Σ_t (d_iᵀ z_t)² = p_iᵀ S p_i`` (T·ℓ² work, plus T·ℓ·dim to apply ``L`` [ℓ, dim]; ``L = I``
+    when None). ``S`` is summed in float64: a quadratic form of a float32 ``S`` loses the small
+    ``p_iᵀ S p_i`` (relative errors up to 3e-4 on MiniLM, against 8e-6 of the projections; float64
+    matches them) and ``select="min"`` reads exactly those."""
+
+    def __init__(self, p: torch.Tensor, lift: torch.Tensor | None = None) -> None:
+        self.p, self.lift = p, lift
+        self.s = torch.zeros(p.shape[0], p.shape[0], device=p.device, dtype=torch.float64)
+
+    def add(self, z: torch.Tensor) -> None:
+        y = (z if self.lift is None else z @ self.lift.T).double()
+        self.s.addmm_(y.T, y)
+
+    def result(self) -> torch.Tensor:
+        p = self.p.double()
+        return ((self.s @ p) * p).sum(dim=0).float()
+
+
+class CandidateEnergies:
+    """FILet's calibration statistics (module docstring, step 2) for ``layers``, a
+    :class:`fisherlora.capture.PassStatistic`: per candidate the sums of ``(v̂_iᵀ x)²`` and
+    ``(û_iᵀ g)²`` over the non-padding positions, and their counts. It collects in FILet's own
+    passes or in another method's over the same batches (``fim-lora+filet``: one calibration)."""
+
+    def __init__(
+        self,
+        layers: Mapping[str, LoraLayer],
+        candidates: Mapping[str, Candidates | tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        basis: str = "",
+    ) -> None:
+        self.layers, self.basis = dict(layers), basis
+        self.decomposition_s = self.calibration_s = 0.0  # for the report of a shared calibration
+        self.candidates = {
+            name: c if isinstance(c, Candidates) else Candidates(v=c[0], u=c[1], sigma=c[2])
+            for name, c in candidates.items()
+        }
+        self.sides: dict[str, tuple[_Projected | _SecondMoment, _Projected | _SecondMoment]] = {}
+        for name, c in self.candidates.items():
+            m, k = c.u.shape
+            weight = self.layers[name].get_base_layer().weight.detach().float()
+            # The float64 second moments where float64 GEMMs are fast (CPU); on a GPU (whose
+            # float64 rate is 1/2 to 1/64 of float32) the float32 projections.
+            moments = weight.device.type == "cpu"
+            if c.v is not None:
+                x_side = _Projected(c.v)
+            else:
+                x_side = (_SecondMoment if moments else _Projected)(c.c, lift=weight)
+            g_side = _SecondMoment(c.u) if moments and m < k else _Projected(c.u)
+            self.sides[name] = (x_side, g_side)
+        device = next(iter(self.candidates.values())).u.device
+        self.tokens = {name: torch.zeros((), device=device) for name in self.candidates}
+        self.mask_ref: list = [None]
+        self.batches = 0
+
+    @staticmethod
+    def _keep(t: torch.Tensor, mask) -> torch.Tensor:
+        """The non-padding rows (all rows for 2-D inputs such as a pooler's)."""
+        t = t.reshape(-1, t.shape[-1])
+        return t if mask is None or mask.numel() != t.shape[0] else t[mask.reshape(-1) > 0]
+
+    def _add_input(self, name: str, x: torch.Tensor, mask) -> None:
+        # p is accumulated in the forward pass, so x need not live until backward.
+        x = self._keep(x, mask)
+        self.sides[name][0].add(x)
+        self.tokens[name] += x.shape[0]
+
+    def _add_grad(self, name: str, _: None, g: torch.Tensor, mask) -> None:
+        self.sides[name][1].add(self._keep(g, mask))
+
+    def hooks(self):
+        return capture_io(self.layers, self._add_grad, self.mask_ref, self._add_input)
+
+    def start_batch(self, batch: Mapping[str, torch.Tensor]) -> None:
+        # Every non-padding position counts, whatever its label (module docstring, step 2).
+        self.mask_ref[0] = padding_mask(batch)
+
+    def end_batch(self, batch: Mapping[str, torch.Tensor]) -> None:
+        self.batches += 1
+
+    def sums(self) -> dict[str, list[torch.Tensor]]:
+        """Per layer the local ``[Σ (v̂_iᵀ x)², Σ (û_iᵀ g)²]`` (not yet all-reduced)."""
+        return {name: [side.result() for side in sides] for name, sides in self.sides.items()}
+
+    def energies(self) -> dict[str, torch.Tensor]:
+        """``e_i = p_i q_i`` per layer over all processes (call once: it all-reduces in place)."""
+        energies = {}
+        for name, (p_sum, q_sum) in self.sums().items():
+            p_sum, q_sum = all_reduce_sum(p_sum), all_reduce_sum(q_sum)
+            q_sum = q_sum / world_size() ** 2  # g of the global batch loss = local g / world size
+            count = all_reduce_sum(self.tokens[name]).clamp_min(1)
+            energies[name] = (p_sum / count) * (q_sum / count)
+        return energies
+
+
 def _project_statistics(
     model: PeftModel,
     adapter: str,
     layers: Mapping[str, LoraLayer],
-    candidates: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    candidates: Mapping[str, Candidates | tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     batches: list,
     n_batches: int,
     device: torch.device,
@@ -198,41 +462,92 @@ def _project_statistics(
 ) -> tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor], int]:
     """Calibration passes with hooks on ``layers`` only: per candidate, the summed
     ``(v̂ᵢᵀ x)²`` and ``(ûᵢᵀ g)²`` over the non-padding positions, and their counts."""
-    sums = {
-        name: [torch.zeros(c[2].numel(), device=device) for _ in range(2)]
-        for name, c in candidates.items()
-    }
-    tokens = {name: torch.zeros((), device=device) for name in candidates}
+    statistic = CandidateEnergies(layers, candidates)
+    used = run_passes(
+        model,
+        [layer.lora_B[adapter].weight for layer in layers.values()],
+        batches,
+        n_batches,
+        device,
+        [statistic],
+        dropout=dropout,
+        progress=progress,
+        desc="FILet calibration",
+    )
+    return statistic.sums(), statistic.tokens, used
 
-    def keep(x: torch.Tensor, mask) -> torch.Tensor:
-        """The non-padding rows (all rows for 2-D inputs such as a pooler's)."""
-        x = x.reshape(-1, x.shape[-1])
-        return x if mask is None or mask.numel() != x.shape[0] else x[mask.reshape(-1) > 0]
 
-    def project_input(name: str, x: torch.Tensor, mask) -> None:
-        # p is accumulated in the forward pass, so x need not live until backward.
-        x = keep(x, mask)
-        sums[name][0] += (x @ candidates[name][0]).square().sum(dim=0)
-        tokens[name] += x.shape[0]
+def _check_model(model: PeftModel, layers: Mapping[str, LoraLayer]) -> None:
+    """What FILet refuses before any work: a second init, non-float base weights."""
+    if has_residual(model):
+        # W is already W − s B₀ A₀: a second residual would change the outputs, and the export
+        # (which undoes one recorded B₀ A₀ per layer) would no longer reproduce the model
+        raise ConfigError(
+            "this model's adapters were already initialised by FILet (its base weights are "
+            "residuals); initialise a fresh PeftModel instead of calling filet_init twice"
+        )
+    for name, layer in layers.items():  # cheap checks of every layer before any work
+        weight = layer.get_base_layer().weight
+        if not weight.is_floating_point():
+            raise ConfigError(
+                f"FILet needs a floating-point base weight; {name!r} is {weight.dtype} (quantised?)"
+            )
 
-    def project_grad(name: str, _: None, g: torch.Tensor, mask) -> None:
-        sums[name][1] += (keep(g, mask) @ candidates[name][1]).square().sum(dim=0)
 
-    mask_ref: list = [None]
-    b_weights = [layer.lora_B[adapter].weight for layer in layers.values()]
-    used = 0
-    with (
-        calibration_mode(model, b_weights, dropout=dropout),
-        capture_io(layers, project_grad, mask_ref, project_input),
-    ):
-        for batch in calibration_batches(
-            batches, n_batches, device, progress=progress, desc="FILet calibration"
-        ):
-            # Every non-padding position counts, whatever its label (module docstring, step 2).
-            mask_ref[0] = padding_mask(batch)
-            model(**batch).loss.backward()
-            used += 1
-    return sums, tokens, used
+def _candidate_bytes(layers: Mapping[str, LoraLayer], basis: str) -> int:
+    """An upper bound of the bytes of the float32 candidates of ``layers`` (none dropped)."""
+    total = 0
+    for layer in layers.values():
+        m, n = layer.get_base_layer().weight.shape
+        if basis == "svd":
+            total += (m + n + 1) * min(m, n)
+        else:
+            total += (2 * m * n if m * (m + n) < n * n else n * n + m * n) + n
+    return 4 * total
+
+
+def _use_cache(cache: bool, layers: Mapping[str, LoraLayer], basis: str) -> bool:
+    """The cache serves a model all of whose candidates fit in it (no hashing, no thrashing
+    otherwise)."""
+    return cache and 0 < _candidate_bytes(layers, basis) <= DECOMPOSITIONS.max_bytes
+
+
+def _candidates_of(
+    layers: Mapping[str, LoraLayer], basis: str, cache: bool
+) -> dict[str, Candidates]:
+    out = {}
+    for name, layer in layers.items():
+        weight = layer.get_base_layer().weight
+        compute = lambda w=weight: layer_candidates(w, basis)  # noqa: E731
+        out[name] = DECOMPOSITIONS.get(weight, basis, compute) if cache else compute()
+    return out
+
+
+def _check_ranks(adapter: str, layers: Mapping[str, LoraLayer], candidates, basis: str) -> None:
+    for name, c in candidates.items():
+        if layers[name].r[adapter] > c.sigma.numel():
+            raise ConfigError(
+                f"rank {layers[name].r[adapter]} of {name!r} exceeds its {c.sigma.numel()} "
+                f"usable {basis} candidates"
+            )
+
+
+def filet_statistic(
+    model: PeftModel, *, basis: str = "gram", cache: bool = True
+) -> CandidateEnergies:
+    """FILet's calibration statistics for every LoRA layer of ``model``, to collect in another
+    method's passes (``fim-lora+filet``: FIM-LoRA runs its passes at B = 0, where the model
+    computes the base model's function, so every layer sees the x and g FILet's own passes would
+    see on the same batches). Pass the result to :func:`filet_init` as ``collected``. The
+    candidates of every layer are held until then (the ungrouped memory of ``filet_init``)."""
+    _check_options(basis, "min", "fisher-norm")
+    _, layers = lora_layers(model)
+    _check_model(model, layers)
+    started = time.perf_counter()
+    candidates = _candidates_of(layers, basis, _use_cache(cache, layers, basis))
+    statistic = CandidateEnergies(layers, candidates, basis)
+    statistic.decomposition_s = time.perf_counter() - started
+    return statistic
 
 
 def filet_init(
@@ -247,6 +562,9 @@ def filet_init(
     dropout: bool = False,
     progress: bool = True,
     layers_per_pass: int | None = None,
+    cache: bool = True,
+    collected: CandidateEnergies | None = None,
+    collected_by: str = "",
 ) -> FiletReport:
     """FILet: initialise every LoRA adapter of ``model`` in its layer's Fisher subspace (see the
     module docstring for the equations). Changes A, B and the base weights in place, and routes
@@ -273,6 +591,13 @@ def filet_init(
             memory: ``max over groups Σ_{m∈group} (n_m + m_m)(min(n_m, m_m) + 2)`` floats for the
             candidate bases and statistics, plus ``Σ_m r_m (n_m + m_m)`` for the new factors;
             ungrouped (None) the first sum runs over every layer.
+        cache: take the candidates of a weight already decomposed from :data:`DECOMPOSITIONS`
+            (and keep new ones there) where all of the model's fit; False decomposes afresh and
+            keeps nothing.
+        collected: the statistics of :func:`filet_statistic`, already collected in another
+            method's passes over the calibration batches; then FILet runs no passes of its own
+            (``dataloader``, ``n_batches``, ``dropout``, ``layers_per_pass`` are not used).
+        collected_by: the name of that method, for the report.
 
     Raises ``ConfigError`` (bad options, unsupported layers, a rank above the number of usable
     candidates) or ``CalibrationError`` (empty loader, no labels, NaN/inf statistics), always
@@ -280,81 +605,74 @@ def filet_init(
     """
     _check_options(basis, select, scale)
     adapter, layers = lora_layers(model)
-    if has_residual(model):
-        # W is already W − s B₀ A₀: a second residual would change the outputs, and the export
-        # (which undoes one recorded B₀ A₀ per layer) would no longer reproduce the model
-        raise ConfigError(
-            "this model's adapters were already initialised by FILet (its base weights are "
-            "residuals); initialise a fresh PeftModel instead of calling filet_init twice"
-        )
     started = time.perf_counter()
-    for name, layer in layers.items():  # cheap checks of every layer before any work
-        weight = layer.get_base_layer().weight
-        if not weight.is_floating_point():
-            raise ConfigError(
-                f"FILet needs a floating-point base weight; {name!r} is {weight.dtype} (quantised?)"
-            )
-    device = next(iter(layers.values())).get_base_layer().weight.device
-    # The same batches for every group of layers (a loader may reshuffle when iterated again).
-    batches = list(itertools.islice(iter(dataloader), n_batches))
-    for index, batch in enumerate(batches):  # the format, before any SVD of a base weight
-        check_batch(batch, index)
     generator = torch.Generator().manual_seed(seed)
     energies, selected, ratios, sigmas, factors = {}, {}, {}, {}, {}
     calibration_s, used = 0.0, 0
-    for group in layer_groups(list(layers), layers_per_pass):
-        # Bases of this group only: the n×n and m×m candidates are the memory that grows with
-        # the model; what is kept across groups is r (n + m) numbers per layer.
-        candidates = {}
+    if collected is not None:
+        if set(collected.layers) != set(layers) or collected.basis != basis:
+            raise ConfigError(
+                "the collected FILet statistics are not this model's layers with "
+                f"basis={basis!r}; collect them with filet_statistic(model, basis={basis!r})"
+            )
+        _check_ranks(adapter, layers, collected.candidates, basis)
+        calibration_s, used = collected.calibration_s, collected.batches
+        rounds = [(list(layers), collected)]
+    else:
+        _check_model(model, layers)
+        device = next(iter(layers.values())).get_base_layer().weight.device
+        # The same batches for every group of layers (a loader may reshuffle when iterated again).
+        batches = list(itertools.islice(iter(dataloader), n_batches))
+        for index, batch in enumerate(batches):  # the format, before any decomposition
+            check_batch(batch, index)
+        rounds = ((group, None) for group in layer_groups(list(layers), layers_per_pass))
+        cache = _use_cache(cache, layers, basis)
+    for group, statistic in rounds:
+        if statistic is None:
+            # Bases of this group only: the n×n and m×m candidates are the memory that grows
+            # with the model; what is kept across groups is r (n + m) numbers per layer.
+            group_layers = {name: layers[name] for name in group}
+            candidates = _candidates_of(group_layers, basis, cache)
+            _check_ranks(adapter, group_layers, candidates, basis)
+            statistic = CandidateEnergies(group_layers, candidates, basis)
+            calibration_start = time.perf_counter()
+            used = run_passes(
+                model,
+                [layer.lora_B[adapter].weight for layer in group_layers.values()],
+                batches,
+                n_batches,
+                device,
+                [statistic],
+                dropout=dropout,
+                progress=progress,
+                desc="FILet calibration",
+            )
+            calibration_s += time.perf_counter() - calibration_start
+        group_energies = statistic.energies()
         for name in group:
             layer = layers[name]
-            v, u, sigma = candidate_directions(layer.get_base_layer().weight, basis)
-            if layer.r[adapter] > sigma.numel():
-                raise ConfigError(
-                    f"rank {layer.r[adapter]} of {name!r} exceeds its {sigma.numel()} usable "
-                    f"{basis} candidates"
-                )
-            candidates[name] = (v, u, sigma)
-        calibration_start = time.perf_counter()
-        sums, tokens, used = _project_statistics(
-            model,
-            adapter,
-            {n: layers[n] for n in group},
-            candidates,
-            batches,
-            n_batches,
-            device,
-            dropout=dropout,
-            progress=progress,
-        )
-        calibration_s += time.perf_counter() - calibration_start
-        for name in group:
-            layer = layers[name]
-            v, u, sigma = candidates[name]
-            p_sum, q_sum = (all_reduce_sum(t) for t in sums[name])
-            q_sum = q_sum / world_size() ** 2  # g of the global batch loss = local g / world size
-            count = all_reduce_sum(tokens[name]).clamp_min(1)
-            energy = (p_sum / count) * (q_sum / count)
+            c, energy = statistic.candidates[name], group_energies[name]
             check_finite(name, energy, "Fisher statistics")
             if not energy.any():
                 raise CalibrationError(
                     f"all Fisher energies of {name!r} are zero; does the loss depend on it?"
                 )
-            idx = _select(energy.cpu(), layer.r[adapter], select, generator).to(device)
+            idx = _select(energy.cpu(), layer.r[adapter], select, generator).to(energy.device)
+            v_sel = c.right(layer.get_base_layer().weight, idx)
             if scale == "singular":
-                magnitude = sigma[idx]
+                magnitude = c.sigma[idx]
             elif scale == "fisher":
                 magnitude = energy[idx]
             else:
-                magnitude = _fisher_norm(energy[idx], v[:, idx], u[:, idx], sigma[idx])
+                magnitude = _fisher_norm(energy[idx], v_sel, c.u[:, idx], c.sigma[idx])
             s = layer.scaling[adapter]
             root = (magnitude / s).sqrt()
-            a = root[:, None] * v[:, idx].T
-            b = u[:, idx] * root[None, :]
+            a = root[:, None] * v_sel.T
+            b = c.u[:, idx] * root[None, :]
             factors[name] = (a, b)
-            energies[name], selected[name], sigmas[name] = energy, idx, sigma
-            ratios[name] = (lowrank_spectral_norm(b, a) * s / sigma.max()).item()
-        del candidates
+            energies[name], selected[name], sigmas[name] = energy, idx, c.sigma
+            ratios[name] = (lowrank_spectral_norm(b, a) * s / c.sigma.max()).item()
+        del statistic
 
     with torch.no_grad():  # nothing has changed so far; from here on every layer is rewritten
         for name, layer in layers.items():
@@ -375,8 +693,12 @@ def filet_init(
         scale=scale,
         calibration_batches=used,
         calibration_s=calibration_s,
-        init_s=time.perf_counter() - started,
+        # with collected statistics: also the decomposition and the passes done before the call
+        init_s=time.perf_counter()
+        - started
+        + (collected.decomposition_s + calibration_s if collected is not None else 0.0),
         delta_norm_ratio=ratios,
+        calibration_shared_with=collected_by if collected is not None else "",
     )
 
 
@@ -436,8 +758,29 @@ class Filet(AdapterMethod):
         self.initial_a: dict[str, torch.Tensor] = {}
         self.step0_grad_norm: dict[str, float] = {}
 
-    def prepare(self, model: PeftModel, calibration_loader) -> dict[str, Any]:
-        self.report = filet_init(model, calibration_loader, **self.options)
+    def calibration_statistic(self, model: PeftModel) -> CandidateEnergies | None:
+        """FILet's statistics to collect in another method's passes (:func:`filet_statistic`),
+        or None where FILet calibrates in groups of layers (``layers_per_pass``) and so cannot."""
+        if self.options["layers_per_pass"] is not None:
+            return None
+        return filet_statistic(model, basis=self.options["basis"])
+
+    def prepare(
+        self,
+        model: PeftModel,
+        calibration_loader,
+        collected: CandidateEnergies | None = None,
+        collected_by: str = "",
+    ) -> dict[str, Any]:
+        """``collected``: :meth:`calibration_statistic`'s statistics, collected in the passes of
+        ``collected_by`` over the same batches; FILet then runs no passes of its own."""
+        self.report = filet_init(
+            model,
+            calibration_loader,
+            **self.options,
+            collected=collected,
+            collected_by=collected_by,
+        )
         self.model = model
         adapter, layers = lora_layers(model)
         self.initial_a = {

@@ -32,7 +32,7 @@ import itertools
 import json
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,15 +43,15 @@ from peft import PeftModel
 from fisherlora.adapters import apply_ranks, check_rank_fits, lora_layers, max_useful_rank
 from fisherlora.allocate import water_fill
 from fisherlora.capture import (
+    PassStatistic,
     apply_mask,
-    calibration_batches,
-    calibration_mode,
     capture_io,
     check_batch,
     check_finite,
     example_loss_scale,
     layer_groups,
     predicts_next_token,
+    run_passes,
     token_mask,
 )
 from fisherlora.errors import ConfigError
@@ -205,6 +205,7 @@ def fisher_of_b(
     dropout: bool = False,
     progress: bool = True,
     layers_per_pass: int | None = None,
+    also_collect: Sequence[PassStatistic] = (),
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Diagonal empirical Fisher of every LoRA B (float32, ``[out, r]``) and the batches used.
 
@@ -212,6 +213,10 @@ def fisher_of_b(
     groups of this many modules, each group with its own passes over the same batches (same
     result; extra memory ``Σ_{m∈group} m_m r_m`` floats of gradients and accumulators, plus the
     per-example estimator's transient ``batch · m_m · r_m`` per module).
+
+    ``also_collect``: statistics of another method (:class:`fisherlora.capture.PassStatistic`) to
+    accumulate in these same passes, e.g. FILet's candidate energies in ``fim-lora+filet``; only
+    without ``layers_per_pass`` (in grouped passes not every layer sees its output gradient).
 
     Raises ``CalibrationError`` naming the module on a NaN/inf gradient, for an empty loader or a
     batch without labels. Only B gets gradients during the passes; all flags, modes and grads are
@@ -224,78 +229,95 @@ def fisher_of_b(
     batches = list(itertools.islice(iter(dataloader), n_batches))
     for index, batch in enumerate(batches):  # the format, before any pass
         check_batch(batch, index)
+    groups = layer_groups(list(layers), layers_per_pass)
+    if also_collect and len(groups) > 1:
+        raise ConfigError("statistics of another method ride on ungrouped passes only")
     fisher: dict[str, torch.Tensor] = {}
     used = 0
-    for group in layer_groups(list(layers), layers_per_pass):
-        b_weights = {name: all_b[name] for name in group}
-        group_fisher, used = _fisher_of_group(
+    for group in groups:
+        statistic = BFisher(
             model,
             {name: layers[name].lora_B[adapter] for name in group},
-            b_weights,
+            {name: all_b[name] for name in group},
+            estimator,
+        )
+        used = run_passes(
+            model,
+            statistic.b_weights.values(),
             batches,
             n_batches,
             device,
-            estimator=estimator,
+            [statistic, *also_collect],
             dropout=dropout,
             progress=progress,
+            desc="FIM-LoRA calibration",
         )
-        fisher.update(group_fisher)
+        fisher.update(statistic.result())
     return fisher, used
 
 
-def _fisher_of_group(
-    model: PeftModel,
-    b_modules: Mapping[str, torch.nn.Module],
-    b_weights: Mapping[str, torch.Tensor],
-    batches: list,
-    n_batches: int,
-    device: torch.device,
-    *,
-    estimator: str,
-    dropout: bool,
-    progress: bool,
-) -> tuple[dict[str, torch.Tensor], int]:
-    """Calibration passes in which only ``b_weights`` take gradients: their Fisher diagonals."""
-    fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in b_weights.items()}
-    mask_ref: list = [None]
-    examples = torch.zeros((), dtype=torch.float64, device=device)
-    loss_scale: list = [None]
-    next_token = predicts_next_token(model)
+class BFisher:
+    """The Fisher diagonal of the B matrices ``b_weights`` over calibration passes
+    (:class:`fisherlora.capture.PassStatistic`): ``(∂ℓ_i/∂B)²`` per example from hooks on the B
+    modules (``per_example``), or ``(∂L_t/∂B)²`` of each batch loss from ``B.grad``
+    (``batch``). The passes must give exactly these B gradients (and no others)."""
 
-    def accumulate_per_example(name: str, u: torch.Tensor, g: torch.Tensor, mask) -> None:
+    def __init__(
+        self,
+        model: PeftModel,
+        b_modules: Mapping[str, torch.nn.Module],
+        b_weights: Mapping[str, torch.Tensor],
+        estimator: str,
+    ) -> None:
+        self.b_modules, self.b_weights, self.estimator = b_modules, b_weights, estimator
+        self.fisher = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in b_weights.items()}
+        device = next(iter(b_weights.values())).device
+        self.examples = torch.zeros((), dtype=torch.float64, device=device)
+        self.batches = 0
+        self.mask_ref: list = [None]
+        self.loss_scale: torch.Tensor | None = None
+        self.next_token = predicts_next_token(model)
+
+    def _accumulate_per_example(self, name: str, u: torch.Tensor, g: torch.Tensor, mask) -> None:
         # ∂ℓ_i/∂B = c_i · G_i: c_i = N for a loss averaged over the N examples of the batch,
         # T / T_i for one averaged over T scored tokens (capture.example_loss_scale).
-        sq = per_example_sq_grad(apply_mask(u, mask), g, loss_scale[0])
+        sq = per_example_sq_grad(apply_mask(u, mask), g, self.loss_scale)
         check_finite(name, sq)
-        fisher[name] += sq
+        self.fisher[name] += sq
 
-    per_example = estimator == "per_example"
-    hooks = capture_io(b_modules if per_example else {}, accumulate_per_example, mask_ref)
-    used = 0
-    with calibration_mode(model, b_weights.values(), dropout=dropout), hooks:
-        for batch in calibration_batches(
-            batches, n_batches, device, progress=progress, desc="FIM-LoRA calibration"
-        ):
-            # Only padding is masked: a per-example gradient sums over every token (a prompt
-            # token's g is not zero when later scored tokens attend to it).
-            mask_ref[0] = token_mask({"attention_mask": batch.get("attention_mask")})
-            loss_scale[0] = example_loss_scale(batch, next_token)
-            model(**batch).loss.backward()
-            if not per_example:
-                for name, weight in b_weights.items():
-                    grad = all_reduce_mean(weight.grad.float())
-                    check_finite(name, grad)
-                    fisher[name] += grad.square()
-            for weight in b_weights.values():
-                weight.grad = None
-            examples += batch["labels"].shape[0]
-            used += 1
-    count = all_reduce_sum(examples) if per_example else torch.tensor(float(used))
-    for name in fisher:
-        if per_example:
-            all_reduce_sum(fisher[name])
-        fisher[name] /= count.to(torch.float32)
-    return fisher, used
+    def hooks(self):
+        per_example = self.estimator == "per_example"
+        return capture_io(
+            self.b_modules if per_example else {}, self._accumulate_per_example, self.mask_ref
+        )
+
+    def start_batch(self, batch: Mapping[str, torch.Tensor]) -> None:
+        # Only padding is masked: a per-example gradient sums over every token (a prompt
+        # token's g is not zero when later scored tokens attend to it).
+        self.mask_ref[0] = token_mask({"attention_mask": batch.get("attention_mask")})
+        self.loss_scale = example_loss_scale(batch, self.next_token)
+
+    def end_batch(self, batch: Mapping[str, torch.Tensor]) -> None:
+        if self.estimator == "batch":
+            for name, weight in self.b_weights.items():
+                grad = all_reduce_mean(weight.grad.float())
+                check_finite(name, grad)
+                self.fisher[name] += grad.square()
+        for weight in self.b_weights.values():
+            weight.grad = None
+        self.examples += batch["labels"].shape[0]
+        self.batches += 1
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """``F_m``: the per-example squares over all examples (of all processes), or the batch
+        squares over the batches."""
+        per_example = self.estimator == "per_example"
+        count = all_reduce_sum(self.examples) if per_example else torch.tensor(float(self.batches))
+        for name in self.fisher:
+            if per_example:
+                all_reduce_sum(self.fisher[name])
+            self.fisher[name] /= count.to(torch.float32)
+        return self.fisher
 
 
 def allocate_ranks(
@@ -312,6 +334,7 @@ def allocate_ranks(
     dropout: bool = False,
     progress: bool = True,
     layers_per_pass: int | None = None,
+    also_collect: Sequence[PassStatistic] = (),
 ) -> RankPlan:
     """FIM-LoRA: re-allocate the LoRA ranks of ``model`` by calibration-time Fisher information.
 
@@ -333,6 +356,8 @@ def allocate_ranks(
         progress: show a progress bar.
         layers_per_pass: calibrate the modules in groups of this many (memory-bounded; same
             result, more passes); None: all at once.
+        also_collect: statistics of another method to accumulate in the same passes (see
+            :func:`fisher_of_b`; ``fim-lora+filet`` collects FILet's energies this way).
 
     Returns:
         The :class:`RankPlan`. Raises ``ConfigError`` (bad options, infeasible bounds, no LoRA
@@ -358,6 +383,7 @@ def allocate_ranks(
         dropout=dropout,
         progress=progress,
         layers_per_pass=layers_per_pass,
+        also_collect=also_collect,
     )
     calibration_s = time.perf_counter() - started
     scores = {name: reduce_score(f, score) for name, f in fisher.items()}
@@ -395,6 +421,7 @@ class FimLoRA(AdapterMethod):
     paper's per-example estimator and a budget in parameters (matched to LoRA's at rank r)."""
 
     name = "fim-lora"
+    calibrates = True  # runs calibration passes (which a composition may share with FILet)
 
     def __init__(
         self,
@@ -421,11 +448,18 @@ class FimLoRA(AdapterMethod):
             layers_per_pass=layers_per_pass,
         )
         self.options = options  # what allocate_ranks will be called with
-        self._allocate = lambda model, loader: allocate_ranks(model, loader, **options)
+        self._allocate = lambda model, loader, **more: allocate_ranks(
+            model, loader, **options, **more
+        )
         self.plan: RankPlan | None = None
 
-    def prepare(self, model: PeftModel, calibration_loader) -> dict[str, Any]:
-        self.plan = self._allocate(model, calibration_loader)
+    def prepare(
+        self, model: PeftModel, calibration_loader, also_collect: Sequence[PassStatistic] = ()
+    ) -> dict[str, Any]:
+        """``also_collect``: statistics of another method to accumulate in the same passes (a
+        composition's one calibration; see :mod:`fisherlora.methods.compose`)."""
+        more = {"also_collect": also_collect} if also_collect else {}
+        self.plan = self._allocate(model, calibration_loader, **more)
         return {"rank_plan": self.plan.to_dict()}
 
     def save_report(self, out_dir: str | Path) -> None:
@@ -443,6 +477,7 @@ class RandomRank(FimLoRA):
     parameters, as ``fim-lora``)."""
 
     name = "random-rank"
+    calibrates = False
 
     def __init__(
         self,

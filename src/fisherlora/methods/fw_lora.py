@@ -16,7 +16,18 @@
 
        ‖B A − B₀ A₀‖²_F = tr((A Aᵀ)(Bᵀ B)) − 2 tr((A₀ Aᵀ)(Bᵀ B₀)) + tr((A₀ A₀ᵀ)(B₀ᵀ B₀))
 
-   (the last term a constant, so the penalty is exactly zero right after such an init).
+   (the last term a constant, so the penalty is exactly zero right after such an init). Its
+   gradient, with ``c_m = λ (1 − I_m) s_m²``, is also r×r work on top of one product with A or B:
+
+       ∂/∂A = 2 c_m Bᵀ(B A − B₀ A₀) = 2 c_m ((Bᵀ B) A − (Bᵀ B₀) A₀)
+       ∂/∂B = 2 c_m (B A − B₀ A₀) Aᵀ = 2 c_m (B (A Aᵀ) − B₀ (A₀ Aᵀ))
+
+   Both are evaluated by one autograd node for all modules (:class:`UpdatePenalty`, batched
+   over modules of one width) instead of a graph of stacks and small products, so the penalty
+   is still an ordinary scalar in the loss. The runner adds it at every micro-batch, divided
+   by the accumulation steps and multiplied by a GradScaler's scale with the task loss; its
+   gradient reaches ``.grad`` in that same backward pass, i.e. before ``unscale_``, clipping
+   and the optimizer step, exactly where the autograd graph of the traces put it.
    ``mode="decay"`` is the paper's one-liner: no loss term; each module's A and B get their own
    AdamW group whose decoupled weight decay is the optimizer's ``weight_decay · (1 − I_m)``
    (``weight_decay`` itself during warm-up). Decoupled decay shrinks A and B toward zero, which
@@ -26,15 +37,20 @@
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel
+from torch.autograd.function import once_differentiable
+from torch.nn.utils.rnn import pad_sequence
 
 from fisherlora.adapters import lora_layers
-from fisherlora.capture import check_finite, register_io_hooks
+from fisherlora.capture import check_finite
 from fisherlora.errors import ConfigError
 from fisherlora.figures import Figure, ModuleValues
 from fisherlora.methods.base import AdapterMethod
@@ -43,6 +59,106 @@ from fisherlora.stats import all_reduce_mean
 ESTIMATORS = ("sketch", "exact")
 NORMALIZE = ("sum", "max")
 MODES = ("loss", "decay")
+
+
+@dataclass(eq=False)
+class ModuleGroup:
+    """LoRA modules of one input and output width on one device, stacked for batched r×r work.
+
+    Ranks may differ within a group (after a rank allocation): A is zero-padded to ``[R, n]``
+    and B to ``[m, R]`` with ``R`` the largest rank, which changes no trace and no gradient
+    of the real entries."""
+
+    indices: list[int]  # the modules' positions in FisherPenalty.names
+    start: int  # where the group's A factors begin in the flat factor list (then its B factors)
+    ranks: list[int]
+    device: torch.device
+    dtype: torch.dtype  # of the r×r work: float32, or float64 for a float64 model
+    # (A₀ [G, R, n], B₀ [G, m, R], ‖B₀ A₀‖²_F [G]); None where every B₀ is zero
+    initial: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    coefficients: torch.Tensor | None = None  # c_m = λ (1 − I_m) s_m², [G]
+
+    @property
+    def size(self) -> int:
+        return len(self.indices)
+
+    @property
+    def uniform(self) -> bool:
+        return min(self.ranks) == max(self.ranks)
+
+    def stack(self, factors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The group's A and B factors as ``[G, R, n]`` and ``[G, m, R]`` (half precision as
+        float32)."""
+        a_list = factors[self.start : self.start + self.size]
+        b_list = factors[self.start + self.size : self.start + 2 * self.size]
+        if self.uniform:
+            a, b = torch.stack(a_list), torch.stack(b_list)
+        else:
+            a = pad_sequence(list(a_list), batch_first=True)
+            b = pad_sequence([w.mT for w in b_list], batch_first=True).mT
+        dtype = torch.promote_types(a.dtype, torch.float32)
+        return a.to(dtype), b.to(dtype)
+
+    def unstack(
+        self, ga: torch.Tensor, gb: torch.Tensor, factors: tuple[torch.Tensor, ...]
+    ) -> list[torch.Tensor]:
+        """Per-module gradients (A's then B's, in the dtype of each factor) from the stacked ones."""
+        dtype = factors[self.start].dtype
+        ga, gb = ga.to(dtype), gb.to(dtype)
+        if self.uniform:
+            return [*ga.unbind(0), *gb.unbind(0)]
+        return [ga[i, :r] for i, r in enumerate(self.ranks)] + [
+            gb[i, :, :r] for i, r in enumerate(self.ranks)
+        ]
+
+
+class UpdatePenalty(torch.autograd.Function):
+    """``Σ_m c_m ‖B_m A_m − B₀_m A₀_m‖²_F`` over every group, one autograd node in all.
+
+    ``forward(groups, *factors)``: ``factors`` are each group's A factors then its B factors
+    (``ModuleGroup.start`` says where); the value is formed from the r×r products
+    ``P = A Aᵀ``, ``Q = Bᵀ B``, ``C_A = A A₀ᵀ``, ``C_B = Bᵀ B₀`` as
+    ``⟨P, Q⟩ − 2 ⟨C_A, C_B⟩ + ‖B₀ A₀‖²``. ``backward`` returns the analytic gradients
+    ``∂/∂A = 2c (Q A − C_B A₀)`` and ``∂/∂B = 2c (B P − B₀ C_Aᵀ)``, a few batched products per
+    group, instead of differentiating through a graph of stacks and small products.
+    """
+
+    @staticmethod
+    def forward(ctx, groups: list[ModuleGroup], *factors: torch.Tensor) -> torch.Tensor:
+        total = None
+        saved = []
+        for group in groups:
+            a, b = group.stack(factors)
+            p, q = a @ a.mT, b.mT @ b  # [G, R, R]
+            squares = (p * q).sum(dim=(1, 2))
+            ca = cb = initial = None
+            if group.initial is not None:  # no copies unless the model changed dtype
+                initial = tuple(t.to(a.dtype) for t in group.initial)
+                a0, b0, constant = initial
+                ca, cb = a @ a0.mT, b.mT @ b0
+                squares = squares - 2 * (ca * cb).sum(dim=(1, 2)) + constant
+            coefficients = group.coefficients.to(a.dtype)
+            value = coefficients @ squares
+            total = value if total is None else total + value.to(total.device)
+            # what backward needs, as of this forward (also should the group change meanwhile)
+            saved.append((group, a, b, p, q, ca, cb, coefficients, initial))
+        ctx.saved, ctx.factors = saved, factors
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grads: list[torch.Tensor] = []
+        for group, a, b, p, q, ca, cb, coefficients, initial in ctx.saved:
+            weight = (2 * grad.to(a.device) * coefficients)[:, None, None]  # 2c, [G, 1, 1]
+            ga = (weight * q) @ a  # 2c Bᵀ B A
+            gb = b @ (weight * p)  # 2c B A Aᵀ
+            if initial is not None:
+                a0, b0, _ = initial
+                ga = ga.baddbmm_(weight * cb, a0, alpha=-1)  # − 2c Bᵀ B₀ A₀
+                gb = gb.baddbmm_(b0, (weight * ca).mT, alpha=-1)  # − 2c B₀ A₀ Aᵀ
+            grads += group.unstack(ga, gb, ctx.factors)
+        return (None, *grads)
 
 
 class FisherPenalty:
@@ -123,55 +239,99 @@ class FisherPenalty:
         self.fisher = torch.zeros(len(self.names), dtype=torch.float64)
         self.importance_ = torch.zeros(len(self.names), dtype=torch.float64)
         self.last_proxy: dict[str, float] = {}
+        # This step's summed products, per module a view into one flat buffer that the backward
+        # hooks fill in place; only the modules this step's batches reached are listed.
         self._pending: dict[str, torch.Tensor] = {}
+        self._buffer: torch.Tensor | None = None
+        self._views: dict[str, torch.Tensor] = {}
         self._probe_cache: dict[tuple[int, str], torch.Tensor] = {}
         self._groups: list[dict] = []
         self._base_decay = 0.0  # the optimizer's weight decay that mode="decay" scales
-        self._coefficients: torch.Tensor | None = None
-        self._segments: torch.Tensor | None = None  # module index of each flat product entry
-        shapes: dict[tuple, list[int]] = {}
-        for i, layer in enumerate(self.layers.values()):
-            shapes.setdefault(
-                tuple(layer.lora_A[self.adapter].weight.shape)
-                + tuple(layer.lora_B[self.adapter].weight.shape),
-                [],
-            ).append(i)
+        self._coefficients: torch.Tensor | None = None  # c_m = λ (1 − I_m) s_m², [modules]
         layers = list(self.layers.values())
-        self._by_shape = [
-            (
-                torch.tensor(indices),
-                [layers[i].lora_A[self.adapter].weight for i in indices],
-                [layers[i].lora_B[self.adapter].weight for i in indices],
-                self._initial_factors([layers[i] for i in indices]),
-            )
-            for indices in shapes.values()
-        ]
-        self.residual_init = any(initial is not None for *_, initial in self._by_shape)
+        self._a = [layer.lora_A[self.adapter].weight for layer in layers]
+        self._b = [layer.lora_B[self.adapter].weight for layer in layers]
+        self._plan, self._factors = self._make_plan()
+        self._set_initial(
+            {
+                i: (a.detach().clone(), b.detach().clone())
+                for i, (a, b) in enumerate(zip(self._a, self._b, strict=True))
+                if b.detach().any()
+            }
+        )
         if self.residual_init and mode == "decay":
             raise ConfigError(
                 "FW-LoRA mode='decay' after an init with B0 != 0 (FILet or another residual "
                 "init): weight decay pulls A and B toward zero, i.e. the model toward W - s B0 A0 "
                 "instead of the pretrained weight; use mode='loss', which penalises s (B A - B0 A0)"
             )
-        self._handles = (
-            register_io_hooks(
-                self.layers, self._accumulate, [None], self._keep_input, shared_input=True
-            )
-            if warmup_steps > 0
-            else []
-        )
+        self._handles = self._register_hooks() if warmup_steps > 0 else []
 
-    def _initial_factors(
-        self, layers: list
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """``(A₀, B₀, ‖B₀ A₀‖²_F)`` stacked over layers of one shape (float32, detached), or None
-        when every ``B₀`` is zero (then ``ΔW = s B A`` and only the first trace is needed)."""
-        b0 = torch.stack([layer.lora_B[self.adapter].weight.detach().float() for layer in layers])
-        if not b0.any():
-            return None
-        a0 = torch.stack([layer.lora_A[self.adapter].weight.detach().float() for layer in layers])
-        constant = ((a0 @ a0.mT).double() * (b0.mT @ b0).double()).sum(dim=(1, 2))
-        return a0.clone(), b0.clone(), constant.float()
+    def _make_plan(self) -> tuple[list[ModuleGroup], list[torch.Tensor]]:
+        """Modules grouped by (input width, output width, device), and the flat factor list
+        :class:`UpdatePenalty` takes (each group's A factors, then its B factors)."""
+        by_width: dict[tuple, list[int]] = {}
+        for i, (a, b) in enumerate(zip(self._a, self._b, strict=True)):
+            by_width.setdefault((a.shape[1], b.shape[0], a.device), []).append(i)
+        plan, factors = [], []
+        for (*_, device), indices in by_width.items():
+            plan.append(
+                ModuleGroup(
+                    indices=indices,
+                    start=len(factors),
+                    ranks=[self._a[i].shape[0] for i in indices],
+                    device=device,
+                    dtype=torch.promote_types(self._a[indices[0]].dtype, torch.float32),
+                )
+            )
+            factors += [self._a[i] for i in indices] + [self._b[i] for i in indices]
+        return plan, factors
+
+    def _set_initial(self, initial: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Take ``{module index: (A₀, B₀)}`` as the starting point (modules not in it start
+        from ``B₀ = 0``), stacked per group as :class:`UpdatePenalty` reads it."""
+        self.residual_init = bool(initial)
+        for group in self._plan:
+            members = [(j, i) for j, i in enumerate(group.indices) if i in initial]
+            if not members:
+                group.initial = None
+                continue
+            first = group.indices[0]
+            rank, n, m = max(group.ranks), self._a[first].shape[1], self._b[first].shape[0]
+            a0 = torch.zeros(group.size, rank, n, device=group.device, dtype=group.dtype)
+            b0 = torch.zeros(group.size, m, rank, device=group.device, dtype=group.dtype)
+            for j, i in members:
+                a, b = initial[i]
+                a0[j, : a.shape[0]] = a.to(a0)
+                b0[j, :, : b.shape[1]] = b.to(b0)
+            constant = ((a0 @ a0.mT).double() * (b0.mT @ b0).double()).sum(dim=(1, 2))
+            group.initial = (a0, b0, constant.to(group.dtype))
+
+    def _initial_by_module(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{name: (A₀, B₀)}`` of the modules that start from ``B₀ ≠ 0``."""
+        out = {}
+        for group in self._plan:
+            if group.initial is None:
+                continue
+            a0, b0, _ = group.initial
+            for j, (i, r) in enumerate(zip(group.indices, group.ranks, strict=True)):
+                if b0[j].any():
+                    out[self.names[i]] = (a0[j, :r].clone(), b0[j, :, :r].clone())
+        return out
+
+    def _legacy_initial(self, stacked: list) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The per-module starting points in a state saved while modules were grouped by the
+        shapes of A and B (a list over those groups, in order of first appearance, of stacked
+        ``(A₀, B₀, constant)`` or None)."""
+        by_shape: dict[tuple, list[int]] = {}
+        for i, (a, b) in enumerate(zip(self._a, self._b, strict=True)):
+            by_shape.setdefault(tuple(a.shape) + tuple(b.shape), []).append(i)
+        out = {}
+        for indices, initial in zip(by_shape.values(), stacked, strict=True):
+            if initial is not None:
+                a0, b0, _ = initial
+                out |= {i: (a0[j], b0[j]) for j, i in enumerate(indices) if b0[j].any()}
+        return out
 
     # -- warm-up -------------------------------------------------------------------------------
     @property
@@ -189,28 +349,93 @@ class FisherPenalty:
             self._probe_cache[key] = omega.T.contiguous().to(device)
         return self._probe_cache[key]
 
-    def _keep_input(self, name: str, x: torch.Tensor, mask: Any) -> torch.Tensor:
+    def _register_hooks(self) -> list:
+        """A forward hook on every LoRA layer that keeps ``(X Ω)ᵀ`` and hooks the gradient of
+        the layer's output, where :meth:`_accumulate` adds ``(X Ω)ᵀ G`` to the step's buffer.
+
+        What ``capture.register_io_hooks(..., shared_input=True)`` does, pared down to the
+        per-module work this runs at every training step of the warm-up: layers called one after
+        another on the very same input tensor (query/key/value, gate/up) share one ``(X Ω)ᵀ``
+        (a weak reference, so a freed tensor whose id() is reused is never mistaken for it);
+        forward passes that build no graph are ignored; the gradient hook is a bound
+        ``partial``; autocast is switched off only where it is on.
+        """
+        last: list = [None, None]  # the last input seen, and what was kept of it
+
+        def make_hook(name: str):
+            def forward_hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor):
+                if not output.requires_grad:
+                    return
+                raw = inputs[0]
+                if last[0] is not None and last[0]() is raw:
+                    kept = last[1]
+                else:
+                    kept = self._keep_input(raw)
+                    last[0], last[1] = weakref.ref(raw), kept
+                output.register_hook(partial(self._accumulate, name, kept))
+
+            return forward_hook
+
+        return [module.register_forward_hook(make_hook(n)) for n, module in self.layers.items()]
+
+    def _keep_input(self, raw: torch.Tensor) -> torch.Tensor:
         # The sketch needs only (X Ω)ᵀ = Ωᵀ Xᵀ ([k, tokens]) in backward, not x itself. Formed
-        # with k as the short output side: on CPU BLAS that is ~3x faster than X @ Ω.
-        x = x.reshape(-1, x.shape[-1])
+        # with k as the short output side: on CPU BLAS that is ~3x faster than X @ Ω. Float32
+        # also under a training loop's autocast (bf16/fp16), which would run it in half
+        # precision.
+        x = raw.detach().reshape(-1, raw.shape[-1])
+        if x.dtype != torch.float32:
+            x = x.float()
         if self.estimator == "exact":
             return x
-        return self._probe_matrix_t(x.shape[-1], x.device) @ x.mT
+        probes = self._probe_matrix_t(x.shape[-1], x.device)
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return probes @ x.mT
+        return probes @ x.mT
 
-    def _accumulate(self, name: str, kept: torch.Tensor, g: torch.Tensor, mask: Any) -> None:
+    def _accumulate(self, name: str, kept: torch.Tensor, g: torch.Tensor) -> None:
         # Padded tokens carry g = 0, so Xᵀ G is the true weight gradient (transposed) without
-        # any mask; the sketch forms (X Ω)ᵀ G = (Gᵀ X Ω)ᵀ, of the same norm.
-        g = g.reshape(-1, g.shape[-1])
-        term = kept.mT @ g if self.estimator == "exact" else kept @ g  # [n or k, m]
+        # any mask; the sketch forms (X Ω)ᵀ G = (Gᵀ X Ω)ᵀ, of the same norm. Summed in place
+        # into the module's view of the step's buffer: no temporaries, no per-step allocation
+        # (an in-place addmm_ is not autocast, so it runs in float32 also inside autocast).
+        g = g.detach().reshape(-1, g.shape[-1])
+        if g.dtype != torch.float32:
+            g = g.float()
+        left = kept.mT if self.estimator == "exact" else kept  # [n or k, tokens]
+        alpha = 1.0
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             if self._loss_scale is None:  # read once per step (a device sync on GPU)
                 self._loss_scale = float(self.grad_scaler.get_scale())
-            term = term / self._loss_scale
+            alpha = 1.0 / self._loss_scale
         pending = self._pending.get(name)
-        if pending is None:
-            self._pending[name] = term
+        if pending is None:  # the step's first product overwrites what the buffer held
+            if self._buffer is None:
+                self._allocate()
+            pending = self._pending[name] = self._views[name]
+            pending.addmm_(left, g, beta=0, alpha=alpha)
         else:
-            pending += term
+            pending.addmm_(left, g, alpha=alpha)
+
+    def _allocate(self) -> None:
+        """The flat buffer of every module's product ([k, out], or [in, out] for the exact
+        estimator), laid out in blocks of equal shape so that the sketch's norms are a few
+        batched reductions; one all-reduce per step sends all of it."""
+        blocks: dict[tuple[int, int], list[int]] = {}
+        for i, layer in enumerate(self.layers.values()):
+            rows = self.probes if self.estimator == "sketch" else layer.in_features
+            blocks.setdefault((rows, layer.out_features), []).append(i)
+        total = sum(rows * m * len(indices) for (rows, m), indices in blocks.items())
+        self._buffer = torch.zeros(total, device=self._a[0].device)
+        self._blocks, order, offset = [], [], 0
+        for (rows, m), indices in blocks.items():
+            self._blocks.append((offset, len(indices), rows * m))
+            for i in indices:
+                self._views[self.names[i]] = self._buffer[offset : offset + rows * m].view(rows, m)
+                offset += rows * m
+            order += indices
+        # position in buffer order of each module (in self.names order)
+        self._inverse = torch.argsort(torch.tensor(order)).to(self._buffer.device)
 
     def step(self) -> None:
         """Advance the schedule by one optimizer step (call after ``optimizer.step()``)."""
@@ -235,33 +460,30 @@ class FisherPenalty:
     def _frozen_grad_sq_norms(self) -> torch.Tensor:
         """``‖∇W_m‖²_F`` of every module (float64, ``[modules]``) from this step's summed products.
 
-        All modules' products travel in one flat buffer: one all-reduce per step (the frozen
-        weight's gradient under DDP is the mean over processes, taken before squaring), then one
-        segmented sum of squares, instead of a collective and four kernels per module. Every
-        process reduces every module, also one its batches did not reach (zeros).
+        All modules' products live in one flat buffer: one all-reduce per step (the frozen
+        weight's gradient under DDP is the mean over processes, taken before squaring), then
+        one batched sum of squares per block of equal shape, instead of a collective and four
+        kernels per module. Every process reduces every module, also one its batches did not
+        reach (zeros).
         """
-        parts = []
-        for name, layer in self.layers.items():
-            local = self._pending.get(name)
-            if local is None:
-                width = self.probes if self.estimator == "sketch" else layer.in_features
-                weight = layer.get_base_layer().weight
-                local = torch.zeros(width, layer.out_features, device=weight.device)
-            parts.append(local.reshape(-1))
-        flat = all_reduce_mean(torch.cat(parts))
+        if self._buffer is None:
+            self._allocate()
+        if len(self._pending) < len(self.names):
+            for name, view in self._views.items():
+                if name not in self._pending:
+                    view.zero_()
+        flat = all_reduce_mean(self._buffer)
         if self.estimator == "exact":
-            # W-sized products (10.8 M floats on MiniLM): a float64 copy of the whole buffer and
-            # an int64 segment index would add ~250 MiB; one module at a time stays small.
-            pieces = flat.split([part.numel() for part in parts])
-            return torch.stack([piece.double().square().sum() for piece in pieces])
-        if self._segments is None or self._segments.device != flat.device:
-            sizes = torch.tensor([part.numel() for part in parts], device=flat.device)
-            self._segments = torch.repeat_interleave(
-                torch.arange(len(parts), device=flat.device), sizes
-            )
-        squared = torch.zeros(len(parts), dtype=torch.float64, device=flat.device)
-        squared.index_add_(0, self._segments, flat.double().square())
-        return squared / self.probes
+            # W-sized products (10.8 M floats on MiniLM): a float64 copy of the whole buffer
+            # would add ~80 MiB; one module at a time stays small.
+            return torch.stack([self._views[n].double().square().sum() for n in self.names])
+        squared = torch.cat(
+            [
+                flat[start : start + count * size].view(count, size).double().square().sum(1)
+                for start, count, size in self._blocks
+            ]
+        )
+        return squared.index_select(0, self._inverse) / self.probes
 
     def _freeze(self) -> None:
         reference = self.fisher.sum() if self.normalize == "sum" else self.fisher.max()
@@ -273,6 +495,7 @@ class FisherPenalty:
         self.importance_ = self.fisher / reference
         self._coefficients = None
         self.remove_hooks()
+        self._buffer, self._views = None, {}
         self._apply_decay()
 
     def remove_hooks(self) -> None:
@@ -282,32 +505,25 @@ class FisherPenalty:
 
     # -- the penalty ---------------------------------------------------------------------------
     def penalty(self) -> torch.Tensor:
-        """``λ Σ_m (1 − I_m) s_m² ‖B A − B₀ A₀‖²_F`` from r×r traces (module docstring); zero in
-        ``mode="decay"``."""
-        first = next(iter(self.layers.values())).lora_A[self.adapter].weight
-        total = torch.zeros((), device=first.device, dtype=torch.float32)
+        """``λ Σ_m (1 − I_m) s_m² ‖B A − B₀ A₀‖²_F`` (module docstring); zero in ``mode="decay"``.
+
+        One :class:`UpdatePenalty` node: its value from r×r products, its gradient (added to A
+        and B by the backward pass like any other term of the loss) from the analytic formula,
+        a few batched products per group of modules of one width."""
         if self.mode == "decay" or self.lam == 0:
-            return total
+            return torch.zeros((), device=self._a[0].device, dtype=torch.float32)
         if self._coefficients is None:  # λ (1 − I_m) s_m², refreshed when I changes
             scaling = torch.tensor(
                 [layer.scaling[self.adapter] for layer in self.layers.values()], dtype=torch.float64
             )
-            self._coefficients = (
-                (self.lam * (1 - self.importance_) * scaling**2).float().to(first.device)
-            )
-        # Modules of one shape are stacked: a few batched r×r products instead of one per module
-        # keeps the per-step cost (and the autograd graph) small.
-        for indices, a_list, b_list, initial in self._by_shape:
-            a = torch.stack([w.float() for w in a_list])  # [G, r, n]
-            b = torch.stack([w.float() for w in b_list])  # [G, m, r]
-            traces = ((a @ a.mT) * (b.mT @ b)).sum(dim=(1, 2))
-            if initial is not None:
-                a0, b0, constant = initial
-                # ⟨B A, B₀ A₀⟩_F = tr((A₀ Aᵀ)(Bᵀ B₀)) = Σ (A₀ Aᵀ) ⊙ (B₀ᵀ B)
-                cross = ((a0 @ a.mT) * (b0.mT @ b)).sum(dim=(1, 2))
-                traces = traces - 2 * cross + constant
-            total = total + (self._coefficients[indices] * traces).sum()
-        return total
+            self._coefficients = self.lam * (1 - self.importance_) * scaling**2
+            for group in self._plan:
+                group.coefficients = self._coefficients[group.indices].to(group.device, group.dtype)
+        device_type = self._a[0].device.type
+        if torch.is_autocast_enabled(device_type):  # a Trainer's compute_loss runs in autocast
+            with torch.autocast(device_type, enabled=False):  # the r×r products in float32
+                return UpdatePenalty.apply(self._plan, *self._factors)
+        return UpdatePenalty.apply(self._plan, *self._factors)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW parameter groups for ``mode="decay"`` (the paper's one-liner): one per module
@@ -357,9 +573,9 @@ class FisherPenalty:
             "importance": self.importance_.clone(),
             "names": list(self.names),
             "warmup_steps": self.warmup_steps,
-            # the starting point B₀ A₀ of every shape group (None where B₀ = 0), so a penalty
-            # created on a model that already trained still measures from the pretrained weight
-            "initial": [initial for *_, initial in self._by_shape],
+            # the starting point (A₀, B₀) of every module with B₀ ≠ 0, so a penalty created on a
+            # model that already trained still measures from the pretrained weight
+            "initial_factors": self._initial_by_module(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -370,15 +586,16 @@ class FisherPenalty:
         self.step_count = int(state["step"])
         self.fisher = state["fisher"].clone().to(torch.float64)
         self.importance_ = state["importance"].clone().to(torch.float64)
-        if "initial" in state:
-            self._by_shape = [
-                (*group[:3], initial)
-                for group, initial in zip(self._by_shape, state["initial"], strict=True)
-            ]
+        if "initial_factors" in state:
+            index = {name: i for i, name in enumerate(self.names)}
+            self._set_initial({index[n]: f for n, f in state["initial_factors"].items()})
+        elif "initial" in state:  # saved by a version that grouped modules by factor shapes
+            self._set_initial(self._legacy_initial(state["initial"]))
         self._coefficients = None
         self._pending.clear()
         if not self.warming_up:
             self.remove_hooks()
+            self._buffer, self._views = None, {}
             self._apply_decay()
 
 
