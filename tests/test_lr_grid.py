@@ -48,7 +48,7 @@ def grid_comparison(out, **overrides) -> CompareConfig:
 
 @pytest.fixture
 def patched_task(monkeypatch, keyword_task):
-    monkeypatch.setattr(compare_module, "load_task", lambda *a, **k: keyword_task)
+    monkeypatch.setattr(compare_module, "load_data", lambda *a, **k: keyword_task)
 
 
 def record_runs(monkeypatch) -> list[TrainConfig]:

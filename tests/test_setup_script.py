@@ -105,7 +105,7 @@ def test_without_gpu_or_local_cpu_wheel_it_uses_pytorchs_cpu_index(tmp_path):
     assert "setup: torch 2.9.1+cpu (CPU build): no GPU, so a CPU build, from PyTorch's CPU" in (
         result.stdout
     )
-    assert ["-m", "pip", "install", "-e", ".[default,dev,trl]"] in calls
+    assert ["-m", "pip", "install", "-e", ".[default,dev,trl,images]"] in calls
 
 
 def test_without_any_cpu_build_it_falls_back_to_the_plain_index_torch(tmp_path):

@@ -518,7 +518,7 @@ def test_the_suite_command_needs_an_out_directory_unless_dry_run(tmp_path, capsy
 def test_a_tiny_suite_runs_end_to_end_and_resumes(tmp_path, monkeypatch, keyword_task):
     from fisherlora.experiments import compare as compare_module
 
-    monkeypatch.setattr(compare_module, "load_task", lambda *a, **k: keyword_task)
+    monkeypatch.setattr(compare_module, "load_data", lambda *a, **k: keyword_task)
     path = write(tmp_path, TINY_SUITE)
     out = tmp_path / "out"
     code = main(["suite", str(path), "--out", str(out), "--no-progress"])

@@ -36,13 +36,18 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
     data = parser.add_argument_group("data")
     data.add_argument(
         "--task",
-        help="built-in task (rotten-tomatoes, imdb) or a Hugging Face data set name; add -gen "
-        "(classification by generation) or -lm (language modelling) for a causal LM such as "
-        "--model smollm2-135m",
+        help="built-in task (rotten-tomatoes, imdb; images: digits) or a Hugging Face data set "
+        "name; add -gen (classification by generation) or -lm (language modelling) for a causal "
+        "LM such as --model smollm2-135m",
     )
-    data.add_argument("--data", help="your own training data: a .csv, .tsv, .jsonl or .json file")
     data.add_argument(
-        "--test-data", help="a separate test file for --data (default: split by text hash)"
+        "--data",
+        help="your own training data: a .csv, .tsv, .jsonl or .json file of texts; images: a "
+        "folder with one sub-folder per class, or a .csv with an 'image' column of paths",
+    )
+    data.add_argument(
+        "--test-data",
+        help="a separate test file (or image folder) for --data (default: split by a stable hash)",
     )
     data.add_argument("--text-column")
     data.add_argument("--label-column")
@@ -79,7 +84,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
     model = parser.add_argument_group("model and adapter")
     model.add_argument(
         "--model",
-        help="registry name (minilm, tiny-bert, tiny-llama), local folder or hub name",
+        help="registry name (minilm, tiny-bert, tiny-llama; images: tiny-vit), local folder or "
+        "hub name",
     )
     if single_run:
         model.add_argument(

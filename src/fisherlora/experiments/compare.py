@@ -45,13 +45,12 @@ from fisherlora.experiments.distributed import (
     init_distributed,
     is_main_process,
 )
-from fisherlora.experiments.generation_tasks import is_generation_task, load_generation_task
 
 # the presets live in a torch-free module so that `fisherlora --help` can show them quickly
 from fisherlora.experiments.presets import ALL_METHODS as ALL_METHODS
 from fisherlora.experiments.presets import QUICK as QUICK
 from fisherlora.experiments.report import write_report
-from fisherlora.experiments.tasks import load_task
+from fisherlora.experiments.task_kinds import load_data
 from fisherlora.experiments.train import (
     TrainConfig,
     carve_splits,
@@ -243,15 +242,7 @@ def compare(config: CompareConfig, *, progress: bool = True, command: str = "") 
     check_out_dir(config, process)
     barrier()  # no process looks for finished runs before compare.json is checked
     base = config.base
-    load = load_generation_task if is_generation_task(base.task) else load_task
-    task = load(
-        base.task,
-        data=base.data,
-        test_data=base.test_data,
-        text_column=base.text_column,
-        label_column=base.label_column,
-        max_dropped_fraction=base.max_dropped_fraction,
-    )
+    task = load_data(base)  # text, generation or image data, as `fisherlora train` loads it
     carve_splits(task, base)  # a train size or validation share the data cannot give: refused now
     # tuning runs first (validation only), then the final seeds at the picked rates
     tuning = [

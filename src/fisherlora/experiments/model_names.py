@@ -10,3 +10,5 @@ of ``models.MODEL_REGISTRY``.
 from __future__ import annotations
 
 CLASSIFIER_NAMES = ("minilm", "tiny-bert", "tiny-llama")
+# the image classifiers (``image_models.IMAGE_REGISTRY``), for the "that is an image model" errors
+IMAGE_MODEL_NAMES = ("tiny-vit",)

@@ -30,11 +30,15 @@ from fisherlora.adapters import target_matches
 from fisherlora.errors import ConfigError
 from fisherlora.experiments.causal_models import CAUSAL_REGISTRY, tiny_llama_config
 from fisherlora.experiments.hub import check_model_source
+from fisherlora.experiments.model_names import IMAGE_MODEL_NAMES
 from fisherlora.experiments.precision import as_float32, float32_load_kwargs
 
 # Default LoRA targets per architecture family (matched as PEFT matches a list: by name suffix).
 DEFAULT_TARGETS = {
     "bert": ["query", "key", "value", "dense"],
+    # ViT / DeiT: BERT's names up to transformers 4.x, these from 5.0 (the first that fits wins)
+    "vit": ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],
+    "deit": ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 
@@ -113,6 +117,11 @@ def load_model(
     try:
         if name in MODEL_REGISTRY:
             model, tokenizer = MODEL_REGISTRY[name](num_labels)
+        elif name in IMAGE_MODEL_NAMES:
+            raise ConfigError(
+                f"{name!r} is an image classifier: give it image data, e.g. --task digits or "
+                "--data FOLDER (one sub-folder per class)"
+            )
         elif name in CAUSAL_REGISTRY:
             raise ConfigError(
                 f"{name!r} is a causal LM: give it a generation task, e.g. "
@@ -141,19 +150,20 @@ def default_targets(model: PreTrainedModel, *, verbose: bool = True) -> list[str
     announced on stderr with ``verbose``. DistilBERT (``q_lin``, ...) and MPNet (``attn.q``, ...)
     are not BERT-style by their names and get derived targets."""
     model_type = str(getattr(model.config, "model_type", ""))
-    family = next((t for f, t in DEFAULT_TARGETS.items() if f in model_type), None)
-    if family is None and model_type in ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"):
-        family = DEFAULT_TARGETS["llama"]
+    families = [t for f, t in DEFAULT_TARGETS.items() if f in model_type]
+    if model_type in ("vit", "deit"):
+        families.append(DEFAULT_TARGETS["bert"])
+    if model_type in ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"):
+        families.append(DEFAULT_TARGETS["llama"])
     linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     # the output head is trained whole (PEFT's modules_to_save), never a LoRA target: RoBERTa's
     # `classifier.dense` would match BERT's `dense` (BERT's pooler keeps its LoRA, as it always had)
     head = [n for n in linear if set(n.split(".")) & set(OUTPUT_HEADS)]
-    if (
-        family is not None
-        and all(any(target_matches(name, t) for name in linear) for t in family)
-        and not any(target_matches(name, t) for name in head for t in family)
-    ):
-        return list(family)
+    for family in families:
+        if all(any(target_matches(name, t) for name in linear) for t in family) and not any(
+            target_matches(name, t) for name in head for t in family
+        ):
+            return list(family)
     targets = linear_targets(model)
     if verbose:
         print(

@@ -385,6 +385,8 @@ def train(
     resolve_targets(base_model, targets, rank=config.rank)
     lora_config = LoraConfig(
         task_type=task.peft_task_type,
+        # a head that PEFT's task type does not cover (images); optional in the protocol
+        modules_to_save=getattr(task, "modules_to_save", None),
         r=config.rank,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,

@@ -459,10 +459,11 @@ def _project_statistics(
     *,
     dropout: bool,
     progress: bool,
-) -> tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor], int]:
-    """Calibration passes with hooks on ``layers`` only: per candidate, the summed
-    ``(v̂ᵢᵀ x)²`` and ``(ûᵢᵀ g)²`` over the non-padding positions, and their counts."""
-    statistic = CandidateEnergies(layers, candidates)
+    basis: str = "",
+) -> tuple[CandidateEnergies, int]:
+    """FILet's own calibration passes with hooks on ``layers`` only (only their B take
+    gradients): the collected :class:`CandidateEnergies` and the number of batches used."""
+    statistic = CandidateEnergies(layers, candidates, basis)
     used = run_passes(
         model,
         [layer.lora_B[adapter].weight for layer in layers.values()],
@@ -474,7 +475,7 @@ def _project_statistics(
         progress=progress,
         desc="FILet calibration",
     )
-    return statistic.sums(), statistic.tokens, used
+    return statistic, used
 
 
 def _check_model(model: PeftModel, layers: Mapping[str, LoraLayer]) -> None:
@@ -634,18 +635,18 @@ def filet_init(
             group_layers = {name: layers[name] for name in group}
             candidates = _candidates_of(group_layers, basis, cache)
             _check_ranks(adapter, group_layers, candidates, basis)
-            statistic = CandidateEnergies(group_layers, candidates, basis)
             calibration_start = time.perf_counter()
-            used = run_passes(
+            statistic, used = _project_statistics(
                 model,
-                [layer.lora_B[adapter].weight for layer in group_layers.values()],
+                adapter,
+                group_layers,
+                candidates,
                 batches,
                 n_batches,
                 device,
-                [statistic],
                 dropout=dropout,
                 progress=progress,
-                desc="FILet calibration",
+                basis=basis,
             )
             calibration_s += time.perf_counter() - calibration_start
         group_energies = statistic.energies()

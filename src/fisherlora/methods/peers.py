@@ -33,6 +33,7 @@ from peft import (
 )
 from peft.tuners.lora.config import CordaConfig  # not exported at the top level in PEFT 0.21
 from peft.tuners.lora.corda import preprocess_corda
+from peft.tuners.lora.eva import prepare_model_inputs_fn_language_modeling
 from transformers import PreTrainedModel
 
 from fisherlora.adapters import lora_layers, record_residual, target_matches
@@ -155,18 +156,35 @@ def _eva_layer_inputs(layer_input: Any, model_input: torch.Tensor, layer_name: s
     """EVA's ``prepare_layer_inputs_fn``: PEFT's language-modelling rule, plus 2-D inputs.
 
     3-D inputs ``[batch, seq, hidden]`` keep the non-padding token rows, as PEFT's default does
-    (``model_input`` is the ``nonzero()`` of the attention mask). A 2-D input (BERT's pooler sees
+    (``model_input`` is the ``nonzero()`` of the attention mask), or all rows where there is no
+    mask (``model_input`` None: an image model's patches). A 2-D input (BERT's pooler sees
     ``hidden[:, 0]``) is used as is; its slice is non-contiguous, which EVA's input hashing
     (``view(-1)``) rejects, hence the copy.
     """
     x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
     if x.ndim == 2:
         return x.contiguous()
+    if model_input is None:
+        return x.reshape(-1, x.shape[-1])
     return x[model_input.T.unbind()]
+
+
+def _eva_model_inputs(model_input: dict[str, torch.Tensor], peft_config: LoraConfig) -> Any:
+    """EVA's ``prepare_model_inputs_fn``: PEFT's language-modelling rule (the indices of the
+    unmasked tokens) for token batches; None (every row counts) for batches without tokens."""
+    if "input_ids" not in model_input and "attention_mask" not in model_input:
+        return None
+    return prepare_model_inputs_fn_language_modeling(model_input, peft_config)
+
+
+def _rows(batch: dict[str, torch.Tensor]) -> int:
+    return next(iter(batch.values())).shape[0]
 
 
 def _pad_cat(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Right-padded batches concatenated along the batch axis (2-D tensors zero-padded)."""
+    if "input_ids" not in batches[0]:  # images: nothing to pad
+        return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
     longest = max(b["input_ids"].shape[1] for b in batches)
 
     def pad(t: torch.Tensor) -> torch.Tensor:
@@ -185,7 +203,7 @@ def eva_batches(batches: Batches, min_rows: int) -> list[dict[str, torch.Tensor]
     current: list[dict[str, torch.Tensor]] = []
     for batch in batches:
         current.append({k: v for k, v in batch.items() if k != "labels"})
-        if sum(b["input_ids"].shape[0] for b in current) >= min_rows:
+        if sum(_rows(b) for b in current) >= min_rows:
             chunks.append(current)
             current = []
     if current:
@@ -227,6 +245,7 @@ class EVA(CalibratedPeer):
         initialize_lora_eva_weights(
             model,
             dataloader=loader,
+            prepare_model_inputs_fn=_eva_model_inputs,
             prepare_layer_inputs_fn=_eva_layer_inputs,
             show_progress_bar=False,
         )
@@ -318,6 +337,10 @@ class CorDA(CalibratedPeer):
         @torch.no_grad()
         def run_model() -> None:
             for batch in batches:
+                if "input_ids" not in batch:  # images: one example at a time, as sentences are
+                    for pixels in batch["pixel_values"]:
+                        base_model(pixel_values=pixels[None].to(device))
+                    continue
                 for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
                     keep = mask.bool()
                     base_model(
@@ -355,6 +378,7 @@ class AdaLoRA(AdapterMethod):
         r = lora_config.r
         config = AdaLoraConfig(
             task_type=lora_config.task_type,
+            modules_to_save=lora_config.modules_to_save,
             target_modules=lora_config.target_modules,
             lora_alpha=lora_config.lora_alpha,
             lora_dropout=lora_config.lora_dropout,

@@ -3,6 +3,7 @@
 - ``classification.py``: text classification on a sequence classifier (``rotten-tomatoes``).
 - ``generation.py``: classification by generation on a causal LM (``rotten-tomatoes-gen``).
 - ``language_modelling.py``: language modelling on a causal LM (``rotten-tomatoes-lm``).
+- ``images.py``: image classification on an image classifier (``digits``, an image folder).
 
 A new kind is one new module with a class like these, added to ``KINDS``.
 """
@@ -17,6 +18,7 @@ from fisherlora.experiments.generation_tasks import (
     is_generation_task,
     load_generation_task,
 )
+from fisherlora.experiments.images import ImageTask, is_image_data, load_image_task
 from fisherlora.experiments.task_kinds.base import (
     Evaluation,
     KindClass,
@@ -26,6 +28,7 @@ from fisherlora.experiments.task_kinds.base import (
 )
 from fisherlora.experiments.task_kinds.classification import Classification
 from fisherlora.experiments.task_kinds.generation import ClassificationByGeneration
+from fisherlora.experiments.task_kinds.images import ImageClassification
 from fisherlora.experiments.task_kinds.language_modelling import LanguageModelling
 from fisherlora.experiments.tasks import Task, load_task
 
@@ -34,6 +37,7 @@ __all__ = [
     "Classification",
     "ClassificationByGeneration",
     "Evaluation",
+    "ImageClassification",
     "KindClass",
     "LanguageModelling",
     "Settings",
@@ -44,12 +48,27 @@ __all__ = [
 ]
 
 # the first kind whose ``handles(data)`` is true runs a data set
-KINDS: tuple[type[KindClass], ...] = (Classification, ClassificationByGeneration, LanguageModelling)
+# (an ImageTask is a Task over image keys: images first)
+KINDS: tuple[type[KindClass], ...] = (
+    ImageClassification,
+    Classification,
+    ClassificationByGeneration,
+    LanguageModelling,
+)
 
 
-def load_data(config: Settings) -> Task | GenerationTask:
-    """The data set ``config.task`` names (a generation task by its ``-gen``/``-lm`` suffix), or
-    ``config.data``'s file."""
+def load_data(config: Settings) -> Task | GenerationTask | ImageTask:
+    """The data set ``config.task`` names (a generation task by its ``-gen``/``-lm`` suffix, an
+    image task by name), or ``config.data``'s file (a folder, or a CSV with an ``image`` column:
+    images)."""
+    if is_image_data(config.task, config.data):
+        return load_image_task(
+            config.task,
+            data=config.data,
+            test_data=config.test_data,
+            label_column=config.label_column,
+            max_dropped_fraction=config.max_dropped_fraction,
+        )
     load = load_generation_task if is_generation_task(config.task) else load_task
     return load(
         config.task,

@@ -3,7 +3,7 @@
 A task kind is one object that owns a run's data (its train, validation and test splits), loads
 the model that suits it, turns the training split into batches, and evaluates a model on a
 held-out split. ``train()`` calls these few members and nothing else, so it never asks which kind
-it holds. A new kind (images, ...) is one new module in this package: a class with the members of
+it holds. A new kind is one new module in this package: a class with the members of
 :class:`TaskKind` and the two class methods of :class:`KindClass`, added to ``KINDS`` in
 ``__init__.py`` (whose ``load_data`` loads a data set by the name a run gives).
 """
@@ -36,7 +36,10 @@ class TaskKind(Protocol):
     """The members ``train()`` uses. Batches are dicts of tensors that the loaded model takes as
     keyword arguments, ``labels`` among them, so that ``model(**batch).loss`` is the training
     loss. Under ``torch.distributed`` each process reads its share (``rank`` of ``world_size``)
-    of batches and of held-out examples; an evaluation sums the shares."""
+    of batches and of held-out examples; an evaluation sums the shares.
+
+    Optional: ``modules_to_save`` (a list of module names trained whole beside LoRA, e.g. a new
+    head that no PEFT task type covers; ``images.py`` has one); absent means None."""
 
     name: str  # the task's name in config.json and metrics.json
     class_names: list[str]  # the classes, in label-id order
@@ -85,3 +88,30 @@ class KindClass(Protocol):
     def from_config(cls, data: Any, config: Settings) -> TaskKind:
         """This kind over ``data``, with the settings of ``config`` that it reads."""
         ...
+
+
+class LabelledSplits:
+    """What every kind over a labelled data set (``tasks.Task`` and its kin: ``sizes()``,
+    ``validation_view()``, ``test_*``) shares: its name, classes and sizes, and the split an
+    evaluator reads (the validation split in the place of test, or test itself)."""
+
+    data: Any
+
+    @property
+    def name(self) -> str:
+        return self.data.name
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.data.class_names
+
+    def sizes(self) -> dict[str, int]:
+        return self.data.sizes()
+
+    def _split(self, split: str) -> Any:
+        """The data with ``split``'s examples in the place of test (what evaluation reads)."""
+        if split == "validation":
+            return self.data.validation_view()
+        if split == "test":
+            return self.data
+        raise ValueError(f"unknown split {split!r}; use 'validation' or 'test'")

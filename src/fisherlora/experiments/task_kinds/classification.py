@@ -78,7 +78,8 @@ def evaluate(
     nll_sum = torch.zeros(2, dtype=torch.float64, device=device)  # Σ −log p(y), examples
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        inputs = {k: v for k, v in batch.items() if k != "labels"}  # token ids, or pixel values
+        logits = model(**inputs).logits
         predictions.append(logits.argmax(dim=-1).cpu())
         labels.append(batch["labels"].cpu())
         nll = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")

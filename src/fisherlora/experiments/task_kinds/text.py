@@ -11,18 +11,19 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fisherlora.experiments.batching import Texts, train_loader
 from fisherlora.experiments.generation_tasks import GenerationTask
 from fisherlora.experiments.limits import check_max_length
-from fisherlora.experiments.task_kinds.base import Settings
+from fisherlora.experiments.task_kinds.base import LabelledSplits, Settings
 from fisherlora.experiments.tasks import Task
 
 Data = TypeVar("Data", Task, GenerationTask)
 
 
-class TextTask(Generic[Data]):
+class TextTask(LabelledSplits, Generic[Data]):
     """The common half of a text kind. A subclass says which model it loads
     (:meth:`_load_pretrained`), how a split becomes token ids (:meth:`_tokenize_train`) and how
     it is evaluated (``evaluator``)."""
 
     peft_task_type: str | None = None
+    modules_to_save: list[str] | None = None  # the task type's head is trained whole by PEFT
 
     def __init__(self, data: Data, *, max_length: int, group_by_length: bool = True) -> None:
         self.data = data
@@ -34,17 +35,6 @@ class TextTask(Generic[Data]):
     @classmethod
     def from_config(cls, data: Data, config: Settings) -> TextTask[Data]:
         return cls(data, max_length=config.max_length, group_by_length=config.group_by_length)
-
-    @property
-    def name(self) -> str:
-        return self.data.name
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.data.class_names
-
-    def sizes(self) -> dict[str, int]:
-        return self.data.sizes()
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -74,14 +64,6 @@ class TextTask(Generic[Data]):
             rank=rank,
             world_size=world_size,
         )
-
-    def _split(self, split: str) -> Data:
-        """The data with ``split``'s examples in the place of test (what evaluation reads)."""
-        if split == "validation":
-            return self.data.validation_view()
-        if split == "test":
-            return self.data
-        raise ValueError(f"unknown split {split!r}; use 'validation' or 'test'")
 
     def _load_pretrained(
         self, name: str, seed: int
