@@ -4,44 +4,16 @@ macro-F1, MCC, the true completion's NLL and the confusion matrix, as for a clas
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-import torch
-
 from fisherlora.experiments.generation_eval import evaluate_choices
-from fisherlora.experiments.generation_tasks import GenerationTask
-from fisherlora.experiments.task_kinds.base import Evaluation, Split
+from fisherlora.experiments.task_kinds.base import Evaluation
 from fisherlora.experiments.task_kinds.causal import CausalLMTask
 
 
 class ClassificationByGeneration(CausalLMTask):
     """A ``GenerationTask`` of kind ``classify``."""
 
-    @classmethod
-    def handles(cls, data: Any) -> bool:
-        return isinstance(data, GenerationTask) and data.kind == "classify"
+    data_kind = "classify"
 
-    def evaluator(
-        self,
-        split: Split,
-        *,
-        limit: int | None,
-        batch_size: int,
-        device: torch.device,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> Callable[[torch.nn.Module], Evaluation]:
-        held_out = self._split(split)
+    def _score(self, *args, **kwargs) -> Evaluation:
         # `evaluate_choices` is looked up at each call, so that a test can wrap it
-        return lambda model: evaluate_choices(
-            model,
-            held_out,
-            self.tokenizer,
-            max_length=self.max_length,
-            batch_size=batch_size,
-            device=device,
-            limit=limit,
-            rank=rank,
-            world_size=world_size,
-        )
+        return evaluate_choices(*args, **kwargs)
