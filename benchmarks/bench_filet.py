@@ -72,8 +72,10 @@ def _peer(name: str):
 
 def _filet(basis: str, warm: bool = False, init=None):
     def run(base, config, batches):
-        if not warm:
+        if not warm:  # cold: also the baseline's own cache (a module of its own)
             DECOMPOSITIONS.clear()
+            if "filet_baseline" in sys.modules:
+                sys.modules["filet_baseline"].DECOMPOSITIONS.clear()
         model = get_peft_model(base, config)
         (init or filet_init)(model, batches, n_batches=len(batches), basis=basis, progress=False)
         return model

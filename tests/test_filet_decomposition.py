@@ -172,3 +172,112 @@ def test_a_model_whose_candidates_do_not_fit_is_decomposed_without_the_cache(mon
     monkeypatch.setattr(DECOMPOSITIONS, "max_bytes", 1000)  # smaller than the tiny model's
     filet_init(tiny_peft_model("bert", seed=8), random_batches(2), progress=False)
     assert len(DECOMPOSITIONS) == 0 and DECOMPOSITIONS.misses == 0  # no hashing, no thrashing
+
+
+def test_a_lifted_side_takes_w_x_from_the_base_output_with_the_lift_from_x_result():
+    """A wide layer's p_i = c_iᵀ S_{Wx} c_i reads W x = y − b off the frozen base layer's output
+    (no lift product); the sums equal those of the lift from x, and the hooks leave nothing."""
+    from fisherlora.capture import run_passes
+    from fisherlora.methods.filet import CandidateEnergies
+
+    model = tiny_peft_model("llama", seed=9)
+    adapter, layers = lora_layers(model)
+    for layer in layers.values():  # a bias, so that y − b is tested
+        base = layer.get_base_layer()
+        base.bias = torch.nn.Parameter(torch.randn(base.out_features), requires_grad=False)
+    candidates = {
+        n: layer_candidates(layer.get_base_layer().weight, "gram") for n, layer in layers.items()
+    }
+    lifted = [n for n, c in candidates.items() if c.v is None]
+    assert lifted  # the tiny Llama's down_proj is wide
+    batches = random_batches(2, seed=3)
+    b_weights = [layer.lora_B[adapter].weight for layer in layers.values()]
+
+    def collect(from_output: bool) -> CandidateEnergies:
+        statistic = CandidateEnergies(layers, candidates)
+        used = []
+        if from_output:
+            keep = statistic._keep_base_output
+
+            def spy(name, *args):
+                used.append(name)
+                keep(name, *args)
+
+            statistic._keep_base_output = spy
+        else:
+            statistic._keep_base_output = lambda *a: None
+        run_passes(model, b_weights, batches, 2, torch.device("cpu"), [statistic], progress=False)
+        if from_output:
+            assert set(used) == set(lifted)
+        assert not statistic._base_outputs
+        return statistic
+
+    via_output, via_lift = collect(True).sums(), collect(False).sums()
+    for name in layers:
+        for a, b in zip(via_output[name], via_lift[name], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=0)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_a_tall_layer_reads_q_off_its_input_gradient_with_the_direct_result(arch, monkeypatch):
+    """û_iᵀ g = v̂_iᵀ (Wᵀ g) / σ_i: a tall layer's q_i from the gradient of its base layer's
+    input equal the projections of g (the first layer's input takes no gradient there: that call
+    projects g); the outputs and gradients of the model are untouched, no hook is left."""
+    from contextlib import nullcontext
+
+    from fisherlora.capture import calibration_mode, run_passes
+    from fisherlora.methods.filet import CandidateEnergies
+
+    model = tiny_peft_model(arch, seed=12)
+    adapter, layers = lora_layers(model)
+    candidates = {
+        n: layer_candidates(layer.get_base_layer().weight, "gram") for n, layer in layers.items()
+    }
+    batches = random_batches(2, seed=4)
+    b_weights = [layer.lora_B[adapter].weight for layer in layers.values()]
+
+    def collect() -> tuple[CandidateEnergies, dict]:
+        statistic = CandidateEnergies(layers, candidates)
+        run_passes(model, b_weights, batches, 2, torch.device("cpu"), [statistic], progress=False)
+        assert not statistic._reading_input_grad
+        return statistic, statistic.sums()
+
+    with_input, via_input = collect()
+    tall = [n for n, layer in layers.items() if layer.get_base_layer().weight.shape[0] > 32]
+    assert tall and set(with_input.input_grad_sides) == set(tall)
+    assert all(side.sums.any() for side in with_input.input_grad_sides.values())
+    monkeypatch.setattr(filet_module, "_reads_input_grads", lambda *a: False)
+    without, direct = collect()
+    assert not without.input_grad_sides
+    for name in layers:
+        for a, b in zip(via_input[name], direct[name], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=0)
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+    def logits_and_grads(statistic: CandidateEnergies | None) -> list[torch.Tensor]:
+        with calibration_mode(model, b_weights), statistic.hooks() if statistic else nullcontext():
+            if statistic:
+                statistic.start_batch(batches[0])
+            out = model(**batches[0])
+            out.loss.backward()
+            return [out.logits.detach()] + [w.grad.clone() for w in b_weights]
+
+    monkeypatch.undo()
+    hooked, plain = logits_and_grads(CandidateEnergies(layers, candidates)), logits_and_grads(None)
+    for a, b in zip(hooked, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_tall_layer_with_small_gains_projects_the_output_gradient():
+    """Where a candidate's σ_i falls below INPUT_GRAD_MIN_GAIN σ_max (the error of the input
+    gradient form grows as σ_max / σ_i), and for half weights, g is projected directly."""
+    from fisherlora.methods.filet import INPUT_GRAD_MIN_GAIN, _reads_input_grads
+
+    spread = spectrum(48, 16, seed=2)  # σ from 1 to 1e-3
+    even = torch.linalg.qr(torch.randn(48, 16)).Q  # every σ = 1
+    assert not _reads_input_grads(spread, layer_candidates(spread, "svd"))
+    assert _reads_input_grads(even, layer_candidates(even, "svd"))
+    assert not _reads_input_grads(even.half(), layer_candidates(even, "svd"))
+    assert not _reads_input_grads(even.T, layer_candidates(even.T, "svd"))  # wide: no gain
+    assert INPUT_GRAD_MIN_GAIN > 0
