@@ -505,14 +505,6 @@ class CandidateEnergies:
         wx = output.detach()
         self._base_outputs[name] = wx if base.bias is None else wx - base.bias.detach()
 
-    def _keep_base_output(self, name: str, base: torch.nn.Module, output: torch.Tensor) -> None:
-        """``W x = y − b`` of a lifted layer's float32 base output (in a half-precision or
-        autocast run the float32 lift from x is kept: a half y would lose the small p_i)."""
-        if output.dtype != torch.float32 or base.weight.dtype != torch.float32:
-            return
-        wx = output.detach()
-        self._base_outputs[name] = wx if base.bias is None else wx - base.bias.detach()
-
     def _base_output_hook(self, name: str) -> Callable:
         def hook(base: torch.nn.Module, _: tuple, output: torch.Tensor) -> None:
             self._keep_base_output(name, base, output)  # returns None: the output is unchanged
