@@ -451,7 +451,7 @@ class CandidateEnergies:
         self.mask_ref: list = [None]
         self.batches = 0
         # A lifted side's W x is what the frozen base layer has just computed (its output less
-        # its bias): taken from there, the lift costs nothing (MiniLM: a third of the hooks' time).
+        # its bias): taken from there, the lift product is not computed a second time.
         self._base_outputs: dict[str, torch.Tensor] = {}
         self._reading_input_grad: dict[str, bool] = {}
 
@@ -467,14 +467,10 @@ class CandidateEnergies:
         """The x side of one forward call; returns whether this call's q_i come from the base
         layer's input gradient (then the output gradient is not projected)."""
         # p is accumulated in the forward pass, so x need not live until backward.
-        x = self._keep(x, rows)
-        side = self.sides[name][0]
         wx = self._base_outputs.pop(name, None)
-        if wx is not None:
-            side.add(self._keep(wx, rows), lifted=True)
-        else:
-            side.add(x)
-        self.tokens[name] += x.shape[0]
+        z = self._keep(x if wx is None else wx, rows)
+        self.sides[name][0].add(z, lifted=wx is not None)
+        self.tokens[name] += z.shape[0]
         return self._reading_input_grad.pop(name, False)
 
     def _input_grad_hook(self, name: str) -> Callable:
