@@ -39,6 +39,26 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # FIM-LoRA scoring the squared gradient of each mini-batch loss instead of the paper's
     # per-example empirical Fisher (Eq. 1)
     "fim-lora-batch": ("fim-lora", {"estimator": "batch"}),
+    # --- ablations of the papers' own choices (the claims experiments, benchmarks/claims.toml) ---
+    # FIM-LoRA with the lowest rank floor (r_min = 1 instead of our max(1, r/2)) and the other
+    # two score reductions of the paper (max, l2 instead of mean)
+    "fim-lora-rmin1": ("fim-lora", {"r_min": 1}),
+    "fim-lora-max": ("fim-lora", {"score": "max"}),
+    "fim-lora-l2": ("fim-lora", {"score": "l2"}),
+    # FILet's Table-4 ablation: the highest-energy (FILet-P) and random (FILet-R) directions
+    # instead of the lowest (FILet-M), on either basis; and singular-value instead of Fisher
+    # magnitudes (defined on the orthonormal svd basis only)
+    "filet-max": ("filet", {"select": "max"}),
+    "filet-random": ("filet", {"select": "random"}),
+    "filet-svd-max": ("filet", {"basis": "svd", "select": "max"}),
+    "filet-svd-random": ("filet", {"basis": "svd", "select": "random"}),
+    "filet-svd-singular": ("filet", {"basis": "svd", "scale": "singular"}),
+    # FW-LoRA's control: warm-up K = 0 keeps I ≡ 0, i.e. the same penalty λ Σ ‖ΔW_m‖² with no
+    # Fisher weighting (uniform L2 on the updates); and its two other settings, I_m normalised
+    # by the largest F (max) and the paper's weight-decay form (decay; needs --weight-decay > 0)
+    "fw-lora-uniform": ("fw-lora", {"fw_warmup_steps": 0}),
+    "fw-lora-max": ("fw-lora", {"fw_normalize": "max"}),
+    "fw-lora-decay": ("fw-lora", {"fw_mode": "decay"}),
 }
 
 # Methods that change the ranks per module (the report draws their rank maps).
