@@ -1,0 +1,432 @@
+"""The claims table of issue #15 from the runs of `benchmarks/claims_runs.py` and the `cpu`
+suite's reference cell ``rt-low-data`` (every run pairs by seed with every other: same data
+subset, validation split, data order and head init).
+
+One row per measured comparison ``A − B`` (final runs only, the seeds both finished): the mean
+per-seed difference of test accuracy with its paired 95 % t interval
+``Δ ± t(0.975, n − 1)·sd(d)/√n`` (``report.paired_t``), the same for the held-out NLL, and a
+verdict on accuracy:
+
+- a claim "A beats B": *holds* when the interval lies above 0; *does not hold* when it lies
+  below 0, or below the paper's own effect size where the paper gives one (then the paper's
+  gain is ruled out at this size); otherwise *cannot tell at this size*;
+- a claim "A and B are within ±b" (insensitivity): *holds* when the interval lies inside ±b,
+  *does not hold* when it lies outside, otherwise *cannot tell at this size*;
+- a measurement the papers make no claim about: *measured*, with whether the interval
+  excludes 0.
+
+Rows whose runs have not finished are listed as *pending*. Nothing here reads a split other
+than the final runs' test metrics and the validation metrics they recorded.
+
+    python benchmarks/claims_table.py      # -> benchmarks/results/claims/claims_table.{md,csv}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+from claims_runs import OUT as RUNS
+from claims_runs import REFERENCE_CELL, SUITE_OUT
+
+from fisherlora.experiments.report import paired_t
+
+REF = "ref"  # the suite's reference cell
+RESULTS = Path("benchmarks/results/claims")
+
+
+@dataclass(frozen=True)
+class Arm:
+    source: str  # REF or an experiment of claims_runs.py
+    method: str
+    rank: int = 8
+
+    def label(self) -> str:
+        where = REFERENCE_CELL if self.source == REF else self.source
+        return f"{self.method} ({where}, r={self.rank})"
+
+
+@dataclass(frozen=True)
+class Claim:
+    paper: str  # FW-LoRA, FIM-LoRA, FILet
+    claim: str
+    paper_number: str
+    a: Arm
+    b: Arm
+    kind: str = "beats"  # "beats" (A > B), "within" (|A − B| ≤ band), "measure"
+    effect: float | None = None  # the paper's gain of A over B, accuracy (beats)
+    band: float = 0.001  # within: ±0.1 pp
+
+
+def _arm(source: str, method: str, rank: int = 8) -> Arm:
+    return Arm(source, method, rank)
+
+
+CLAIMS: list[Claim] = [
+    # --- FW-LoRA ---
+    *[
+        Claim(
+            "FW-LoRA",
+            "the Fisher weighting (1 − I_m) helps over the same penalty unweighted (I ≡ 0)",
+            "implied (no control in the paper)",
+            _arm(source, "fw-lora"),
+            _arm(control, "fw-lora-uniform"),
+        )
+        for source, control in (
+            (REF, "ablations-r8"),
+            ("fw-lambda-0.01", "fw-lambda-0.01"),
+            ("fw-lambda-0.1", "fw-lambda-0.1"),
+        )
+    ],
+    Claim(
+        "FW-LoRA",
+        "I_m normalised by max F instead of Σ F",
+        "—",
+        _arm("ablations-r8", "fw-lora-max"),
+        _arm(REF, "fw-lora"),
+        kind="measure",
+    ),
+    *[
+        Claim(
+            "FW-LoRA",
+            "insensitive to λ ∈ [5e-5, 5e-4]",
+            "≤ 0.1 pp",
+            _arm(f"fw-lambda-{lam}", "fw-lora"),
+            _arm(REF, "fw-lora"),
+            kind="within",
+        )
+        for lam in ("1e-05", "0.001")
+    ],
+    *[
+        Claim(
+            "FW-LoRA",
+            "where the penalty starts to matter (λ far above the paper's range)",
+            "—",
+            _arm(f"fw-lambda-{lam}", "fw-lora"),
+            _arm(REF, "fw-lora"),
+            kind="measure",
+        )
+        for lam in ("0.01", "0.1")
+    ],
+    *[
+        Claim(
+            "FW-LoRA",
+            "insensitive to the warm-up K ∈ {300, 500, 800} (here K = 10, 50 vs 20 of 100 steps)",
+            "≤ 0.1 pp",
+            _arm(f"fw-k-{k}", "fw-lora"),
+            _arm(REF, "fw-lora"),
+            kind="within",
+        )
+        for k in (10, 50)
+    ],
+    *[
+        Claim(
+            "FW-LoRA",
+            f"beats LoRA at a tiny budget ({budget})",
+            "+0.23 pp (SST-2)",
+            _arm(source, "fw-lora", rank),
+            _arm(source, "lora", rank),
+            effect=0.0023,
+        )
+        for source, rank, budget in (
+            ("budget-qv-r2", 2, "0.08 % of the parameters: q, v at r = 2"),
+            ("budget-r1", 1, "0.18 %: r = 1"),
+            ("ranks-r2", 2, "0.37 %: r = 2"),
+            ("ranks-r4", 4, "0.73 %: r = 4"),
+            (REF, 8, "1.47 %: r = 8"),
+        )
+    ],
+    Claim(
+        "FW-LoRA",
+        "the weight-decay one-liner (wd 0.01 · (1 − I_m)) against the loss form (λ = 1e-4)",
+        "—",
+        _arm("fw-decay", "fw-lora-decay"),
+        _arm(REF, "fw-lora"),
+        kind="measure",
+    ),
+    # --- FIM-LoRA ---
+    *[
+        Claim(
+            "FIM-LoRA",
+            "a random-rank allocation with the same budget systematically underperforms",
+            "systematic",
+            _arm(source, "fim-lora", rank),
+            _arm(source, "random-rank", rank),
+        )
+        for source, rank in (("ranks-r2", 2), ("ranks-r4", 4), (REF, 8))
+    ],
+    *[
+        Claim(
+            "FIM-LoRA",
+            "beats LoRA at a matched parameter budget",
+            "gains at low rank",
+            _arm(source, "fim-lora", rank),
+            _arm(source, "lora", rank),
+        )
+        for source, rank in (("ranks-r2", 2), ("ranks-r4", 4), (REF, 8))
+    ],
+    Claim(
+        "FIM-LoRA",
+        "the rank floor is the dominant factor: r_min = r/2 (ours) against r_min = 1",
+        "dominant",
+        _arm(REF, "fim-lora"),
+        _arm("ablations-r8", "fim-lora-rmin1"),
+    ),
+    *[
+        Claim(
+            "FIM-LoRA",
+            f"the score reduction: {score} instead of mean",
+            "—",
+            _arm("ablations-r8", f"fim-lora-{score}"),
+            _arm(REF, "fim-lora"),
+            kind="measure",
+        )
+        for score in ("max", "l2")
+    ],
+    Claim(
+        "FIM-LoRA",
+        "the mini-batch estimator instead of the per-example Fisher (Eq. 1)",
+        "—",
+        _arm(REF, "fim-lora-batch"),
+        _arm(REF, "fim-lora"),
+        kind="measure",
+    ),
+    Claim(
+        "FIM-LoRA",
+        "the signal saturates quickly: T = 16 calibration batches against 8",
+        "saturates by T ≈ 4-8",
+        _arm("calib-16", "fim-lora"),
+        _arm(REF, "fim-lora"),
+        kind="within",
+    ),
+    Claim(
+        "FIM-LoRA",
+        "one calibration batch (T = 1) against 8",
+        "—",
+        _arm("calib-1", "fim-lora"),
+        _arm(REF, "fim-lora"),
+        kind="measure",
+    ),
+    # --- FILet ---
+    *[
+        Claim(
+            "FILet",
+            f"min-energy directions beat {other} ones ({basis} basis)",
+            "Table 4: M > R, P",
+            _arm(REF, mine),
+            _arm("ablations-r8", f"{mine}-{select}"),
+        )
+        for basis, mine in (("gram", "filet"), ("svd", "filet-svd"))
+        for select, other in (("max", "max-energy"), ("random", "random"))
+    ],
+    Claim(
+        "FILet",
+        "Fisher magnitudes beat singular-value ones (svd basis)",
+        "Table 4",
+        _arm(REF, "filet-svd"),
+        _arm("ablations-r8", "filet-svd-singular"),
+    ),
+    Claim(
+        "FILet",
+        "the gram basis (the paper) against W's singular vectors",
+        "—",
+        _arm(REF, "filet"),
+        _arm(REF, "filet-svd"),
+        kind="measure",
+    ),
+    *[
+        Claim(
+            "FILet",
+            f"calibration size: {t} × 32 examples against 8 × 32",
+            "§4.5: small batches suffice",
+            _arm(f"calib-{t}", "filet"),
+            _arm(REF, "filet"),
+            kind="measure",
+        )
+        for t in (1, 16)
+    ],
+]
+
+
+def final_runs(directory: Path) -> pd.DataFrame:
+    """One row per finished final run under ``directory`` (``r<rank>/<method>/seed<s>/``)."""
+    rows = []
+    for path in sorted(directory.glob("r*/*/seed*/metrics.json")):
+        m = json.loads(path.read_text())
+        curve = path.with_name("curve.csv")
+        share = math.nan
+        if curve.exists():
+            c = pd.read_csv(curve)
+            if {"extra_loss", "train_loss"} <= set(c) and (c["train_loss"] > 0).all():
+                share = float((c["extra_loss"] / c["train_loss"]).mean())
+        rows.append(
+            {
+                "method": m["method"],
+                "rank": int(path.parts[-4][1:]),
+                "seed": int(m["seed"]),
+                "lr": m.get("lr"),
+                "accuracy": m.get("accuracy"),
+                "nll": m.get("nll"),
+                "val_accuracy": m.get("val_accuracy"),
+                "trainable_params": m.get("trainable_params"),
+                "init_s": m.get("timings", {}).get("init_s"),
+                "penalty_share": share,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def load_sources(runs: Path) -> dict[str, pd.DataFrame]:
+    sources = {REF: final_runs(SUITE_OUT / REFERENCE_CELL)}
+    for directory in sorted(p for p in runs.glob("*") if p.is_dir()):
+        sources[directory.name] = final_runs(directory)
+    return sources
+
+
+def arm_runs(sources: dict[str, pd.DataFrame], arm: Arm) -> pd.DataFrame:
+    runs = sources.get(arm.source, pd.DataFrame())
+    if runs.empty:
+        return runs
+    return runs[(runs["method"] == arm.method) & (runs["rank"] == arm.rank)].set_index("seed")
+
+
+def verdict(claim: Claim, low: float, high: float, pairs: int) -> str:
+    if pairs < 2:
+        return "pending" if pairs == 0 else "no interval"
+    if claim.kind == "beats":
+        if low > 0:
+            return "holds"
+        if high < 0:
+            return "does not hold (reversed)"
+        if claim.effect is not None and high < claim.effect:
+            return f"does not hold (rules out +{claim.effect * 100:.2f} pp)"
+        return "cannot tell at this size"
+    if claim.kind == "within":
+        if -claim.band <= low and high <= claim.band:
+            return "holds"
+        if low > claim.band or high < -claim.band:
+            return "does not hold"
+        return "cannot tell at this size"
+    return "measured: " + ("differs" if low > 0 or high < 0 else "no difference seen")
+
+
+def _fmt(delta: float, low: float, high: float, scale: float, unit: str) -> str:
+    if math.isnan(delta):
+        return "–"
+    if math.isnan(low):
+        return f"{delta * scale:+.2f}{unit}"
+    return f"{delta * scale:+.2f}{unit} [{low * scale:+.2f}, {high * scale:+.2f}]"
+
+
+def claims_table(sources: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    rows = []
+    for claim in CLAIMS:
+        a, b = arm_runs(sources, claim.a), arm_runs(sources, claim.b)
+        seeds = sorted(set(a.index) & set(b.index)) if len(a) and len(b) else []
+        row = {
+            "paper": claim.paper,
+            "claim": claim.claim,
+            "paper's number": claim.paper_number,
+            "A": claim.a.label(),
+            "B": claim.b.label(),
+            "seeds": len(seeds),
+        }
+        for metric, scale, unit in (("accuracy", 100, " pp"), ("nll", 1, "")):
+            d = (
+                (a.loc[seeds, metric] - b.loc[seeds, metric]).to_numpy(dtype=float)
+                if seeds
+                else []
+            )
+            diff = paired_t(d)
+            row[f"{metric}_delta"] = diff.delta
+            row[f"{metric}_ci_low"] = diff.ci_low
+            row[f"{metric}_ci_high"] = diff.ci_high
+            row[f"Δ {metric} [95 % CI]"] = _fmt(diff.delta, diff.ci_low, diff.ci_high, scale, unit)
+        row["verdict"] = verdict(claim, row["accuracy_ci_low"], row["accuracy_ci_high"], len(seeds))
+        for side, runs in (("A", a), ("B", b)):
+            row[f"{side} lr"] = (
+                ",".join(f"{v:g}" for v in sorted(runs["lr"].unique())) if len(runs) else "–"
+            )
+            row[f"{side} params"] = int(runs["trainable_params"].median()) if len(runs) else None
+            row[f"{side} penalty share"] = (
+                float(runs["penalty_share"].mean()) if len(runs) else math.nan
+            )
+            row[f"{side} init s"] = float(runs["init_s"].median()) if len(runs) else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+SHOWN = [
+    "paper",
+    "claim",
+    "paper's number",
+    "A",
+    "B",
+    "seeds",
+    "Δ accuracy [95 % CI]",
+    "Δ nll [95 % CI]",
+    "verdict",
+]
+
+
+def markdown(table: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(SHOWN) + " |", "|" + "---|" * len(SHOWN)]
+    for _, row in table.iterrows():
+        lines.append("| " + " | ".join(str(row[c]) for c in SHOWN) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_forest(table: pd.DataFrame, path: Path) -> None:
+    done = table[table["seeds"] >= 2].reset_index(drop=True)
+    if done.empty:
+        return
+    fig, ax = plt.subplots(figsize=(9, 0.38 * len(done) + 1.2))
+    for i, row in done.iterrows():
+        y = len(done) - 1 - i
+        color = {"holds": "tab:green"}.get(row["verdict"], "tab:gray")
+        if row["verdict"].startswith("does not"):
+            color = "tab:red"
+        ax.errorbar(
+            row["accuracy_delta"] * 100,
+            y,
+            xerr=[
+                [(row["accuracy_delta"] - row["accuracy_ci_low"]) * 100],
+                [(row["accuracy_ci_high"] - row["accuracy_delta"]) * 100],
+            ],
+            fmt="o",
+            color=color,
+            capsize=3,
+        )
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(done)))
+    ax.set_yticklabels([f"{r['A']} − {r['B']}" for _, r in done.iterrows()][::-1], fontsize=7)
+    ax.set_xlabel("Δ test accuracy, pp (paired 95 % CI over seeds)")
+    ax.set_title("Claims: A − B (green: holds, red: does not hold, grey: cannot tell / measured)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=Path, default=RUNS)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    table = claims_table(load_sources(args.runs))
+    args.out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out / "claims_table.csv", index=False)
+    (args.out / "claims_table.md").write_text(markdown(table))
+    plot_forest(table, args.out / "claims_forest.png")
+    print(markdown(table))
+
+
+if __name__ == "__main__":
+    main()
