@@ -1,0 +1,106 @@
+"""benchmarks/claims_runs.py and claims_table.py: every experiment is the reference cell with only
+its stated changes, and the table pairs runs by seed and judges claims by the stated rules."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def claims():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import claims_runs
+        import claims_table
+
+        yield claims_runs, claims_table
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_experiments_change_only_what_they_state(claims, tmp_path, monkeypatch):
+    runs, _ = claims
+    reference = runs.reference_config()
+    picks = {"fw-lora": 0.003, "fim-lora": 0.001, "filet": 0.001}
+    monkeypatch.setattr(runs, "picked_rates", lambda: picks)
+    names = [e.name for e in runs.EXPERIMENTS]
+    assert len(names) == len(set(names))
+    ref_settings = dataclasses.asdict(reference.base)
+    for experiment in runs.EXPERIMENTS:
+        config = runs.experiment_config(experiment, reference, tmp_path)
+        settings = dataclasses.asdict(config.base)
+        changed = {k for k in settings if settings[k] != ref_settings[k]}
+        allowed = set(experiment.settings) | ({"lr"} if experiment.lr == "picked" else set())
+        assert changed <= allowed, (experiment.name, changed - allowed)
+        assert config.seeds == reference.seeds
+        assert config.ranks == [experiment.rank or reference.ranks[0]]
+        if experiment.lr == "picked":
+            assert config.lr_grid is None and config.base.lr in picks.values()
+        else:
+            assert config.lr_grid == reference.lr_grid
+            assert config.tune_seeds == reference.tune_seeds
+        assert Path(config.out) == tmp_path / experiment.name
+
+
+def _write_run(root: Path, method: str, seed: int, accuracy: float, rank: int = 8) -> None:
+    run = root / f"r{rank}" / method / f"seed{seed}"
+    run.mkdir(parents=True)
+    metrics = {
+        "method": method,
+        "seed": seed,
+        "lr": 1e-3,
+        "accuracy": accuracy,
+        "nll": 1 - accuracy,
+        "trainable_params": 100,
+        "timings": {"init_s": 1.0},
+    }
+    (run / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_table_pairs_by_seed_and_applies_the_verdict_rules(claims, tmp_path):
+    _, table = claims
+    ref = tmp_path / "ref"
+    # fw-lora beats its control on every seed; fim-lora vs random-rank: no clear sign
+    for seed, (fw, uniform, fim, rand) in enumerate(
+        [(0.80, 0.78, 0.75, 0.76), (0.81, 0.79, 0.77, 0.75), (0.79, 0.77, 0.76, 0.76)]
+    ):
+        _write_run(ref, "fw-lora", seed, fw)
+        _write_run(ref, "fim-lora", seed, fim)
+        _write_run(ref, "random-rank", seed, rand)
+        _write_run(tmp_path / "ablations-r8", "fw-lora-uniform", seed, uniform)
+    _write_run(tmp_path / "ablations-r8", "fw-lora-uniform", 7, 0.0)  # no partner: not paired
+    sources = {
+        "ref": table.final_runs(ref),
+        "ablations-r8": table.final_runs(tmp_path / "ablations-r8"),
+    }
+    result = table.claims_table(sources).set_index(["A", "B"])
+    control = result.loc[("fw-lora (rt-low-data, r=8)", "fw-lora-uniform (ablations-r8, r=8)")]
+    assert control["seeds"] == 3
+    assert control["accuracy_delta"] == pytest.approx(0.02)
+    assert control["verdict"] == "holds"  # every seed +2 pp: the interval is that point
+    random = result.loc[("fim-lora (rt-low-data, r=8)", "random-rank (rt-low-data, r=8)")]
+    assert random["seeds"] == 3 and random["verdict"] == "cannot tell at this size"
+    missing = result.loc[("fim-lora (ranks-r2, r=2)", "random-rank (ranks-r2, r=2)")]
+    assert missing["seeds"] == 0 and missing["verdict"] == "pending"
+
+
+def test_verdict_rules(claims):
+    _, table = claims
+    arm = table.Arm("ref", "x")
+    beats = table.Claim("P", "c", "n", arm, arm, effect=0.0023)
+    assert table.verdict(beats, 0.001, 0.01, 5) == "holds"
+    assert table.verdict(beats, -0.01, -0.001, 5) == "does not hold (reversed)"
+    assert table.verdict(beats, -0.01, 0.002, 5).startswith("does not hold (rules out")
+    assert table.verdict(beats, -0.01, 0.01, 5) == "cannot tell at this size"
+    within = table.Claim("P", "c", "n", arm, arm, kind="within", band=0.001)
+    assert table.verdict(within, -0.0005, 0.0008, 5) == "holds"
+    assert table.verdict(within, 0.002, 0.01, 5) == "does not hold"
+    assert table.verdict(within, -0.01, 0.01, 5) == "cannot tell at this size"
+    assert table.verdict(within, -0.01, 0.01, 1) == "no interval"
