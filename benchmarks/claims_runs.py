@@ -58,6 +58,7 @@ EXPERIMENTS: list[Experiment] = [
     Experiment(
         "ablations-r8",
         [
+            "lora",  # LoRA again: its A's kept subspace (the runner records it since 2026-11-24)
             "fw-lora-uniform",
             "fw-lora-max",
             "fim-lora-rmin1",
@@ -71,7 +72,8 @@ EXPERIMENTS: list[Experiment] = [
         ],
         "each paper's ablations against its method (the cell's fw-lora, fim-lora, filet, "
         "filet-svd): I ≡ 0 and max-normalised I; r_min = 1 and the max / l2 scores; FILet-P/R "
-        "on both bases and singular-value magnitudes",
+        "on both bases and singular-value magnitudes; LoRA rerun as the reference of the "
+        "kept-subspace figure (and a check that the cell's LoRA runs reproduce)",
     ),
     *[
         Experiment(

@@ -64,6 +64,7 @@ class Claim:
     kind: str = "beats"  # "beats" (A > B), "within" (|A − B| ≤ band), "measure"
     effect: float | None = None  # the paper's gain of A over B, accuracy (beats)
     band: float = 0.001  # within: ±0.1 pp
+    metric: str = "accuracy"  # the outcome the verdict reads (test accuracy unless stated)
 
 
 def _arm(source: str, method: str, rank: int = 8) -> Arm:
@@ -234,6 +235,27 @@ CLAIMS: list[Claim] = [
         _arm(REF, "filet-svd"),
         _arm("ablations-r8", "filet-svd-singular"),
     ),
+    *[
+        Claim(
+            "FILet",
+            "training stays in the initial (Fisher) subspace: A's row space kept, against "
+            "LoRA's random A",
+            "stays",
+            _arm(source, method),
+            _arm("ablations-r8", "lora"),
+            metric="a_row_space_kept",
+        )
+        for source, method in ((REF, "filet"), (REF, "filet-svd"), ("ablations-r8", "filet-max"))
+    ],
+    Claim(
+        "—",
+        "reproducibility: the cell's LoRA rerun with the same settings and seeds",
+        "identical",
+        _arm("ablations-r8", "lora"),
+        _arm(REF, "lora"),
+        kind="within",
+        band=0.0,
+    ),
     Claim(
         "FILet",
         "the gram basis (the paper) against W's singular vectors",
@@ -267,9 +289,14 @@ def final_runs(directory: Path) -> pd.DataFrame:
             c = pd.read_csv(curve)
             if {"extra_loss", "train_loss"} <= set(c) and (c["train_loss"] > 0).all():
                 share = float((c["extra_loss"] / c["train_loss"]).mean())
+        kept = m.get("a_row_space_kept")
+        training = path.with_name("filet_training.json")
+        if kept is None and training.exists():  # FILet runs from before the runner recorded it
+            kept = json.loads(training.read_text()).get("subspace_overlap_mean")
         rows.append(
             {
                 "method": m["method"],
+                "a_row_space_kept": kept,
                 "rank": int(path.parts[-4][1:]),
                 "seed": int(m["seed"]),
                 "lr": m.get("lr"),
@@ -281,7 +308,11 @@ def final_runs(directory: Path) -> pd.DataFrame:
                 "penalty_share": share,
             }
         )
-    return pd.DataFrame(rows)
+    runs = pd.DataFrame(rows)
+    for column in ("accuracy", "nll", "val_accuracy", "a_row_space_kept", "init_s"):
+        if column in runs:
+            runs[column] = pd.to_numeric(runs[column], errors="coerce")
+    return runs
 
 
 def load_sources(runs: Path) -> dict[str, pd.DataFrame]:
@@ -340,17 +371,28 @@ def claims_table(sources: dict[str, pd.DataFrame]) -> pd.DataFrame:
             "seeds": len(seeds),
         }
         for metric, scale, unit in (("accuracy", 100, " pp"), ("nll", 1, "")):
-            d = (
-                (a.loc[seeds, metric] - b.loc[seeds, metric]).to_numpy(dtype=float)
-                if seeds
-                else []
-            )
+            d = (a.loc[seeds, metric] - b.loc[seeds, metric]).to_numpy(dtype=float) if seeds else []
             diff = paired_t(d)
             row[f"{metric}_delta"] = diff.delta
             row[f"{metric}_ci_low"] = diff.ci_low
             row[f"{metric}_ci_high"] = diff.ci_high
             row[f"Δ {metric} [95 % CI]"] = _fmt(diff.delta, diff.ci_low, diff.ci_high, scale, unit)
-        row["verdict"] = verdict(claim, row["accuracy_ci_low"], row["accuracy_ci_high"], len(seeds))
+        if claim.metric not in ("accuracy", "nll") and seeds:
+            d = (a.loc[seeds, claim.metric] - b.loc[seeds, claim.metric]).to_numpy(dtype=float)
+            diff = paired_t(d)
+            row |= {
+                f"{claim.metric}_delta": diff.delta,
+                f"{claim.metric}_ci_low": diff.ci_low,
+                f"{claim.metric}_ci_high": diff.ci_high,
+                "other outcome": f"{claim.metric}: A {a[claim.metric].mean():.3f}, "
+                f"B {b[claim.metric].mean():.3f}, Δ "
+                + _fmt(diff.delta, diff.ci_low, diff.ci_high, 1, ""),
+            }
+        low, high = (
+            row.get(f"{claim.metric}_ci_low", math.nan),
+            row.get(f"{claim.metric}_ci_high", math.nan),
+        )
+        row["verdict"] = verdict(claim, low, high, len(seeds))
         for side, runs in (("A", a), ("B", b)):
             row[f"{side} lr"] = (
                 ",".join(f"{v:g}" for v in sorted(runs["lr"].unique())) if len(runs) else "–"
@@ -373,6 +415,7 @@ SHOWN = [
     "seeds",
     "Δ accuracy [95 % CI]",
     "Δ nll [95 % CI]",
+    "other outcome",
     "verdict",
 ]
 
@@ -380,7 +423,8 @@ SHOWN = [
 def markdown(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(SHOWN) + " |", "|" + "---|" * len(SHOWN)]
     for _, row in table.iterrows():
-        lines.append("| " + " | ".join(str(row[c]) for c in SHOWN) + " |")
+        cells = ["" if pd.isna(row.get(c)) else str(row[c]) for c in SHOWN]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

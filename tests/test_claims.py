@@ -49,10 +49,10 @@ def test_experiments_change_only_what_they_state(claims, tmp_path, monkeypatch):
         assert Path(config.out) == tmp_path / experiment.name
 
 
-def _write_run(root: Path, method: str, seed: int, accuracy: float, rank: int = 8) -> None:
+def _write_run(root: Path, method: str, seed: int, accuracy: float, rank: int = 8, **extra) -> Path:
     run = root / f"r{rank}" / method / f"seed{seed}"
     run.mkdir(parents=True)
-    metrics = {
+    metrics = extra | {
         "method": method,
         "seed": seed,
         "lr": 1e-3,
@@ -62,6 +62,7 @@ def _write_run(root: Path, method: str, seed: int, accuracy: float, rank: int = 
         "timings": {"init_s": 1.0},
     }
     (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
 
 
 def test_table_pairs_by_seed_and_applies_the_verdict_rules(claims, tmp_path):
@@ -75,6 +76,10 @@ def test_table_pairs_by_seed_and_applies_the_verdict_rules(claims, tmp_path):
         _write_run(ref, "fim-lora", seed, fim)
         _write_run(ref, "random-rank", seed, rand)
         _write_run(tmp_path / "ablations-r8", "fw-lora-uniform", seed, uniform)
+        # the kept subspace: FILet's from its own report (older runs), LoRA's from metrics.json
+        run = _write_run(ref, "filet", seed, 0.8)
+        (run / "filet_training.json").write_text(json.dumps({"subspace_overlap_mean": 0.9}))
+        _write_run(tmp_path / "ablations-r8", "lora", seed, 0.8, a_row_space_kept=0.5 + seed / 100)
     _write_run(tmp_path / "ablations-r8", "fw-lora-uniform", 7, 0.0)  # no partner: not paired
     sources = {
         "ref": table.final_runs(ref),
@@ -87,6 +92,9 @@ def test_table_pairs_by_seed_and_applies_the_verdict_rules(claims, tmp_path):
     assert control["verdict"] == "holds"  # every seed +2 pp: the interval is that point
     random = result.loc[("fim-lora (rt-low-data, r=8)", "random-rank (rt-low-data, r=8)")]
     assert random["seeds"] == 3 and random["verdict"] == "cannot tell at this size"
+    kept = result.loc[("filet (rt-low-data, r=8)", "lora (ablations-r8, r=8)")]
+    assert kept["a_row_space_kept_delta"] == pytest.approx(0.39)
+    assert kept["verdict"] == "holds" and kept["other outcome"].startswith("a_row_space_kept")
     missing = result.loc[("fim-lora (ranks-r2, r=2)", "random-rank (ranks-r2, r=2)")]
     assert missing["seeds"] == 0 and missing["verdict"] == "pending"
 

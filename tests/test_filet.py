@@ -14,16 +14,11 @@ from conftest import (
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
-from fisherlora.adapters import export_lora, lora_layers
+from fisherlora.adapters import export_lora, lora_layers, subspace_overlap
 from fisherlora.capture import apply_mask, calibration_mode, capture_io, padding_mask
 from fisherlora.errors import CalibrationError, ConfigError
 from fisherlora.methods import get_method
-from fisherlora.methods.filet import (
-    candidate_directions,
-    filet_init,
-    lowrank_spectral_norm,
-    subspace_overlap,
-)
+from fisherlora.methods.filet import candidate_directions, filet_init, lowrank_spectral_norm
 from fisherlora.methods.fim_lora import allocate_ranks
 
 pytestmark = pytest.mark.filterwarnings("ignore:the calibration loader ran out")
@@ -296,6 +291,8 @@ def test_runner_writes_spectrum_and_a_reloadable_adapter(tmp_path, small_csv, ca
     assert training["step0_grad_norm"]["lora_A"] > 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["prepare"]["filet"]["basis"] == "gram"
+    # the runner's figure for every method is FILet's own
+    assert metrics["a_row_space_kept"] == pytest.approx(training["subspace_overlap_mean"])
     saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert set(saved["rank_pattern"].values()) == {16}
 

@@ -144,3 +144,24 @@ def test_non_finite_loss_stops_the_run_with_a_clear_error(keyword_task):
             task=keyword_task,
             progress=False,
         )
+
+
+def test_every_run_reports_how_much_of_its_initial_input_subspace_it_kept(keyword_task):
+    from fisherlora.adapters import input_factors, row_space_kept
+
+    untouched = load_model("tiny-bert", num_labels=2, seed=0)
+    assert input_factors(untouched) is None  # not a PeftModel: nothing to measure
+    short = train(tiny_config(steps=2, lr=1e-5), task=keyword_task, progress=False)
+    longer = train(tiny_config(steps=40), task=keyword_task, progress=False)
+    for result in (short, longer):
+        # the figure is the mean over layers of row_space_kept, from A after the init
+        assert 0.0 < result.metrics["a_row_space_kept"] <= 1.0 + 1e-6
+        initial = input_factors(result.model)
+        assert list(row_space_kept(initial, result.model).values()) == pytest.approx(
+            [1.0] * len(initial), abs=1e-5
+        )
+    # hardly trained: A still reads its initial directions; trained at a large rate: less so
+    assert short.metrics["a_row_space_kept"] > 0.99
+    assert longer.metrics["a_row_space_kept"] < short.metrics["a_row_space_kept"]
+    adalora = train(tiny_config(steps=4, method="adalora"), task=keyword_task, progress=False)
+    assert "a_row_space_kept" not in adalora.metrics  # AdaLoRA's SVD form has no plain A

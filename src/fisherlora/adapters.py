@@ -137,6 +137,36 @@ def lora_layers(model: nn.Module) -> tuple[str, dict[str, LoraLayer]]:
     return adapter, layers
 
 
+def subspace_overlap(a_initial: torch.Tensor, a_final: torch.Tensor) -> float:
+    """Mean squared cosine of the principal angles between the row spaces of two A matrices,
+    ``‖Q₀ᵀ Q₁‖²_F / r`` with ``Q`` orthonormal bases of ``rowspace(A)`` (1: the final adapter
+    still reads exactly the initial input directions; about r/n for unrelated ones)."""
+    q0 = torch.linalg.qr(a_initial.detach().float().T).Q
+    q1 = torch.linalg.qr(a_final.detach().float().T).Q
+    return torch.linalg.svdvals(q0.T @ q1).square().mean().item()
+
+
+def input_factors(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """A copy of every LoRA layer's A (the directions the adapter reads), or None for a model
+    without plain LoRA adapters (AdaLoRA's SVD form, no PeftModel)."""
+    try:
+        adapter, layers = lora_layers(model)
+    except ConfigError:
+        return None
+    return {n: layer.lora_A[adapter].weight.detach().clone() for n, layer in layers.items()}
+
+
+def row_space_kept(initial: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, float]:
+    """Per LoRA layer, :func:`subspace_overlap` of ``initial`` A (:func:`input_factors`) and the
+    model's A now: how much of the input subspace the adapter started with it still reads."""
+    adapter, layers = lora_layers(model)
+    return {
+        n: subspace_overlap(initial[n], layer.lora_A[adapter].weight)
+        for n, layer in layers.items()
+        if n in initial
+    }
+
+
 def resize_lora_layer(
     layer: LoraLayer, adapter: str, rank: int, alpha: float, *, gaussian: bool = False
 ) -> None:

@@ -43,7 +43,7 @@ from peft import LoraConfig, PeftModel
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from fisherlora.adapters import resolve_targets
+from fisherlora.adapters import input_factors, resolve_targets, row_space_kept
 from fisherlora.errors import ConfigError
 from fisherlora.experiments.batching import forever
 from fisherlora.experiments.distributed import Process, barrier, init_distributed
@@ -411,6 +411,10 @@ def train(
     started = time.perf_counter()
     prepare_info = method.prepare(model, calibration_loader)
     prepare_time = time.perf_counter() - started
+    # the input directions each adapter starts from (A after any init), to report at the end how
+    # much of them training kept: FILet's "stays in the Fisher subspace" needs LoRA's figure
+    # beside it to mean anything. None where the adapters are not plain LoRA (AdaLoRA).
+    initial_a = input_factors(model)
 
     # Re-seed so that training noise (dropout) does not depend on how much randomness the
     # method's initialisation consumed (and differs between processes).
@@ -518,6 +522,11 @@ def train(
         },
         "prepare": prepare_info,
     }
+    if initial_a is not None:
+        kept = row_space_kept(initial_a, model)
+        # mean over layers of ‖Q₀ᵀQ₁‖²_F / r (adapters.subspace_overlap): 1 = A's row space
+        # unchanged, about r/n for unrelated directions
+        metrics["a_row_space_kept"] = sum(kept.values()) / len(kept)
     # every held-out prediction in one class: the run learned nothing (warned about at the end)
     # (judged on test in a final run, on validation in a tuning run, which never reads test)
     collapse_seen = confusion if confusion is not None else last_confusion

@@ -72,7 +72,13 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
-from fisherlora.adapters import has_residual, lora_layers, record_residual
+from fisherlora.adapters import (
+    has_residual,
+    input_factors,
+    lora_layers,
+    record_residual,
+    row_space_kept,
+)
 from fisherlora.capture import (
     calibration_mode,
     capture_io,
@@ -819,14 +825,6 @@ def filet_init(
     )
 
 
-def subspace_overlap(a_initial: torch.Tensor, a_final: torch.Tensor) -> float:
-    """Mean squared cosine of the principal angles between the row spaces of two A matrices
-    (1: the final adapter still reads exactly the initial input directions; r/n: chance)."""
-    q0 = torch.linalg.qr(a_initial.detach().float().T).Q
-    q1 = torch.linalg.qr(a_final.detach().float().T).Q
-    return torch.linalg.svdvals(q0.T @ q1).square().mean().item()
-
-
 def adapter_grad_norms(model: PeftModel, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """‖∂L/∂A‖ and ‖∂L/∂B‖ over all adapters on one batch (dropout off), leaving no gradients:
     how much signal the adapters get at the point training starts from."""
@@ -899,10 +897,7 @@ class Filet(AdapterMethod):
             collected_by=collected_by,
         )
         self.model = model
-        adapter, layers = lora_layers(model)
-        self.initial_a = {
-            n: layer.lora_A[adapter].weight.detach().clone() for n, layer in layers.items()
-        }
+        self.initial_a = input_factors(model) or {}
         batch = next(iter(calibration_loader))
         self.step0_grad_norm = adapter_grad_norms(model, batch)
         return {"filet": self.report.summary(), "step0_grad_norm": self.step0_grad_norm}
@@ -910,11 +905,7 @@ class Filet(AdapterMethod):
     def diagnostics(self) -> dict[str, Any]:
         if self.model is None:
             return {}
-        adapter, layers = lora_layers(self.model)
-        overlaps = {
-            n: subspace_overlap(self.initial_a[n], layer.lora_A[adapter].weight)
-            for n, layer in layers.items()
-        }
+        overlaps = row_space_kept(self.initial_a, self.model)
         return {
             "step0_grad_norm": self.step0_grad_norm,
             "subspace_overlap_mean": sum(overlaps.values()) / len(overlaps),
