@@ -402,6 +402,16 @@ def claims_table(sources: dict[str, pd.DataFrame]) -> pd.DataFrame:
                 float(runs["penalty_share"].mean()) if len(runs) else math.nan
             )
             row[f"{side} init s"] = float(runs["init_s"].median()) if len(runs) else math.nan
+        row["lr A / B"] = f"{row['A lr']} / {row['B lr']}"
+        row["params A / B"] = " / ".join(
+            "–" if row[f"{side} params"] is None else f"{row[f'{side} params']:,}" for side in "AB"
+        )
+        notes = []
+        if "fw-lora" in claim.a.method and not math.isnan(row["A penalty share"]):
+            notes.append(f"penalty / loss: A {row['A penalty share']:.2%}")
+        if "calib" in claim.a.source and not math.isnan(row["A init s"]):
+            notes.append(f"init s: A {row['A init s']:.1f}, B {row['B init s']:.1f}")
+        row["notes"] = "; ".join(notes)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -412,10 +422,13 @@ SHOWN = [
     "paper's number",
     "A",
     "B",
+    "lr A / B",
+    "params A / B",
     "seeds",
     "Δ accuracy [95 % CI]",
     "Δ nll [95 % CI]",
     "other outcome",
+    "notes",
     "verdict",
 ]
 
