@@ -50,7 +50,8 @@ def test_train_on_a_users_csv_prints_a_summary(small_csv, tmp_path, capsys):
         (["--task", "no-such-task"], "no-such-task"),
         (
             ["--method", "magic"],
-            r"unknown method 'magic'.*'adalora', 'corda', 'dora', 'eva', 'filet', .*'filet-svd', .*'fim-lora'",
+            r"unknown method 'magic'.*'adalora', 'corda', 'dora', 'eva', 'filet', "
+            r".*'filet-svd', .*'fim-lora'",
         ),
         (["--model", "/no/such/model"], r"unknown model '/no/such/model'.*minilm"),
         (["--targets", "query,nonexistent"], r"'nonexistent' matches no module.*query"),
