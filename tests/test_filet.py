@@ -345,3 +345,21 @@ def test_filet_svd_composes_like_filet():
     info = method.prepare(model, batches)
     assert info["filet-svd"]["filet"]["basis"] == "svd"
     torch.testing.assert_close(logits(model, batches), before, atol=1e-5, rtol=0)
+
+
+def test_saved_report_round_trips_the_float32_values(tmp_path):
+    model = tiny_peft_model()
+    report = filet_init(model, random_batches(2), progress=False)
+    report.save(tmp_path)
+    text = (tmp_path / "filet.json").read_text()
+    saved = json.loads(text)
+    assert set(saved) == set(report.__dataclass_fields__)
+    assert len(text.splitlines()) == len(saved) + 2  # braces, and one line per field
+    for name, energies in report.energies.items():
+        assert saved["selected"][name] == report.selected[name]
+        for key, values in (
+            ("energies", energies),
+            ("singular_values", report.singular_values[name]),
+        ):
+            exact = torch.tensor(values, dtype=torch.float32)
+            assert torch.equal(torch.tensor(saved[key][name], dtype=torch.float32), exact)

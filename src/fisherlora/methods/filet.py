@@ -107,6 +107,24 @@ GRAM_EIGH_ASPECT = 2
 INPUT_GRAD_MIN_GAIN = 0.1
 
 
+def _float32_digits(value: Any) -> Any:
+    """``value`` with every float rounded to 9 significant digits (exact for float32 values)."""
+    if isinstance(value, float):
+        return float(f"{value:.9g}")
+    if isinstance(value, dict):
+        return {k: _float32_digits(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_float32_digits(v) for v in value]
+    return value
+
+
+def compact_json(report: dict[str, Any]) -> str:
+    """A report dict as JSON with one top-level field per line and no spaces inside a field."""
+    rounded = _float32_digits(report)
+    fields = (f"{json.dumps(k)}:{json.dumps(v, separators=(',', ':'))}" for k, v in rounded.items())
+    return "{\n" + ",\n".join(fields) + "\n}\n"
+
+
 @dataclass
 class FiletReport:
     """Per-module candidate energies and singular values, the selected candidates, timings."""
@@ -140,10 +158,12 @@ class FiletReport:
         }
 
     def save(self, out_dir: str | Path) -> None:
-        """``filet.json`` (the runner draws ``energy_spectrum.png`` from :meth:`figure`)."""
+        """``filet.json`` (the runner draws ``energy_spectrum.png`` from :meth:`figure`): one
+        line per field, numbers to 9 significant digits, which round-trips the float32 energies
+        and singular values exactly (a run's file is ~0.4 MB on MiniLM instead of ~1 MB)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "filet.json").write_text(json.dumps(asdict(self), indent=1))
+        (out / "filet.json").write_text(compact_json(asdict(self)))
 
     def figure(self) -> EnergySpectrum:
         """``energy_spectrum.png`` as data: energies per module type, the selected marked."""
