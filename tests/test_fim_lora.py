@@ -272,6 +272,33 @@ def test_nan_gradient_names_the_module_and_changes_nothing(estimator):
     assert_unchanged(before, snapshot(model))
 
 
+@pytest.mark.parametrize("estimator", ["batch", "per_example"])
+def test_finiteness_is_read_once_per_batch_for_all_modules(estimator, monkeypatch):
+    # One device-to-host read per batch (on a GPU a sync per module per batch would stall the
+    # passes); the check covers every module's sums.
+    from fisherlora.methods import fim_lora
+
+    calls = []
+    real = fim_lora.check_all_finite
+    monkeypatch.setattr(
+        fim_lora, "check_all_finite", lambda t, *a: calls.append(set(t)) or real(t, *a)
+    )
+    model = tiny_peft_model()
+    _, layers = lora_layers(model)
+    allocate_ranks(model, random_batches(3), n_batches=3, estimator=estimator, progress=False)
+    assert calls == [set(layers)] * 3
+
+
+def test_check_all_finite_names_the_first_bad_module_in_order():
+    from fisherlora.capture import check_all_finite
+
+    good, bad = torch.ones(2, 2), torch.tensor([1.0, float("inf")])
+    check_all_finite({"a": good, "b": good})  # nothing raised
+    check_all_finite({})
+    with pytest.raises(CalibrationError, match=r"non-finite energy .* module 'b'"):
+        check_all_finite({"a": good, "b": bad, "c": bad * float("nan")}, "energy")
+
+
 def test_hooks_are_removed_when_the_forward_pass_raises():
     model = tiny_peft_model()
     before = snapshot(model)

@@ -343,6 +343,19 @@ def check_finite(name: str, tensor: torch.Tensor, what: str = "gradient") -> Non
         )
 
 
+def check_all_finite(tensors: Mapping[str, torch.Tensor], what: str = "gradient") -> None:
+    """:func:`check_finite` for many modules with one device-to-host transfer: the flags are
+    reduced on the device and read once (on a GPU, one sync per call instead of one per module).
+    The error names the first module (in ``tensors``' order) that is not finite."""
+    if not tensors:
+        return
+    flags = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).cpu()
+    if bool(flags.all()):
+        return
+    name = list(tensors)[int((~flags).nonzero()[0])]
+    check_finite(name, tensors[name], what)
+
+
 def layer_groups(names: list[str], layers_per_pass: int | None) -> list[list[str]]:
     """Consecutive groups of ``layers_per_pass`` module names (one group of all when None)."""
     if layers_per_pass is None:

@@ -46,8 +46,8 @@ from fisherlora.capture import (
     PassStatistic,
     apply_mask,
     capture_io,
+    check_all_finite,
     check_batch,
-    check_finite,
     example_loss_scale,
     layer_groups,
     predicts_next_token,
@@ -281,9 +281,8 @@ class BFisher:
     def _accumulate_per_example(self, name: str, u: torch.Tensor, g: torch.Tensor, mask) -> None:
         # ∂ℓ_i/∂B = c_i · G_i: c_i = N for a loss averaged over the N examples of the batch,
         # T / T_i for one averaged over T scored tokens (capture.example_loss_scale).
-        sq = per_example_sq_grad(apply_mask(u, mask), g, self.loss_scale)
-        check_finite(name, sq)
-        self.fisher[name] += sq
+        # Checked for NaN/inf once per batch (end_batch), not here: one host sync per batch.
+        self.fisher[name] += per_example_sq_grad(apply_mask(u, mask), g, self.loss_scale)
 
     def hooks(self):
         per_example = self.estimator == "per_example"
@@ -300,9 +299,9 @@ class BFisher:
     def end_batch(self, batch: Mapping[str, torch.Tensor]) -> None:
         if self.estimator == "batch":
             for name, weight in self.b_weights.items():
-                grad = all_reduce_mean(weight.grad.float())
-                check_finite(name, grad)
-                self.fisher[name] += grad.square()
+                self.fisher[name] += all_reduce_mean(weight.grad.float()).square()
+        # A NaN or inf gradient leaves its module's sums non-finite: one check for all modules.
+        check_all_finite(self.fisher)
         for weight in self.b_weights.values():
             weight.grad = None
         self.examples += batch["labels"].shape[0]
