@@ -4,7 +4,7 @@ The same model and batches as ``bench_scaling.py`` (random weights, batches of 4
 LoRA r = 8 on q/k/v/o/gate/up/down), one ``filet_init`` under cProfile, its time split into the
 parts of the algorithm (module docstring of ``fisherlora.methods.filet``):
 
-- candidates: ``layer_candidates`` (the gram or svd basis of every weight, O(m·n·min(m, n)));
+- candidates: ``many_layer_candidates`` (the gram or svd basis of every weight, O(m·n·min(m, n)));
 - statistics: the hooks' projections and second moments (``_Projected`` / ``_SecondMoment``
   ``add``), and the second moments' quadratic forms at the end (``result``);
 - passes: ``run_passes`` (forward and backward of the model) less the statistics in its hooks;
@@ -35,7 +35,7 @@ from fisherlora.methods.filet import filet_init
 
 # part -> (file suffix, function names) whose cumulative time it is
 PARTS = {
-    "candidates": ("filet.py", ("layer_candidates",)),
+    "candidates": ("filet.py", ("many_layer_candidates",)),
     "statistics in the hooks": ("filet.py", ("add",)),
     "statistics at the end": ("filet.py", ("result",)),
     "run_passes": ("capture.py", ("run_passes",)),

@@ -60,3 +60,20 @@ def test_inits_on_cuda_keep_the_outputs_and_the_device(name):
         assert param.device.type == "cuda" and param.dtype == torch.float32, param_name
     if name in ("pissa", "lora-ga", "filet"):  # they did initialise B away from zero
         assert any(p.abs().sum() > 0 for n, p in adapters.items() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("basis", ["gram", "svd"])
+def test_filet_candidates_on_cuda_batched_equal_the_cpu_ones(basis):
+    # On a GPU the same-shape layers are decomposed as one stack, and the svd basis comes from
+    # the float64 Gram eigendecomposition for every shape (torch.linalg.svd is slow there).
+    from fisherlora.methods.filet import many_layer_candidates
+
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(m, n, generator=generator) for m, n in [(32, 32), (64, 16)] * 3]
+    cpu = many_layer_candidates(weights, basis)
+    gpu = many_layer_candidates([w.cuda() for w in weights], basis)
+    for a, b in zip(gpu, cpu, strict=True):
+        assert a.u.device.type == "cuda"
+        torch.testing.assert_close(a.sigma.cpu(), b.sigma, rtol=1e-4, atol=1e-5)
+        signs = torch.sign((a.u.cpu() * b.u).sum(dim=0))  # an eigensolver may flip a sign
+        torch.testing.assert_close(a.u.cpu(), b.u * signs, rtol=1e-3, atol=1e-4)

@@ -18,6 +18,7 @@ from fisherlora.methods.filet import (
     _svd_from_gram,
     filet_init,
     layer_candidates,
+    many_layer_candidates,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:the calibration loader ran out")
@@ -81,6 +82,47 @@ def test_gram_candidates_of_a_wide_layer_equal_the_explicit_formula_without_form
     torch.testing.assert_close(c.u.double(), wv / wv.norm(dim=0), rtol=0, atol=1e-5)
     square = layer_candidates(torch.randn(32, 32), "gram")
     assert square.v is not None and square.c is None
+
+
+def same_candidates(a: Candidates, b: Candidates, atol: float) -> None:
+    """Equal candidates up to each direction's sign (an eigensolver may flip one)."""
+    assert a.sigma.shape == b.sigma.shape
+    torch.testing.assert_close(a.sigma, b.sigma, rtol=1e-5, atol=atol)
+    for name in ("u", "v", "c"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            signs = torch.sign((x * y).sum(dim=0))
+            torch.testing.assert_close(x, y * signs, rtol=1e-4, atol=atol)
+
+
+@pytest.mark.parametrize("basis", ["gram", "svd"])
+@pytest.mark.parametrize("svd_by_eigh", [None, True])
+def test_batched_decomposition_equals_one_layer_at_a_time(basis, svd_by_eigh, monkeypatch):
+    # Square, tall and wide layers, several of each shape (one stack per shape), a rank-deficient
+    # one (its own number of usable candidates), in a mixed order that must be kept.
+    shapes = [(24, 24), (48, 16), (24, 24), (16, 48), (48, 16), (24, 24), (16, 48)]
+    weights = [spectrum(m, n, seed=i) for i, (m, n) in enumerate(shapes)]
+    weights[2] = spectrum(24, 24, rank=5, seed=9)
+    one_by_one = [layer_candidates(w, basis, svd_by_eigh) for w in weights]
+    for chunk_bytes in (1 << 30, 1):  # one stack per shape; one layer per stack
+        monkeypatch.setattr(filet_module, "BATCHED_DECOMPOSITION_BYTES", chunk_bytes)
+        batched = many_layer_candidates(weights, basis, batched=True, svd_by_eigh=svd_by_eigh)
+        assert [c.sigma.numel() for c in batched] == [c.sigma.numel() for c in one_by_one]
+        for a, b in zip(batched, one_by_one, strict=True):
+            same_candidates(a, b, atol=1e-5)
+
+
+def test_decomposition_is_not_batched_on_a_cpu_by_default(monkeypatch):
+    # On a CPU a stack gains nothing (the batched LAPACK calls loop over the layers), and the
+    # one-layer path keeps every CPU result bit-identical to before the batched path existed.
+    weights = [spectrum(24, 24, seed=s) for s in range(3)]
+    monkeypatch.setattr(filet_module, "_decompose", lambda *a: pytest.fail("stacked"))
+    monkeypatch.setattr(
+        filet_module, "layer_candidates", lambda w, basis, eigh=None: Candidates(u=w, sigma=w[0])
+    )
+    out = many_layer_candidates(weights, "svd")
+    assert [c.u is w for c, w in zip(out, weights, strict=True)] == [True] * 3
 
 
 def test_second_moments_equal_the_projected_sums():

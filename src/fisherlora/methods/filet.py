@@ -62,7 +62,7 @@ import json
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -82,8 +82,8 @@ from fisherlora.adapters import (
 from fisherlora.capture import (
     calibration_mode,
     capture_io,
+    check_all_finite,
     check_batch,
-    check_finite,
     layer_groups,
     padding_mask,
     run_passes,
@@ -105,6 +105,9 @@ GRAM_EIGH_ASPECT = 2
 # σ_i is at least this fraction of the largest: the error of that form is σ_max / σ_i times the
 # direct projection's (≤ 10×; on MiniLM's gram candidates the energies moved by 1e-6 relative at most).
 INPUT_GRAD_MIN_GAIN = 0.1
+# A batched decomposition (many_layer_candidates) stacks at most about this many bytes of
+# same-shape layers at once, so that batching never holds many layers' workspaces on a big model.
+BATCHED_DECOMPOSITION_BYTES = 512 << 20
 
 
 def _float32_digits(value: Any) -> Any:
@@ -204,47 +207,63 @@ class Candidates:
 
 
 def _svd_from_gram(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``U, σ, V`` of ``W`` from the eigendecomposition of its smaller Gram matrix in float64
-    (``WᵀW = V Σ² Vᵀ`` and ``U = W V Σ⁻¹`` for a tall W; ``WWᵀ`` for a wide one), σ descending
-    as :func:`torch.linalg.svd` gives them. float64 keeps ``σ_i`` accurate to ~1e-8 ``σ_max``
-    (the squared condition number of the Gram matrix would cost float32 its small ones)."""
+    """``U, σ, V`` of ``W`` [..., m, n] (one weight or a stack of same-shape weights) from the
+    eigendecomposition of its smaller Gram matrix in float64 (``WᵀW = V Σ² Vᵀ`` and
+    ``U = W V Σ⁻¹`` for a tall W; ``WWᵀ`` for a wide one), σ descending as
+    :func:`torch.linalg.svd` gives them. float64 keeps ``σ_i`` accurate to ~1e-8 ``σ_max`` (the
+    squared condition number of the Gram matrix would cost float32 its small ones)."""
     w64 = w.double()
-    tall = w64.shape[0] >= w64.shape[1]
-    gram = w64.T @ w64 if tall else w64 @ w64.T
+    tall = w64.shape[-2] >= w64.shape[-1]
+    gram = w64.mT @ w64 if tall else w64 @ w64.mT
     lam, vecs = torch.linalg.eigh(gram)
-    lam, vecs = lam.flip(0), vecs.flip(1)
+    lam, vecs = lam.flip(-1), vecs.flip(-1)
     sigma = lam.clamp_min(0).sqrt()
-    other = (w64 @ vecs if tall else w64.T @ vecs) / sigma.clamp_min(torch.finfo(w64.dtype).tiny)
+    tiny = torch.finfo(w64.dtype).tiny
+    other = (w64 @ vecs if tall else w64.mT @ vecs) / sigma.clamp_min(tiny).unsqueeze(-2)
     u, v = (other, vecs) if tall else (vecs, other)
     return u.float(), sigma.float(), v.float()
 
 
-def layer_candidates(weight: torch.Tensor, basis: str) -> Candidates:
-    """The :class:`Candidates` of a weight (computed in float32; svd via float64 Gram matrices
-    where cheaper, see :func:`_svd_from_gram`)."""
-    w = weight.detach().float()
-    m, n = w.shape
+def _decompose(
+    w: torch.Tensor, basis: str, svd_by_eigh: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``u, σ, v, c`` of :class:`Candidates` before degenerate candidates are dropped, for one
+    float32 weight [m, n] or a stack [L, m, n] of same-shape weights (one batched call per
+    operation: on a GPU one kernel for all L layers instead of L). ``svd_by_eigh`` (svd basis):
+    the float64 Gram eigendecomposition instead of :func:`torch.linalg.svd`; by default where W
+    is ≥ :data:`GRAM_EIGH_ASPECT` times longer than wide, and for every shape on a GPU, where
+    ``torch.linalg.svd`` of a small matrix is slow."""
+    m, n = w.shape[-2:]
     tiny = torch.finfo(w.dtype).tiny
     v = c = None
     if basis == "svd":
-        if max(m, n) >= GRAM_EIGH_ASPECT * min(m, n):
+        if svd_by_eigh is None:
+            svd_by_eigh = w.device.type == "cuda" or max(m, n) >= GRAM_EIGH_ASPECT * min(m, n)
+        if svd_by_eigh:
             u, sigma, v = _svd_from_gram(w)
         else:
             u, sigma, vh = torch.linalg.svd(w, full_matrices=False)
-            v = vh.T
+            v = vh.mT
+        return u, sigma, v, c
+    if m * (m + n) < n * n:
+        # V̂ = WᵀW D⁻¹ = Wᵀ C with C = W D⁻¹, d_i = ‖WᵀW e_i‖ = √(w_iᵀ WWᵀ w_i), and
+        # W V̂ = (WWᵀ) W D⁻¹: m²n work instead of mn², and V̂ (n×n) is never formed.
+        wwt_w = (w @ w.mT) @ w
+        d = (w * wwt_w).sum(dim=-2, keepdim=True).clamp_min(0).sqrt().clamp_min(tiny)
+        c, wv = w / d, wwt_w / d
     else:
-        if m * (m + n) < n * n:
-            # V̂ = WᵀW D⁻¹ = Wᵀ C with C = W D⁻¹, d_i = ‖WᵀW e_i‖ = √(w_iᵀ WWᵀ w_i), and
-            # W V̂ = (WWᵀ) W D⁻¹: m²n work instead of mn², and V̂ (n×n) is never formed.
-            wwt_w = (w @ w.T) @ w
-            d = (w * wwt_w).sum(dim=0).clamp_min(0).sqrt().clamp_min(tiny)
-            c, wv = w / d, wwt_w / d
-        else:
-            gram = w.T @ w
-            v = gram / torch.linalg.vector_norm(gram, dim=0).clamp_min(tiny)
-            wv = w @ v
-        sigma = torch.linalg.vector_norm(wv, dim=0)
-        u = wv / sigma.clamp_min(tiny)
+        gram = w.mT @ w
+        v = gram / torch.linalg.vector_norm(gram, dim=-2, keepdim=True).clamp_min(tiny)
+        wv = w @ v
+    sigma = torch.linalg.vector_norm(wv, dim=-2)
+    u = wv / sigma.clamp_min(tiny).unsqueeze(-2)
+    return u, sigma, v, c
+
+
+def _keep_usable(
+    u: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor | None, c: torch.Tensor | None
+) -> Candidates:
+    """One layer's :class:`Candidates` without the degenerate ones (``‖W v̂‖ ≈ 0``)."""
     keep = sigma > DEGENERATE * sigma.max()
     return Candidates(
         u=u[:, keep].contiguous(),
@@ -252,6 +271,49 @@ def layer_candidates(weight: torch.Tensor, basis: str) -> Candidates:
         v=None if v is None else v[:, keep].contiguous(),
         c=None if c is None else c[:, keep].contiguous(),
     )
+
+
+def layer_candidates(
+    weight: torch.Tensor, basis: str, svd_by_eigh: bool | None = None
+) -> Candidates:
+    """The :class:`Candidates` of a weight (computed in float32; svd via float64 Gram matrices
+    where cheaper, see :func:`_decompose`)."""
+    return _keep_usable(*_decompose(weight.detach().float(), basis, svd_by_eigh))
+
+
+def many_layer_candidates(
+    weights: Sequence[torch.Tensor],
+    basis: str,
+    *,
+    batched: bool | None = None,
+    svd_by_eigh: bool | None = None,
+) -> list[Candidates]:
+    """:func:`layer_candidates` of every weight; with ``batched`` (default: on a GPU) the
+    weights of one shape, dtype and device are decomposed as one stack, one batched call per
+    operation, in groups of at most :data:`BATCHED_DECOMPOSITION_BYTES` of float64 Gram matrices."""
+    if batched is None:
+        batched = any(w.device.type == "cuda" for w in weights)
+    out: list[Candidates | None] = [None] * len(weights)
+    groups: dict[tuple, list[int]] = {}
+    for i, w in enumerate(weights):
+        key = (tuple(w.shape), w.dtype, w.device) if batched else (i,)
+        groups.setdefault(key, []).append(i)
+    for indices in groups.values():
+        m, n = weights[indices[0]].shape
+        per_layer = 8 * min(m, n) ** 2 + 4 * m * n * 3  # the Gram matrix and a few m×n copies
+        size = max(1, BATCHED_DECOMPOSITION_BYTES // per_layer)
+        for start in range(0, len(indices), size):
+            chunk = indices[start : start + size]
+            if len(chunk) == 1:
+                out[chunk[0]] = layer_candidates(weights[chunk[0]], basis, svd_by_eigh)
+                continue
+            stack = torch.stack([weights[i].detach().float() for i in chunk])
+            u, sigma, v, c = _decompose(stack, basis, svd_by_eigh)
+            for j, i in enumerate(chunk):
+                out[i] = _keep_usable(
+                    u[j], sigma[j], None if v is None else v[j], None if c is None else c[j]
+                )
+    return out  # type: ignore[return-value]
 
 
 def candidate_directions(
@@ -289,6 +351,23 @@ class DecompositionCache:
         digest = hashlib.sha1(data.view(torch.uint8).numpy(), usedforsecurity=False).hexdigest()
         return (basis, tuple(data.shape), str(data.dtype), digest)
 
+    def lookup(self, key: tuple, device: torch.device) -> Candidates | None:
+        """The candidates cached under ``key`` (:meth:`key`) on ``device``, or None (a miss)."""
+        if key not in self._entries:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return self._entries[key].to(device)
+
+    def put(self, key: tuple, candidates: Candidates) -> None:
+        """Keep ``candidates`` under ``key`` if they fit, evicting the least recently used."""
+        if candidates.nbytes > self.max_bytes:
+            return
+        self._entries[key] = candidates.to("cpu")
+        while self.nbytes > self.max_bytes:
+            self._entries.popitem(last=False)
+
     def get(
         self, weight: torch.Tensor, basis: str, compute: Callable[[], Candidates]
     ) -> Candidates:
@@ -296,16 +375,11 @@ class DecompositionCache:
         if self.max_bytes <= 0:
             return compute()
         key = self.key(weight, basis)
-        if key in self._entries:
-            self.hits += 1
-            self._entries.move_to_end(key)
-            return self._entries[key].to(weight.device)
-        self.misses += 1
+        hit = self.lookup(key, weight.device)
+        if hit is not None:
+            return hit
         candidates = compute()
-        if candidates.nbytes <= self.max_bytes:
-            self._entries[key] = candidates.to("cpu")
-            while self.nbytes > self.max_bytes:
-                self._entries.popitem(last=False)
+        self.put(key, candidates)
         return candidates
 
     @property
@@ -329,6 +403,15 @@ def lowrank_spectral_norm(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     r_b = torch.linalg.qr(b).R
     r_a = torch.linalg.qr(a.T).R
     return torch.linalg.matrix_norm(r_b @ r_a.T, ord=2)
+
+
+def _on_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` (float32) on the CPU with one device-to-host transfer (as they are on a CPU)."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return list(tensors)
+    flat = torch.cat([t.detach().float().reshape(-1) for t in tensors]).cpu()
+    parts = flat.split([t.numel() for t in tensors])
+    return [part.view(t.shape) for part, t in zip(parts, tensors, strict=True)]
 
 
 def _select(energy: torch.Tensor, r: int, how: str, generator: torch.Generator) -> torch.Tensor:
@@ -658,12 +741,23 @@ def _use_cache(cache: bool, layers: Mapping[str, LoraLayer], basis: str) -> bool
 def _candidates_of(
     layers: Mapping[str, LoraLayer], basis: str, cache: bool
 ) -> dict[str, Candidates]:
-    out = {}
-    for name, layer in layers.items():
-        weight = layer.get_base_layer().weight
-        compute = lambda w=weight: layer_candidates(w, basis)  # noqa: E731
-        out[name] = DECOMPOSITIONS.get(weight, basis, compute) if cache else compute()
-    return out
+    """Every layer's candidates: from the cache where it holds them, the others decomposed
+    together (:func:`many_layer_candidates`: batched over same-shape layers on a GPU)."""
+    weights = {name: layer.get_base_layer().weight for name, layer in layers.items()}
+    cache = cache and DECOMPOSITIONS.max_bytes > 0
+    keys = {name: DECOMPOSITIONS.key(w, basis) for name, w in weights.items()} if cache else {}
+    out: dict[str, Candidates] = {}
+    for name, key in keys.items():
+        hit = DECOMPOSITIONS.lookup(key, weights[name].device)
+        if hit is not None:
+            out[name] = hit
+    missing = [name for name in weights if name not in out]
+    computed = many_layer_candidates([weights[name] for name in missing], basis)
+    for name, candidates in zip(missing, computed, strict=True):
+        if cache:
+            DECOMPOSITIONS.put(keys[name], candidates)
+        out[name] = candidates
+    return {name: out[name] for name in weights}
 
 
 def _check_ranks(adapter: str, layers: Mapping[str, LoraLayer], candidates, basis: str) -> None:
@@ -792,29 +886,36 @@ def filet_init(
             )
             calibration_s += time.perf_counter() - calibration_start
         group_energies = statistic.energies()
-        for name in group:
+        check_all_finite({name: group_energies[name] for name in group}, "Fisher statistics")
+        # Selection and factors run on the host: per layer they are r-column gathers and r×r
+        # decompositions (QR, a 2-norm), which on a GPU cost more in small-kernel and solver
+        # latency than moving the selected r (m + n) numbers; one transfer per group and layer.
+        host_energies = _on_host([group_energies[name] for name in group])
+        for name, energy in zip(group, host_energies, strict=True):
             layer = layers[name]
-            c, energy = statistic.candidates[name], group_energies[name]
-            check_finite(name, energy, "Fisher statistics")
+            c = statistic.candidates[name]
             if not energy.any():
                 raise CalibrationError(
                     f"all Fisher energies of {name!r} are zero; does the loss depend on it?"
                 )
-            idx = _select(energy.cpu(), layer.r[adapter], select, generator).to(energy.device)
-            v_sel = c.right(layer.get_base_layer().weight, idx)
+            idx = _select(energy, layer.r[adapter], select, generator)
+            on_device = idx.to(c.u.device)
+            v_sel, u_sel, sigma = _on_host(
+                [c.right(layer.get_base_layer().weight, on_device), c.u[:, on_device], c.sigma]
+            )
             if scale == "singular":
-                magnitude = c.sigma[idx]
+                magnitude = sigma[idx]
             elif scale == "fisher":
                 magnitude = energy[idx]
             else:
-                magnitude = _fisher_norm(energy[idx], v_sel, c.u[:, idx], c.sigma[idx])
+                magnitude = _fisher_norm(energy[idx], v_sel, u_sel, sigma[idx])
             s = layer.scaling[adapter]
             root = (magnitude / s).sqrt()
             a = root[:, None] * v_sel.T
-            b = c.u[:, idx] * root[None, :]
-            factors[name] = (a, b)
-            energies[name], selected[name], sigmas[name] = energy, idx, c.sigma
-            ratios[name] = (lowrank_spectral_norm(b, a) * s / c.sigma.max()).item()
+            b = u_sel * root[None, :]
+            factors[name] = (a.to(c.u.device), b.to(c.u.device))
+            energies[name], selected[name], sigmas[name] = energy, idx, sigma
+            ratios[name] = (lowrank_spectral_norm(b, a) * s / sigma.max()).item()
         del statistic
 
     with torch.no_grad():  # nothing has changed so far; from here on every layer is rewritten
