@@ -322,3 +322,32 @@ def test_a_tall_layer_with_small_gains_projects_the_output_gradient():
     assert _reads_input_grads(even, layer_candidates(even, "svd"))
     assert not _reads_input_grads(even.half(), layer_candidates(even, "svd"))
     assert not _reads_input_grads(even.T, layer_candidates(even.T, "svd"))  # wide: no gain
+
+
+def test_statistics_take_the_cheaper_form_for_the_calibration_token_count():
+    # 2 dim (T + k) < T k: second moments for many tokens, projections for few; none known: moments
+    assert filet_module._moments_cheaper(384, 1536, 6400)  # MiniLM's wide layer, 8 × 32 sentences
+    assert not filet_module._moments_cheaper(2048, 5632, 2048)  # a 2048-wide down projection
+    assert filet_module._moments_cheaper(16, 64, None)
+    assert not filet_module._moments_cheaper(64, 64, None)  # dim ≥ k: projections always
+
+    class Wide:  # what CandidateEnergies reads of a LoRA layer: its base layer's weight
+        base = torch.nn.Linear(64, 16, bias=False)
+
+        def get_base_layer(self):
+            return self.base
+
+    name, wide = "wide", {"wide": Wide()}
+    candidates = {name: layer_candidates(Wide.base.weight, "gram")}
+    assert candidates[name].v is None and candidates[name].sigma.numel() > 16  # the lifted form
+    kinds = {}
+    for tokens in (None, 10**6, 1):
+        statistic = filet_module.CandidateEnergies(wide, candidates, "gram", tokens)
+        kinds[tokens] = [type(side).__name__ for side in statistic.sides[name]]
+    assert kinds[None] == kinds[10**6] == ["_SecondMoment", "_SecondMoment"]
+    assert kinds[1] == ["_Projected", "_Projected"]
+    batches = random_batches(2)
+    assert filet_module._calibration_tokens(batches) == sum(
+        int(b["attention_mask"].sum()) for b in batches
+    )
+    assert filet_module._calibration_tokens([{"input_ids": batches[0]["input_ids"]}]) is None

@@ -93,7 +93,8 @@ class Composed(AdapterMethod):
         pair = self._calibration_pair()
         collected: CandidateEnergies | None = None
         if pair is not None:
-            collected = pair[1].calibration_statistic(model)  # None where FILet is grouped
+            # None where FILet is grouped
+            collected = pair[1].calibration_statistic(model, calibration_loader)
         for member in self.members:
             if collected is not None and member is pair[0]:
                 info[member.name] = member.prepare(

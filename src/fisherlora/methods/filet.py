@@ -519,6 +519,24 @@ def _reads_input_grads(weight: torch.Tensor, c: Candidates) -> bool:
     )
 
 
+def _moments_cheaper(dim: int, k: int, tokens: int | None) -> bool:
+    """Whether the sums over ``tokens`` vectors of ``dim`` numbers for ``k`` candidates cost less
+    as a float64 second moment (T·dim² to accumulate and dim²·k once, each at half the float32
+    rate) than as float32 projections (T·dim·k): ``2 dim (T + k) < T k``. Without a token count,
+    whenever ``dim < k``. MiniLM's wide layer (dim 384, k 1536) at 8 batches of 32 sentences:
+    moments; a 2048-wide Llama's down projection (dim 2048, k 5632) at 2,048 tokens: projections."""
+    if dim >= k:
+        return False
+    return tokens is None or 2 * dim * (tokens + k) < tokens * k
+
+
+def _calibration_tokens(batches: Sequence[Mapping[str, torch.Tensor]]) -> int | None:
+    """The non-padding tokens of ``batches`` (None where a batch has no attention mask)."""
+    if not batches or not all(torch.is_tensor(b.get("attention_mask")) for b in batches):
+        return None
+    return int(sum(int(b["attention_mask"].sum()) for b in batches))
+
+
 class CandidateEnergies:
     """FILet's calibration statistics (module docstring, step 2) for ``layers``, a
     :class:`fisherlora.capture.PassStatistic`: per candidate the sums of ``(v̂_iᵀ x)²`` and
@@ -530,7 +548,10 @@ class CandidateEnergies:
         layers: Mapping[str, LoraLayer],
         candidates: Mapping[str, Candidates | tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
         basis: str = "",
+        tokens: int | None = None,
     ) -> None:
+        """``tokens``: the calibration's non-padding token count where known beforehand; it
+        picks, per side, the cheaper of projections and second moments (:func:`_moments_cheaper`)."""
         self.layers, self.basis = dict(layers), basis
         self.decomposition_s = self.calibration_s = 0.0  # for the report of a shared calibration
         self.candidates = {
@@ -549,9 +570,15 @@ class CandidateEnergies:
             moments = weight.device.type == "cpu"
             if c.v is not None:
                 x_side = _Projected(c.v)
+            elif moments and _moments_cheaper(m, k, tokens):
+                x_side = _SecondMoment(c.c, lift=weight)
             else:
-                x_side = (_SecondMoment if moments else _Projected)(c.c, lift=weight)
-            g_side = _SecondMoment(c.u) if moments and m < k else _Projected(c.u)
+                x_side = _Projected(c.c, lift=weight)
+            g_side = (
+                _SecondMoment(c.u)
+                if moments and _moments_cheaper(m, k, tokens)
+                else _Projected(c.u)
+            )
             self.sides[name] = (x_side, g_side)
             if _reads_input_grads(self.layers[name].get_base_layer().weight, c):
                 self.input_grad_sides[name] = _Projected(c.v)
@@ -688,7 +715,8 @@ def _project_statistics(
 ) -> tuple[CandidateEnergies, int]:
     """FILet's own calibration passes with hooks on ``layers`` only (only their B take
     gradients): the collected :class:`CandidateEnergies` and the number of batches used."""
-    statistic = CandidateEnergies(layers, candidates, basis)
+    tokens = _calibration_tokens(batches[:n_batches])
+    statistic = CandidateEnergies(layers, candidates, basis, tokens)
     used = run_passes(
         model,
         [layer.lora_B[adapter].weight for layer in layers.values()],
@@ -770,7 +798,7 @@ def _check_ranks(adapter: str, layers: Mapping[str, LoraLayer], candidates, basi
 
 
 def filet_statistic(
-    model: PeftModel, *, basis: str = "gram", cache: bool = True
+    model: PeftModel, *, basis: str = "gram", cache: bool = True, tokens: int | None = None
 ) -> CandidateEnergies:
     """FILet's calibration statistics for every LoRA layer of ``model``, to collect in another
     method's passes (``fim-lora+filet``: FIM-LoRA runs its passes at B = 0, where the model
@@ -782,7 +810,7 @@ def filet_statistic(
     _check_model(model, layers)
     started = time.perf_counter()
     candidates = _candidates_of(layers, basis, _use_cache(cache, layers, basis))
-    statistic = CandidateEnergies(layers, candidates, basis)
+    statistic = CandidateEnergies(layers, candidates, basis, tokens)
     statistic.decomposition_s = time.perf_counter() - started
     return statistic
 
@@ -994,12 +1022,19 @@ class Filet(AdapterMethod):
         self.initial_a: dict[str, torch.Tensor] = {}
         self.step0_grad_norm: dict[str, float] = {}
 
-    def calibration_statistic(self, model: PeftModel) -> CandidateEnergies | None:
-        """FILet's statistics to collect in another method's passes (:func:`filet_statistic`),
-        or None where FILet calibrates in groups of layers (``layers_per_pass``) and so cannot."""
+    def calibration_statistic(
+        self, model: PeftModel, calibration_loader: Iterable[Mapping[str, torch.Tensor]] = ()
+    ) -> CandidateEnergies | None:
+        """FILet's statistics to collect in another method's passes (:func:`filet_statistic`)
+        over the first ``n_batches`` of ``calibration_loader``, or None where FILet calibrates in
+        groups of layers (``layers_per_pass``) and so cannot. A list of batches gives the token
+        count that picks the statistics' cheaper form, as in FILet's own passes."""
         if self.options["layers_per_pass"] is not None:
             return None
-        return filet_statistic(model, basis=self.options["basis"])
+        tokens = None
+        if isinstance(calibration_loader, Sequence):
+            tokens = _calibration_tokens(calibration_loader[: self.options["n_batches"]])
+        return filet_statistic(model, basis=self.options["basis"], tokens=tokens)
 
     def prepare(
         self,
