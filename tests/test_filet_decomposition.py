@@ -351,3 +351,4 @@ def test_statistics_take_the_cheaper_form_for_the_calibration_token_count():
         int(b["attention_mask"].sum()) for b in batches
     )
     assert filet_module._calibration_tokens([{"input_ids": batches[0]["input_ids"]}]) is None
+    assert filet_module._calibration_tokens([tuple(batches[0].values())]) is None  # no mapping

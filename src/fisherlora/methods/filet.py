@@ -531,8 +531,11 @@ def _moments_cheaper(dim: int, k: int, tokens: int | None) -> bool:
 
 
 def _calibration_tokens(batches: Sequence[Mapping[str, torch.Tensor]]) -> int | None:
-    """The non-padding tokens of ``batches`` (None where a batch has no attention mask)."""
-    if not batches or not all(torch.is_tensor(b.get("attention_mask")) for b in batches):
+    """The non-padding tokens of ``batches`` (None where a batch has no attention mask, or is
+    no mapping: the passes then name what is wrong with it)."""
+    if not batches or not all(
+        isinstance(b, Mapping) and torch.is_tensor(b.get("attention_mask")) for b in batches
+    ):
         return None
     return int(sum(int(b["attention_mask"].sum()) for b in batches))
 
