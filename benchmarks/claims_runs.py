@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from fisherlora.experiments.compare import CompareConfig, compare
-from fisherlora.experiments.suite import load_suite, pause_robust_seconds
+from fisherlora.experiments.suite_estimate import pause_robust_seconds
+from fisherlora.experiments.suite_file import load_suite
 from fisherlora.methods import base_method
 
 SUITE_OUT = Path("benchmarks/results/suite-cpu")

@@ -13,18 +13,16 @@ import pytest
 
 from fisherlora.cli import main
 from fisherlora.errors import ConfigError
-from fisherlora.experiments.suite import (
+from fisherlora.experiments.suite import run_suite
+from fisherlora.experiments.suite_estimate import (
     STEP_TIMES,
-    Suite,
-    cell_differences,
     estimate_run_seconds,
     estimate_suite,
-    load_suite,
-    parse_suite,
-    pooled_differences,
-    run_suite,
-    write_suite_report,
+    pause_robust_seconds,
 )
+from fisherlora.experiments.suite_file import Suite, load_suite, parse_suite
+from fisherlora.experiments.suite_report import write_suite_report
+from fisherlora.experiments.suite_stats import cell_differences, pooled_differences
 from fisherlora.experiments.train import TrainConfig
 
 TINY_SUITE = """
@@ -231,7 +229,6 @@ def test_the_dry_run_counts_finished_runs_and_scales_by_their_measured_time(tmp_
 
 
 def test_a_paused_run_counts_its_typical_steps_not_its_wall_clock():
-    from fisherlora.experiments.suite import pause_robust_seconds
 
     # 100 steps of a median 0.5 s, 30 s of loading / calibration / evaluation; the run was
     # suspended for an hour, which its train_s and total_s carry

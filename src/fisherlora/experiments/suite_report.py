@@ -1,0 +1,302 @@
+"""A suite's report: ``suite_report.md``, a self-contained ``suite_report.html``,
+``suite_results.csv`` and ``suite_pooled.csv``, from the cells' finished runs."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from fisherlora.experiments.suite_file import BASELINE, Suite
+from fisherlora.experiments.suite_stats import (
+    OUTCOMES,
+    cell_differences,
+    final_runs,
+    pooled_differences,
+)
+
+
+def collect_suite_results(
+    suite: Suite, out: str | Path
+) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """Every cell's final runs (from ``OUT/<cell>/results.csv``) with a ``cell`` column, and
+    per cell the problems to report (a failed cell, failed runs, no results yet)."""
+    out = Path(out)
+    frames, problems = [], {}
+    for cell in suite.cells:
+        cell_dir = out / cell.name
+        notes = []
+        error = cell_dir / "suite_error.txt"
+        if error.exists():
+            notes.append(f"the comparison failed: {error.read_text().splitlines()[0]}")
+        details = cell_dir / "results.json"
+        if details.exists():
+            try:
+                failed = json.loads(details.read_text()).get("failed", [])
+            except ValueError:
+                failed = []
+            for f in failed:
+                notes.append(
+                    f"run r = {f.get('rank')} {f.get('method')} seed {f.get('seed')} failed: "
+                    f"{f.get('error')}"
+                )
+        csv = cell_dir / "results.csv"
+        runs = pd.DataFrame()
+        if csv.exists() and csv.stat().st_size > 0:
+            try:
+                runs = pd.read_csv(csv)
+            except pd.errors.EmptyDataError:
+                runs = pd.DataFrame()
+        if runs.empty:
+            notes.append("no finished runs yet")
+        else:
+            runs = final_runs(runs).copy()
+            runs.insert(0, "cell", cell.name)
+            frames.append(runs)
+        if notes:
+            problems[cell.name] = notes
+    results = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return results, problems
+
+
+def picked_rates(suite: Suite, out: str | Path) -> pd.DataFrame:
+    """The learning rate each (cell, rank, method) was run at after tuning (``picked_lr.csv``)."""
+    frames = []
+    for cell in suite.cells:
+        path = Path(out) / cell.name / "picked_lr.csv"
+        if path.exists():
+            frame = pd.read_csv(path)
+            frame.insert(0, "cell", cell.name)
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _ci(low: float, high: float, digits: int = 4) -> str:
+    if math.isnan(low):
+        return "–"
+    return f"[{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def _delta_ci(row: pd.Series | None, digits: int = 4) -> str:
+    if row is None:
+        return "–"
+    return f"{row['delta']:+.{digits}f} {_ci(row['ci_low'], row['ci_high'], digits)}"
+
+
+def cell_table(
+    cell: str, results: pd.DataFrame, per_cell: pd.DataFrame, picked: pd.DataFrame
+) -> pd.DataFrame:
+    """A cell's summary: one row per (rank, method)."""
+    rows = []
+    runs = results[results["cell"] == cell]
+    for (rank, method), group in runs.groupby(["rank", "method"], sort=False):
+        diffs = per_cell[
+            (per_cell["cell"] == cell) & (per_cell["rank"] == rank) & (per_cell["method"] == method)
+        ].set_index("outcome")
+        lr = "–"
+        if not picked.empty:
+            match = picked[
+                (picked["cell"] == cell) & (picked["rank"] == rank) & (picked["method"] == method)
+            ]
+            if len(match):
+                lr = f"{float(match['lr'].iloc[0]):g} (picked)"
+        if lr == "–" and "lr" in group and group["lr"].notna().any():
+            lr = ",".join(f"{v:g}" for v in sorted(group["lr"].dropna().unique()))
+        acc = group["accuracy"]
+        std = float(acc.std(ddof=1)) if len(acc) > 1 else math.nan
+        params = pd.to_numeric(
+            group["trainable_params"] if "trainable_params" in group else pd.Series([None]),
+            errors="coerce",
+        )
+        rows.append(
+            {
+                "method": method,
+                "rank": int(rank),
+                "lr": lr,
+                "trainable params": "–" if params.isna().all() else f"{int(params.median()):,}",
+                "seeds": len(group),
+                "accuracy": f"{acc.mean():.4f}" + ("" if math.isnan(std) else f" ± {std:.4f}"),
+                "Δ acc [95 % CI]": "baseline"
+                if method == BASELINE
+                else _delta_ci(diffs.loc["accuracy"] if "accuracy" in diffs.index else None),
+                "Δ NLL [95 % CI]": "baseline"
+                if method == BASELINE
+                else _delta_ci(diffs.loc["nll"] if "nll" in diffs.index else None),
+                "verdict (acc)": "–"
+                if method == BASELINE or "accuracy" not in diffs.index
+                else diffs.loc["accuracy", "verdict"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def pooled_table(pooled: pd.DataFrame) -> pd.DataFrame:
+    """The pooled view, formatted: one row per (method, outcome)."""
+    rows = []
+    for _, r in pooled.iterrows():
+        rows.append(
+            {
+                "method": r["method"],
+                "outcome": r["label"],
+                "Δ vs LoRA": f"{r['delta']:+.4f}",
+                "95 % CI (bootstrap)": _ci(r["ci_low"], r["ci_high"]),
+                "cells": int(r["cells"]),
+                "pairs": int(r["pairs"]),
+                "fewest seeds in a cell": int(r["min_pairs"]),
+                "win / tie / loss": f"{r['wins']} / {r['ties']} / {r['losses']}"
+                + (f" ({r['no_interval']} without interval)" if r["no_interval"] else ""),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+STATISTICS_NOTE = (
+    "Δ = method − LoRA, from the final runs only (tuning runs read validation, never test), "
+    "paired by seed within a cell and rank (same seed: same data order and head init; the "
+    "validation split and a train_size subset are the same for every run of a cell). NLL is "
+    "the held-out cross-entropy (lower is better: Δ < 0 favours the method); "
+    "validation AUC is the mean validation accuracy over the evaluation points (the normalised "
+    "area under the validation curve; higher is better). Pooled Δ = the mean over cells of each "
+    "cell's mean per-seed difference (every cell weighs the same; a cell with several ranks "
+    "counts once per rank). Its 95 % CI is a stratified bootstrap: 10,000 resamples of the "
+    "seeds with replacement within each cell, fixed generator seed, 2.5/97.5 percentiles; it "
+    "covers the spread over seeds, not the sampling of the test sets, and with few seeds per "
+    "cell it is narrower than it should be (a resampled mean's variance is (n − 1)/n of sd²/n, and "
+    "5 seeds allow only 126 distinct resamples). Win / tie / loss counts the cells whose "
+    "paired 95 % t interval (Δ ± t(0.975, n − 1)·sd/√n) excludes 0 in the method's favour / "
+    "contains 0 / excludes 0 against it; a cell with one paired seed has no interval."
+)
+
+
+def write_suite_report(suite: Suite, out: str | Path, command: str = "") -> Path:
+    """``suite_results.csv``, ``suite_pooled.csv``, ``suite_report.md`` (plots in
+    ``suite_plots/``) and a self-contained ``suite_report.html`` from the cells' results."""
+    from fisherlora.experiments.plots import plot_forest
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, problems = collect_suite_results(suite, out)
+    results.to_csv(out / "suite_results.csv", index=False)
+    if results.empty:
+        per_cell, pooled = pd.DataFrame(), pd.DataFrame()
+    else:
+        per_cell = cell_differences(results)
+        pooled = pooled_differences(results)
+    pooled.to_csv(out / "suite_pooled.csv", index=False)
+    picked = picked_rates(suite, out)
+    figures: list[tuple[str, Path]] = []
+    if not pooled.empty:
+        plots = out / "suite_plots"
+        plots.mkdir(exist_ok=True)
+        path = plots / "forest.png"
+        plot_forest(
+            pooled,
+            per_cell,
+            {k: v[0] for k, v in OUTCOMES.items()},
+            path,
+            f"{suite.name}: Δ vs LoRA (method − LoRA), pooled over cells",
+        )
+        figures.append(
+            ("Δ vs LoRA per method: cells (faint points) and pooled Δ with its 95 % CI", path)
+        )
+    tune, final = suite.run_counts()
+    header = (
+        f"suite {suite.name} ({suite.source}): {len(suite.cells)} cells, {tune + final} runs "
+        f"planned ({tune} tuning + {final} final), {len(results)} final runs finished"
+    )
+    sections: list[tuple[str, str, pd.DataFrame, list[str]]] = []
+    for cell in suite.cells:
+        s = cell.settings
+        shape = (
+            f"task {s.get('task')}, model {s.get('model')}, ranks "
+            f"{','.join(map(str, cell.ranks))}, {s.get('steps')} steps of batch "
+            f"{s.get('batch_size')}, max_length {s.get('max_length')}, train size "
+            f"{s.get('train_size') or 'all'}, val_fraction {s.get('val_fraction')}, "
+            + (
+                f"lr grid {','.join(f'{v:g}' for v in cell.lr_grid)} (tuning seeds "
+                f"{','.join(map(str, cell.tune_seeds))})"
+                if cell.lr_grid
+                else f"lr {s.get('lr')}"
+            )
+            + f", seeds {','.join(map(str, cell.seeds))}"
+        )
+        if cell.description:
+            shape += f". {cell.description}"
+        table = (
+            cell_table(cell.name, results, per_cell, picked)
+            if not results.empty and (results["cell"] == cell.name).any()
+            else pd.DataFrame()
+        )
+        sections.append((cell.name, shape, table, problems.get(cell.name, [])))
+    pooled_view = pooled_table(pooled) if not pooled.empty else pd.DataFrame()
+    _write_suite_markdown(out, suite, command, header, pooled_view, sections, figures)
+    _write_suite_html(out, suite, command, header, pooled_view, sections, figures)
+    return out / "suite_report.md"
+
+
+def _markdown_table(table: pd.DataFrame) -> str:
+    from fisherlora.experiments.report import _markdown_table as markdown
+
+    return markdown(table)
+
+
+def _write_suite_markdown(out, suite, command, header, pooled, sections, figures) -> None:
+    lines = [f"# fisherlora suite: {suite.name}", ""]
+    if suite.description:
+        lines += [suite.description, ""]
+    lines += [header, ""]
+    if command:
+        lines += ["```bash", command, "```", ""]
+    lines += ["## Pooled over cells", ""]
+    lines += [_markdown_table(pooled) if not pooled.empty else "No paired results yet.", ""]
+    lines += [STATISTICS_NOTE, ""]
+    for caption, path in figures:
+        lines += [f"![{caption}]({path.relative_to(out)})", ""]
+    lines += ["## Cells", ""]
+    for name, shape, table, notes in sections:
+        lines += [f"### {name}", "", shape, ""]
+        lines += [_markdown_table(table) if not table.empty else "No finished runs yet.", ""]
+        lines += [f"- {n}" for n in notes]
+        if notes:
+            lines.append("")
+    (out / "suite_report.md").write_text("\n".join(lines))
+
+
+def _write_suite_html(out, suite, command, header, pooled, sections, figures) -> None:
+    from fisherlora.experiments.report import embedded_figure
+
+    def table_html(table: pd.DataFrame, empty: str) -> str:
+        if table.empty:
+            return f"<p>{html.escape(empty)}</p>"
+        return table.to_html(index=False, escape=True, border=0)
+
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>fisherlora suite {html.escape(suite.name)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;"
+        "padding:3px 6px;text-align:right}td:first-child,th{text-align:left}"
+        "img{max-width:100%}code,pre{background:#f4f4f4}"
+        "pre{white-space:pre-wrap;overflow-wrap:anywhere}</style></head><body>",
+        f"<h1>fisherlora suite: {html.escape(suite.name)}</h1>",
+    ]
+    if suite.description:
+        parts.append(f"<p>{html.escape(suite.description)}</p>")
+    parts.append(f"<p>{html.escape(header)}</p>")
+    if command:
+        parts.append(f"<pre>{html.escape(command)}</pre>")
+    parts.append("<h2>Pooled over cells</h2>")
+    parts.append(table_html(pooled, "No paired results yet."))
+    parts.append(f"<p>{html.escape(STATISTICS_NOTE)}</p>")
+    parts += [embedded_figure(caption, path) for caption, path in figures]
+    parts.append("<h2>Cells</h2>")
+    for name, shape, table, notes in sections:
+        parts.append(f"<h3>{html.escape(name)}</h3><p>{html.escape(shape)}</p>")
+        parts.append(table_html(table, "No finished runs yet."))
+        if notes:
+            parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    parts.append("</body></html>")
+    (out / "suite_report.html").write_text("\n".join(parts))
