@@ -51,8 +51,9 @@ from common import (
 )
 from peft import get_peft_model
 
+from fisherlora.directions import DECOMPOSITIONS
 from fisherlora.methods import get_method
-from fisherlora.methods.filet import DECOMPOSITIONS, filet_init
+from fisherlora.methods.filet import filet_init
 
 # The clock of every timed region: wall time, or with --clock cpu this process's CPU time.
 CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}

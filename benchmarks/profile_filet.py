@@ -5,7 +5,7 @@ LoRA r = 8 on q/k/v/o/gate/up/down), one ``filet_init`` under cProfile, its time
 parts of the algorithm (module docstring of ``fisherlora.methods.filet``):
 
 - candidates: ``many_layer_candidates`` (the gram or svd basis of every weight, O(m·n·min(m, n)));
-- statistics: the hooks' projections and second moments (``_Projected`` / ``_SecondMoment``
+- statistics: the hooks' projections and second moments (``ProjectedSquares`` / ``SecondMoment``
   ``add``), and the second moments' quadratic forms at the end (``result``);
 - passes: ``run_passes`` (forward and backward of the model) less the statistics in its hooks;
 - the rest: selection, factors, residual weights.
@@ -35,9 +35,9 @@ from fisherlora.methods.filet import filet_init
 
 # part -> (file suffix, function names) whose cumulative time it is
 PARTS = {
-    "candidates": ("filet.py", ("many_layer_candidates",)),
-    "statistics in the hooks": ("filet.py", ("add",)),
-    "statistics at the end": ("filet.py", ("result",)),
+    "candidates": ("directions.py", ("many_layer_candidates",)),
+    "statistics in the hooks": ("stats.py", ("add",)),
+    "statistics at the end": ("stats.py", ("result",)),
     "run_passes": ("capture.py", ("run_passes",)),
 }
 

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
 from fisherlora.adapters import lora_layers
 from fisherlora.capture import example_loss_scale, predicts_next_token, token_mask
+from fisherlora.directions import candidate_directions
 from fisherlora.errors import ConfigError
 from fisherlora.experiments.batching import PadPromptCompletion, PromptCompletionTexts
 from fisherlora.experiments.causal_models import load_causal_lm
@@ -22,7 +23,7 @@ from fisherlora.experiments.models import load_model, minilm_path
 from fisherlora.experiments.tasks import Task, held_out_subset
 from fisherlora.experiments.train import TrainConfig, train
 from fisherlora.methods import get_method
-from fisherlora.methods.filet import _project_statistics, candidate_directions, filet_init
+from fisherlora.methods.filet import _project_statistics, filet_init
 from fisherlora.methods.fim_lora import fisher_of_b
 from fisherlora.methods.fw_lora import FisherPenalty
 

@@ -66,7 +66,7 @@ def test_inits_on_cuda_keep_the_outputs_and_the_device(name):
 def test_filet_candidates_on_cuda_batched_equal_the_cpu_ones(basis):
     # On a GPU the same-shape layers are decomposed as one stack, and the svd basis comes from
     # the float64 Gram eigendecomposition for every shape (torch.linalg.svd is slow there).
-    from fisherlora.methods.filet import many_layer_candidates
+    from fisherlora.directions import many_layer_candidates
 
     generator = torch.Generator().manual_seed(0)
     weights = [torch.randn(m, n, generator=generator) for m, n in [(32, 32), (64, 16)] * 3]

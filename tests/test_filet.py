@@ -16,9 +16,10 @@ from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from fisherlora.adapters import export_lora, lora_layers, subspace_overlap
 from fisherlora.capture import apply_mask, calibration_mode, capture_io, padding_mask
+from fisherlora.directions import candidate_directions
 from fisherlora.errors import CalibrationError, ConfigError
 from fisherlora.methods import get_method
-from fisherlora.methods.filet import candidate_directions, filet_init, lowrank_spectral_norm
+from fisherlora.methods.filet import filet_init, lowrank_spectral_norm
 from fisherlora.methods.fim_lora import allocate_ranks
 
 pytestmark = pytest.mark.filterwarnings("ignore:the calibration loader ran out")

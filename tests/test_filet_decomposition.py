@@ -7,19 +7,19 @@ import pytest
 import torch
 from conftest import random_batches, tiny_peft_model
 
+from fisherlora import directions as directions_module
 from fisherlora.adapters import lora_layers
-from fisherlora.methods import filet as filet_module
-from fisherlora.methods.filet import (
+from fisherlora.directions import (
     DECOMPOSITIONS,
     Candidates,
     DecompositionCache,
-    _Projected,
-    _SecondMoment,
     _svd_from_gram,
-    filet_init,
     layer_candidates,
     many_layer_candidates,
 )
+from fisherlora.methods import filet as filet_module
+from fisherlora.methods.filet import filet_init
+from fisherlora.stats import ProjectedSquares, SecondMoment
 
 pytestmark = pytest.mark.filterwarnings("ignore:the calibration loader ran out")
 
@@ -61,7 +61,7 @@ def test_gram_eigendecomposition_gives_the_svd(m, n):
 @pytest.mark.parametrize(("m", "n"), [(12, 40), (40, 12)])
 def test_svd_candidates_of_a_long_weight_come_from_the_gram_matrix_and_drop_its_null_space(m, n):
     w = spectrum(m, n, rank=3)
-    assert max(m, n) >= filet_module.GRAM_EIGH_ASPECT * min(m, n)  # the eigh path
+    assert max(m, n) >= directions_module.GRAM_EIGH_ASPECT * min(m, n)  # the eigh path
     c = layer_candidates(w, "svd")
     assert c.sigma.numel() == 3 and c.v is not None
     torch.testing.assert_close(c.v.T @ c.v, torch.eye(3), atol=1e-5, rtol=0)
@@ -106,7 +106,7 @@ def test_batched_decomposition_equals_one_layer_at_a_time(basis, svd_by_eigh, mo
     weights[2] = spectrum(24, 24, rank=5, seed=9)
     one_by_one = [layer_candidates(w, basis, svd_by_eigh) for w in weights]
     for chunk_bytes in (1 << 30, 1):  # one stack per shape; one layer per stack
-        monkeypatch.setattr(filet_module, "BATCHED_DECOMPOSITION_BYTES", chunk_bytes)
+        monkeypatch.setattr(directions_module, "BATCHED_DECOMPOSITION_BYTES", chunk_bytes)
         batched = many_layer_candidates(weights, basis, batched=True, svd_by_eigh=svd_by_eigh)
         assert [c.sigma.numel() for c in batched] == [c.sigma.numel() for c in one_by_one]
         for a, b in zip(batched, one_by_one, strict=True):
@@ -117,9 +117,11 @@ def test_decomposition_is_not_batched_on_a_cpu_by_default(monkeypatch):
     # On a CPU a stack gains nothing (the batched LAPACK calls loop over the layers), and the
     # one-layer path keeps every CPU result bit-identical to before the batched path existed.
     weights = [spectrum(24, 24, seed=s) for s in range(3)]
-    monkeypatch.setattr(filet_module, "_decompose", lambda *a: pytest.fail("stacked"))
+    monkeypatch.setattr(directions_module, "_decompose", lambda *a: pytest.fail("stacked"))
     monkeypatch.setattr(
-        filet_module, "layer_candidates", lambda w, basis, eigh=None: Candidates(u=w, sigma=w[0])
+        directions_module,
+        "layer_candidates",
+        lambda w, basis, eigh=None: Candidates(u=w, sigma=w[0]),
     )
     out = many_layer_candidates(weights, "svd")
     assert [c.u is w for c, w in zip(out, weights, strict=True)] == [True] * 3
@@ -129,11 +131,11 @@ def test_second_moments_equal_the_projected_sums():
     torch.manual_seed(1)
     z = torch.randn(200, 24)
     directions = torch.randn(24, 40)
-    projected, moment = _Projected(directions), _SecondMoment(directions)
+    projected, moment = ProjectedSquares(directions), SecondMoment(directions)
     lift = torch.randn(8, 24)
     p = torch.randn(8, 40)
-    lifted_projected, lifted = _Projected(lift.T @ p), _SecondMoment(p, lift=lift)
-    projected_lifted = _Projected(p, lift=lift)  # the GPU form of a lifted side
+    lifted_projected, lifted = ProjectedSquares(lift.T @ p), SecondMoment(p, lift=lift)
+    projected_lifted = ProjectedSquares(p, lift=lift)  # the GPU form of a lifted side
     for chunk in z.split(50):
         for stat in (projected, moment, lifted_projected, lifted, projected_lifted):
             stat.add(chunk)
@@ -344,8 +346,8 @@ def test_statistics_take_the_cheaper_form_for_the_calibration_token_count():
     for tokens in (None, 10**6, 1):
         statistic = filet_module.CandidateEnergies(wide, candidates, "gram", tokens)
         kinds[tokens] = [type(side).__name__ for side in statistic.sides[name]]
-    assert kinds[None] == kinds[10**6] == ["_SecondMoment", "_SecondMoment"]
-    assert kinds[1] == ["_Projected", "_Projected"]
+    assert kinds[None] == kinds[10**6] == ["SecondMoment", "SecondMoment"]
+    assert kinds[1] == ["ProjectedSquares", "ProjectedSquares"]
     batches = random_batches(2)
     assert filet_module._calibration_tokens(batches) == sum(
         int(b["attention_mask"].sum()) for b in batches

@@ -64,3 +64,42 @@ def reduce_score(fisher: torch.Tensor, how: str) -> float:
     if how == "l2":
         return torch.linalg.vector_norm(fisher).item()
     raise ValueError(f"unknown score {how!r}; use 'mean', 'max' or 'l2'")
+
+
+class ProjectedSquares:
+    """``Σ_t (d_iᵀ z_t)²`` for the columns ``d_i`` of ``directions`` [dim, k], projecting every
+    ``z_t`` (T·dim·k work); with ``lift`` [ℓ, dim], for ``d_i = Lᵀ p_i`` and ``p_i`` the columns
+    of ``directions`` [ℓ, k] (T·ℓ·(dim + k) work)."""
+
+    def __init__(self, directions: torch.Tensor, lift: torch.Tensor | None = None) -> None:
+        self.directions, self.lift = directions, lift
+        self.sums = torch.zeros(directions.shape[1], device=directions.device)
+
+    def add(self, z: torch.Tensor, lifted: bool = False) -> None:
+        """``z`` [T, dim], or with ``lifted`` already ``L z`` [T, ℓ]."""
+        y = z if self.lift is None or lifted else z @ self.lift.T
+        self.sums += (y @ self.directions).square().sum(dim=0)
+
+    def result(self) -> torch.Tensor:
+        return self.sums
+
+
+class SecondMoment:
+    """The same sums for directions ``d_i = Lᵀ p_i`` from ``S = Σ_t (L z_t)(L z_t)ᵀ``:
+    ``Σ_t (d_iᵀ z_t)² = p_iᵀ S p_i`` (T·ℓ² work, plus T·ℓ·dim to apply ``L`` [ℓ, dim]; ``L = I``
+    when None). ``S`` is summed in float64: a quadratic form of a float32 ``S`` loses the small
+    ``p_iᵀ S p_i`` (relative errors up to 3e-4 on MiniLM, against 8e-6 of the projections; float64
+    matches them) and FILet's ``select="min"`` reads exactly those."""
+
+    def __init__(self, p: torch.Tensor, lift: torch.Tensor | None = None) -> None:
+        self.p, self.lift = p, lift
+        self.s = torch.zeros(p.shape[0], p.shape[0], device=p.device, dtype=torch.float64)
+
+    def add(self, z: torch.Tensor, lifted: bool = False) -> None:
+        """``z`` [T, dim], or with ``lifted`` already ``L z`` [T, ℓ]."""
+        y = (z if self.lift is None or lifted else z @ self.lift.T).double()
+        self.s.addmm_(y.T, y)
+
+    def result(self) -> torch.Tensor:
+        p = self.p.double()
+        return ((self.s @ p) * p).sum(dim=0).float()
