@@ -52,7 +52,7 @@ def test_experiments_change_only_what_they_state(claims, tmp_path, monkeypatch):
 def _write_run(root: Path, method: str, seed: int, accuracy: float, rank: int = 8, **extra) -> Path:
     run = root / f"r{rank}" / method / f"seed{seed}"
     run.mkdir(parents=True)
-    metrics = extra | {
+    metrics = {
         "method": method,
         "seed": seed,
         "lr": 1e-3,
@@ -60,7 +60,7 @@ def _write_run(root: Path, method: str, seed: int, accuracy: float, rank: int = 
         "nll": 1 - accuracy,
         "trainable_params": 100,
         "timings": {"init_s": 1.0},
-    }
+    } | extra
     (run / "metrics.json").write_text(json.dumps(metrics))
     return run
 
@@ -75,12 +75,12 @@ def test_table_pairs_by_seed_and_applies_the_verdict_rules(claims, tmp_path):
         _write_run(ref, "fw-lora", seed, fw)
         _write_run(ref, "fim-lora", seed, fim)
         _write_run(ref, "random-rank", seed, rand)
-        _write_run(tmp_path / "ablations-r8", "fw-lora-uniform", seed, uniform)
+        _write_run(tmp_path / "ablations-r8", "fw-lora-uniform", seed, uniform, lr=3e-3)
         # the kept subspace: FILet's from its own report (older runs), LoRA's from metrics.json
         run = _write_run(ref, "filet", seed, 0.8)
         (run / "filet_training.json").write_text(json.dumps({"subspace_overlap_mean": 0.9}))
         _write_run(tmp_path / "ablations-r8", "lora", seed, 0.8, a_row_space_kept=0.5 + seed / 100)
-    _write_run(tmp_path / "ablations-r8", "fw-lora-uniform", 7, 0.0)  # no partner: not paired
+    _write_run(tmp_path / "ablations-r8", "fw-lora-uniform", 7, 0.0, lr=3e-3)  # no partner
     sources = {
         "ref": table.final_runs(ref),
         "ablations-r8": table.final_runs(tmp_path / "ablations-r8"),
@@ -90,8 +90,10 @@ def test_table_pairs_by_seed_and_applies_the_verdict_rules(claims, tmp_path):
     assert control["seeds"] == 3
     assert control["accuracy_delta"] == pytest.approx(0.02)
     assert control["verdict"] == "holds"  # every seed +2 pp: the interval is that point
+    assert control["lr A / B"] == "0.001 / 0.003" and "rates differ" in control["notes"]
     random = result.loc[("fim-lora (rt-low-data, r=8)", "random-rank (rt-low-data, r=8)")]
     assert random["seeds"] == 3 and random["verdict"] == "cannot tell at this size"
+    assert "rates differ" not in random["notes"]  # both at 1e-3
     kept = result.loc[("filet (rt-low-data, r=8)", "lora (ablations-r8, r=8)")]
     assert kept["a_row_space_kept_delta"] == pytest.approx(0.39)
     assert kept["verdict"] == "holds" and kept["other outcome"].startswith("a_row_space_kept")
