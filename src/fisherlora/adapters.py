@@ -122,19 +122,27 @@ def lora_layers(model: nn.Module) -> tuple[str, dict[str, LoraLayer]]:
         kinds = {a: model.peft_config[a].peft_type.value for a in adapters}
         raise ConfigError(f"expected exactly one LoRA adapter, the model has {kinds}")
     adapter = adapters[0]
-    layers = {
+    # every layer with this adapter: PEFT keeps an embedding's factors in lora_embedding_A/B,
+    # not lora_A, and such a layer must be refused, not silently left out
+    adapted = {
         name: module
         for name, module in model.base_model.model.named_modules()
-        if isinstance(module, LoraLayer) and adapter in module.lora_A
+        if isinstance(module, LoraLayer)
+        and (adapter in module.lora_A or adapter in getattr(module, "lora_embedding_A", {}))
     }
-    if not layers:
+    if not adapted:
         raise ConfigError("the model has no LoRA layers (no target module was adapted)")
-    unsupported = [n for n, m in layers.items() if not isinstance(m.get_base_layer(), nn.Linear)]
+    unsupported = [
+        f"{n} ({type(m.get_base_layer()).__name__})"
+        for n, m in adapted.items()
+        if adapter not in m.lora_A or not isinstance(m.get_base_layer(), nn.Linear)
+    ]
     if unsupported:
         raise ConfigError(
             f"only LoRA on nn.Linear layers is supported; unsupported layers: {unsupported[:5]}"
+            + (f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else "")
         )
-    return adapter, layers
+    return adapter, adapted
 
 
 def subspace_overlap(a_initial: torch.Tensor, a_final: torch.Tensor) -> float:

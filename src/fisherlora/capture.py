@@ -7,6 +7,7 @@ attribute is left on any module.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -248,6 +249,24 @@ def check_batch(batch: Any, index: int, *, labels: bool = True) -> None:
             f"calibration batch {index}: {loose} should be torch tensors; expected {BATCH_FORMAT} "
             "(a tokenizer gives tensors with return_tensors='pt')"
         )
+
+
+def first_batches(
+    loader: Iterable[Any], n_batches: int, *, labels: bool = True
+) -> list[Mapping[str, torch.Tensor]]:
+    """The first ``n_batches`` batches of ``loader``, read once and each checked
+    (:func:`check_batch`), before a method changes anything: a method that passes over the
+    same batches several times (grouped layers) keeps this list, since a loader may reshuffle
+    when it is iterated again. Raises ``ConfigError`` for an ``n_batches`` that is not a whole
+    number ≥ 1, ``CalibrationError`` for an empty loader or a malformed batch."""
+    if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
+        raise ConfigError(f"n_batches must be a whole number >= 1, got {n_batches!r}")
+    batches = list(itertools.islice(iter(loader), n_batches))
+    if not batches:
+        raise CalibrationError("the calibration loader yielded no batch")
+    for index, batch in enumerate(batches):
+        check_batch(batch, index, labels=labels)
+    return batches
 
 
 def calibration_batches(

@@ -35,6 +35,7 @@ from fisherlora.figures import Figure
 from fisherlora.methods.base import AdapterMethod, Method
 from fisherlora.methods.filet import CandidateEnergies, Filet
 from fisherlora.methods.fim_lora import FimLoRA
+from fisherlora.methods.fw_lora import FwLoRA
 
 # Members that may be combined, by the phase they act in (lower first).
 PHASES = {"fim-lora": 0, "random-rank": 0, "filet": 1, "fw-lora": 2}
@@ -70,6 +71,15 @@ class Composed(AdapterMethod):
     ) -> None:
         self.name = name
         self.members = list(members)
+        # FW-LoRA's decay form pulls A, B to zero, i.e. a residual model to W − s B₀ A₀
+        # (FisherPenalty refuses it too, but only after FILet would have rewritten the weights)
+        if any(isinstance(m, Filet) for m in self.members) and any(
+            isinstance(m, FwLoRA) and m.options["mode"] == "decay" for m in self.members
+        ):
+            raise ConfigError(
+                f"{name!r}: FW-LoRA's mode='decay' cannot follow FILet (its weight decay would "
+                "pull the model toward W - s B0 A0, not the pretrained W); use mode='loss'"
+            )
         # fim-lora+filet: one set of calibration passes for both (module docstring)
         self.share_calibration = share_calibration
         for member in self.members:  # its plots are titled with the method that was run

@@ -57,7 +57,6 @@ For a target layer ``y = W x`` (``W ∈ R^{m×n}``) with LoRA update ``s B A``:
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -81,7 +80,7 @@ from fisherlora.capture import (
     calibration_mode,
     capture_io,
     check_all_finite,
-    check_batch,
+    first_batches,
     layer_groups,
     padding_mask,
     run_passes,
@@ -472,8 +471,10 @@ def _project_statistics(
     return statistic, used
 
 
-def _check_model(model: PeftModel, layers: Mapping[str, LoraLayer]) -> None:
-    """What FILet refuses before any work: a second init, non-float base weights."""
+def _check_model(model: PeftModel, adapter: str, layers: Mapping[str, LoraLayer]) -> None:
+    """What FILet refuses before any work: a second init, adapters that already hold an update
+    (B ≠ 0: FILet would drop it), a scaling s ≤ 0 (``√(d/s)`` is not real), non-float base
+    weights."""
     if has_residual(model):
         # W is already W − s B₀ A₀: a second residual would change the outputs, and the export
         # (which undoes one recorded B₀ A₀ per layer) would no longer reproduce the model
@@ -481,11 +482,23 @@ def _check_model(model: PeftModel, layers: Mapping[str, LoraLayer]) -> None:
             "this model's adapters were already initialised by FILet (its base weights are "
             "residuals); initialise a fresh PeftModel instead of calling filet_init twice"
         )
+    trained = [n for n, layer in layers.items() if layer.lora_B[adapter].weight.detach().any()]
+    if trained:
+        raise ConfigError(
+            "FILet initialises fresh adapters (B = 0); B is non-zero in "
+            f"{trained[:3]} (trained, or initialised by another method), and FILet would drop "
+            "that update"
+        )
     for name, layer in layers.items():  # cheap checks of every layer before any work
         weight = layer.get_base_layer().weight
         if not weight.is_floating_point():
             raise ConfigError(
                 f"FILet needs a floating-point base weight; {name!r} is {weight.dtype} (quantised?)"
+            )
+        if not layer.scaling[adapter] > 0:
+            raise ConfigError(
+                f"FILet needs a positive LoRA scaling s = alpha / r; {name!r} has "
+                f"s = {layer.scaling[adapter]} (set lora_alpha > 0)"
             )
 
 
@@ -547,8 +560,8 @@ def filet_statistic(
     see on the same batches). Pass the result to :func:`filet_init` as ``collected``. The
     candidates of every layer are held until then (the ungrouped memory of ``filet_init``)."""
     _check_options(basis, "min", "fisher-norm")
-    _, layers = lora_layers(model)
-    _check_model(model, layers)
+    adapter, layers = lora_layers(model)
+    _check_model(model, adapter, layers)
     started = time.perf_counter()
     candidates = _candidates_of(layers, basis, _use_cache(cache, layers, basis))
     statistic = CandidateEnergies(layers, candidates, basis, tokens)
@@ -611,6 +624,7 @@ def filet_init(
     """
     _check_options(basis, select, scale)
     adapter, layers = lora_layers(model)
+    _check_model(model, adapter, layers)
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     energies, selected, ratios, sigmas, factors = {}, {}, {}, {}, {}
@@ -625,12 +639,8 @@ def filet_init(
         calibration_s, used = collected.calibration_s, collected.batches
         rounds = [(list(layers), collected)]
     else:
-        _check_model(model, layers)
         device = next(iter(layers.values())).get_base_layer().weight.device
-        # The same batches for every group of layers (a loader may reshuffle when iterated again).
-        batches = list(itertools.islice(iter(dataloader), n_batches))
-        for index, batch in enumerate(batches):  # the format, before any decomposition
-            check_batch(batch, index)
+        batches = first_batches(dataloader, n_batches)  # the same for every group of layers
         rounds = ((group, None) for group in layer_groups(list(layers), layers_per_pass))
         cache = _use_cache(cache, layers, basis)
     for group, statistic in rounds:
@@ -682,6 +692,11 @@ def filet_init(
             root = (magnitude / s).sqrt()
             a = root[:, None] * v_sel.T
             b = u_sel * root[None, :]
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):  # before any write
+                raise CalibrationError(
+                    f"FILet's factors of {name!r} are not finite (magnitudes {magnitude.tolist()[:4]}"
+                    f"...); the model is unchanged"
+                )
             factors[name] = (a.to(c.u.device), b.to(c.u.device))
             energies[name], selected[name], sigmas[name] = energy, idx, sigma
             ratios[name] = (lowrank_spectral_norm(b, a) * s / sigma.max()).item()

@@ -28,7 +28,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
 import time
@@ -39,6 +38,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 
 from fisherlora.adapters import apply_ranks, check_rank_fits, lora_layers, max_useful_rank
 from fisherlora.allocate import water_fill
@@ -47,8 +47,8 @@ from fisherlora.capture import (
     apply_mask,
     capture_io,
     check_all_finite,
-    check_batch,
     example_loss_scale,
+    first_batches,
     layer_groups,
     predicts_next_token,
     run_passes,
@@ -225,10 +225,7 @@ def fisher_of_b(
     adapter, layers = lora_layers(model)
     all_b = {name: layer.lora_B[adapter].weight for name, layer in layers.items()}
     device = next(iter(all_b.values())).device
-    # The same batches for every group of layers (a loader may reshuffle when iterated again).
-    batches = list(itertools.islice(iter(dataloader), n_batches))
-    for index, batch in enumerate(batches):  # the format, before any pass
-        check_batch(batch, index)
+    batches = first_batches(dataloader, n_batches)  # the same batches for every group
     groups = layer_groups(list(layers), layers_per_pass)
     if also_collect and len(groups) > 1:
         raise ConfigError("statistics of another method ride on ungrouped passes only")
@@ -299,7 +296,10 @@ class BFisher:
     def end_batch(self, batch: Mapping[str, torch.Tensor]) -> None:
         if self.estimator == "batch":
             for name, weight in self.b_weights.items():
-                self.fisher[name] += all_reduce_mean(weight.grad.float()).square()
+                # a module the loss does not reach has no gradient: F = 0 for it, as the
+                # per-example estimator gives (and every process reduces every module)
+                grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
+                self.fisher[name] += all_reduce_mean(grad.float()).square()
         # A NaN or inf gradient leaves its module's sums non-finite: one check for all modules.
         check_all_finite(self.fisher)
         for weight in self.b_weights.values():
@@ -317,6 +317,19 @@ class BFisher:
                 all_reduce_sum(self.fisher[name])
             self.fisher[name] /= count.to(torch.float32)
         return self.fisher
+
+
+def _check_fresh(model: PeftModel, caller: str) -> dict[str, LoraLayer]:
+    """The LoRA layers of ``model``, refused unless every B is zero: resizing keeps the first
+    rows of A and columns of B, so a trained or data-initialised adapter (or FILet's residual
+    base) would silently compute something else afterwards."""
+    adapter, layers = lora_layers(model)
+    trained = [n for n, layer in layers.items() if layer.lora_B[adapter].weight.detach().any()]
+    if trained:
+        raise ConfigError(
+            f"{caller} needs freshly initialised adapters (B = 0); B is non-zero in {trained[:3]}"
+        )
+    return layers
 
 
 def allocate_ranks(
@@ -364,14 +377,7 @@ def allocate_ranks(
         in every case before the model is changed.
     """
     _check_options(budget, score, estimator)
-    adapter, layers = lora_layers(model)
-    trained = [
-        n for n, layer in layers.items() if layer.lora_B[adapter].weight.detach().abs().sum() > 0
-    ]
-    if trained:
-        raise ConfigError(
-            f"allocate_ranks needs freshly initialised adapters (B = 0); B is non-zero in {trained[:3]}"
-        )
+    _check_fresh(model, "allocate_ranks")
     check_budget(model, budget=budget, r_min=r_min, r_max=r_max)
     started = time.perf_counter()
     fisher, used = fisher_of_b(
@@ -405,7 +411,7 @@ def random_ranks(
 ) -> RankPlan:
     """The random-rank control: :func:`allocate_ranks` with seeded uniform scores, no calibration."""
     _check_options(budget, "mean", "batch")
-    _, layers = lora_layers(model)
+    layers = _check_fresh(model, "random_ranks")
     rng = random.Random(seed)
     scores = {name: rng.random() for name in sorted(layers)}
     plan = plan_ranks(

@@ -37,6 +37,7 @@
 from __future__ import annotations
 
 import json
+import math
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -59,6 +60,40 @@ from fisherlora.stats import all_reduce_mean
 ESTIMATORS = ("sketch", "exact")
 NORMALIZE = ("sum", "max")
 MODES = ("loss", "decay")
+DEFAULT_DECAY = 0.98  # the EMA factor β of the warm-up Fisher estimate
+
+
+def check_options(
+    *,
+    warmup_steps: int,
+    decay: float,
+    lam: float,
+    estimator: str,
+    probes: int,
+    normalize: str,
+    mode: str,
+) -> None:
+    """Raise ``ConfigError`` for FW-LoRA options that cannot run, naming them (before a model is
+    touched: :class:`FwLoRA` checks them when it is made, ahead of a composition's other inits)."""
+    for label, value, choices in (
+        ("estimator", estimator, ESTIMATORS),
+        ("normalize", normalize, NORMALIZE),
+        ("mode", mode, MODES),
+    ):
+        if value not in choices:
+            raise ConfigError(f"unknown FW-LoRA {label} {value!r}; choose one of {list(choices)}")
+    whole = [
+        f"{label}={value!r}"
+        for label, value in (("warmup_steps", warmup_steps), ("probes", probes))
+        if isinstance(value, bool) or not isinstance(value, int)
+    ]
+    if whole:  # a fractional warm-up would never end (the step count never equals it)
+        raise ConfigError(f"FW-LoRA needs whole numbers for {', '.join(whole)}")
+    if not (warmup_steps >= 0 and probes >= 1 and 0.0 <= decay < 1.0 and 0.0 <= lam < math.inf):
+        raise ConfigError(
+            "FW-LoRA needs warmup_steps >= 0, probes >= 1, 0 <= decay < 1 and a finite lam >= 0; "
+            f"got warmup_steps={warmup_steps}, probes={probes}, decay={decay}, lam={lam}"
+        )
 
 
 @dataclass(eq=False)
@@ -199,7 +234,7 @@ class FisherPenalty:
         model: PeftModel,
         *,
         warmup_steps: int = 500,
-        decay: float = 0.98,
+        decay: float = DEFAULT_DECAY,
         lam: float = 1e-4,
         estimator: str = "sketch",
         probes: int = 8,
@@ -208,20 +243,15 @@ class FisherPenalty:
         seed: int = 0,
         grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
-        for label, value, choices in (
-            ("estimator", estimator, ESTIMATORS),
-            ("normalize", normalize, NORMALIZE),
-            ("mode", mode, MODES),
-        ):
-            if value not in choices:
-                raise ConfigError(
-                    f"unknown FW-LoRA {label} {value!r}; choose one of {list(choices)}"
-                )
-        if warmup_steps < 0 or probes < 1 or not 0.0 <= decay < 1.0 or lam < 0:
-            raise ConfigError(
-                f"FW-LoRA needs warmup_steps >= 0, probes >= 1, 0 <= decay < 1 and lam >= 0; got "
-                f"warmup_steps={warmup_steps}, probes={probes}, decay={decay}, lam={lam}"
-            )
+        check_options(
+            warmup_steps=warmup_steps,
+            decay=decay,
+            lam=lam,
+            estimator=estimator,
+            probes=probes,
+            normalize=normalize,
+            mode=mode,
+        )
         self.adapter, self.layers = lora_layers(model)
         self.names = list(self.layers)
         self.warmup_steps, self.decay, self.lam = warmup_steps, decay, lam
@@ -486,15 +516,20 @@ class FisherPenalty:
         return squared.index_select(0, self._inverse) / self.probes
 
     def _freeze(self) -> None:
+        self.remove_hooks()  # the warm-up is over, whether or not it saw a signal
         reference = self.fisher.sum() if self.normalize == "sum" else self.fisher.max()
         if not reference > 0:
+            skipped = (
+                f"; all {self.skipped_steps} warm-up steps overflowed in fp16 and were skipped"
+                if self.skipped_steps == self.warmup_steps
+                else "; check that the penalty's step() runs after backward passes"
+            )
             raise ConfigError(
                 "FW-LoRA saw no gradient signal during warm-up (all frozen-weight gradient norms "
-                "are zero); check that the penalty's step() runs after backward passes"
+                f"are zero){skipped}"
             )
         self.importance_ = self.fisher / reference
         self._coefficients = None
-        self.remove_hooks()
         self._buffer, self._views = None, {}
         self._apply_decay()
 
@@ -627,6 +662,8 @@ class FwLoRA(AdapterMethod):
             mode=fw_mode,
             seed=seed,
         )
+        # refused here, before a composition's earlier members have changed the model
+        check_options(decay=DEFAULT_DECAY, **{k: v for k, v in self.options.items() if k != "seed"})
         self.penalty: FisherPenalty | None = None
         self.penalty_history: list[float] = []
 

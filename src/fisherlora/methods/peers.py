@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -37,7 +36,7 @@ from peft.tuners.lora.eva import prepare_model_inputs_fn_language_modeling
 from transformers import PreTrainedModel
 
 from fisherlora.adapters import lora_layers, record_residual, target_matches
-from fisherlora.capture import check_batch
+from fisherlora.capture import first_batches
 from fisherlora.errors import CalibrationError
 from fisherlora.methods.base import AdapterMethod
 
@@ -84,12 +83,10 @@ def _first_batches(
     ``labels`` where the peer computes the loss), before the peer changes anything."""
     if loader is None:
         raise CalibrationError(f"{method} needs calibration data; none was given")
-    batches = list(itertools.islice(iter(loader), n))
-    if not batches:
-        raise CalibrationError(f"{method}: the calibration loader yielded no batches")
-    for index, batch in enumerate(batches):
-        check_batch(batch, index, labels=labels)
-    return batches
+    try:
+        return first_batches(loader, n, labels=labels)
+    except CalibrationError as err:
+        raise CalibrationError(f"{method}: {err}") from err
 
 
 def _record_initial_factors(model: PeftModel) -> None:

@@ -1,0 +1,128 @@
+"""Bad input that used to get through: each is refused with an error that names it, before the
+model changes (or, where the input is legitimate, handled as the method's equations say)."""
+
+import pytest
+import torch
+from conftest import assert_unchanged, random_batches, snapshot, tiny_base, tiny_peft_model
+from peft import LoraConfig, get_peft_model
+
+from fisherlora.adapters import lora_layers
+from fisherlora.capture import first_batches
+from fisherlora.errors import ConfigError
+from fisherlora.methods import get_method
+from fisherlora.methods.filet import filet_init
+from fisherlora.methods.fim_lora import allocate_ranks, fisher_of_b, random_ranks
+from fisherlora.methods.fw_lora import FisherPenalty, FwLoRA
+
+
+def with_update(model):
+    """``model`` with B ≠ 0 in every adapter, as after training or a data-driven init."""
+    adapter, layers = lora_layers(model)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B[adapter].weight.normal_(
+                0, 0.01, generator=torch.Generator().manual_seed(1)
+            )
+    return model
+
+
+def test_filet_refuses_a_scaling_that_is_not_positive_and_changes_nothing():
+    base, targets = tiny_base("bert")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=0, target_modules=targets))  # s = 0
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match="positive LoRA scaling"):
+        filet_init(model, random_batches(2), n_batches=2, progress=False)
+    assert_unchanged(before, snapshot(model))
+
+
+@pytest.mark.parametrize("init", ["filet", "random-rank", "fim-lora"])
+def test_inits_refuse_adapters_that_already_hold_an_update(init):
+    model = with_update(tiny_peft_model(rank=4))
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=r"B = 0\)?.*non-zero"):
+        if init == "filet":
+            filet_init(model, random_batches(2), n_batches=2, progress=False)
+        elif init == "random-rank":
+            random_ranks(model)
+        else:
+            allocate_ranks(model, random_batches(2), n_batches=2, progress=False)
+    assert_unchanged(before, snapshot(model))
+
+
+def test_filet_followed_by_decay_is_refused_when_the_composition_is_made():
+    for name in ("filet+fw-lora-decay", "fim-lora+filet+fw-lora"):
+        options = {"fw_mode": "decay"} if name.endswith("fw-lora") else {}
+        with pytest.raises(ConfigError, match="mode='decay' cannot follow FILet"):
+            get_method(name, options)
+    get_method("fim-lora+fw-lora-decay", {})  # without FILet the decay form is fine
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"fw_warmup_steps": 2.5}, "whole numbers for warmup_steps=2.5"),
+        ({"fw_probes": 0}, "probes >= 1"),
+        ({"fw_lambda": float("nan")}, "finite lam"),
+        ({"fw_lambda": float("inf")}, "finite lam"),
+        ({"fw_estimator": "dense"}, "unknown FW-LoRA estimator"),
+    ],
+)
+def test_fw_lora_options_are_refused_when_the_method_is_made(options, message):
+    with pytest.raises(ConfigError, match=message):
+        FwLoRA(**options)
+    with pytest.raises(ConfigError, match=message):  # and in a composition, before FILet runs
+        get_method("filet+fw-lora", options)
+
+
+def test_a_warm_up_without_signal_leaves_no_hooks_behind():
+    model = tiny_peft_model()
+    penalty = FisherPenalty(model, warmup_steps=1)
+    assert sum(len(m._forward_hooks) for m in model.modules()) > 0
+    with pytest.raises(ConfigError, match="no gradient signal"):
+        penalty.step()  # no backward pass: every frozen-weight gradient norm is zero
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+    assert sum(len(m._backward_hooks) for m in model.modules()) == 0
+
+
+def test_lora_on_an_embedding_is_refused_by_name_not_left_out():
+    base, targets = tiny_base("bert")
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=[*targets, "word_embeddings"]))
+    with pytest.raises(ConfigError, match=r"word_embeddings \(Embedding\)"):
+        lora_layers(model)
+
+
+@pytest.mark.parametrize("n_batches", [0, -1, 2.5, True])
+def test_n_batches_must_be_a_whole_number_of_at_least_one(n_batches):
+    model = tiny_peft_model()
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match="n_batches must be a whole number >= 1"):
+        first_batches(random_batches(2), n_batches)
+    for init in (filet_init, allocate_ranks):
+        with pytest.raises(ConfigError, match="n_batches must be"):
+            init(model, random_batches(2), n_batches=n_batches, progress=False)
+    assert_unchanged(before, snapshot(model))
+
+
+class WithUnusedLayer(torch.nn.Module):
+    """A classifier with one linear layer its loss never reaches."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base, self.config = base, base.config
+        self.unused = torch.nn.Linear(8, 8)
+
+    def forward(self, **batch):
+        return self.base(**batch)
+
+
+@pytest.mark.parametrize("estimator", ["batch", "per_example"])
+def test_a_layer_the_loss_does_not_reach_has_zero_fisher_with_either_estimator(estimator):
+    base, _ = tiny_base("bert")
+    model = get_peft_model(
+        WithUnusedLayer(base), LoraConfig(r=4, target_modules=["query", "unused"])
+    )
+    fisher, _ = fisher_of_b(
+        model, random_batches(2), n_batches=2, estimator=estimator, progress=False
+    )
+    assert fisher["unused"].abs().sum() == 0
+    assert all(f.abs().sum() > 0 for name, f in fisher.items() if name != "unused")
