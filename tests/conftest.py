@@ -167,7 +167,7 @@ def snapshot(model):
 
 
 def assert_unchanged(before, after):
-    assert before.keys() == after.keys()
+    assert before["params"].keys() == after["params"].keys()
     for name, tensor in before["params"].items():
         assert torch.equal(tensor, after["params"][name]), name
     for key in ("requires_grad", "training", "grads", "hooks", "attributes"):

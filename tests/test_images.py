@@ -204,6 +204,10 @@ def test_runner_trains_tiny_vit_on_digits(tmp_path, method):
     assert saved["accuracy"] == pytest.approx(result.metrics["accuracy"])
     assert len(result.curve) == 2  # evaluated at steps 3 and 6
     assert 0 <= saved["val_accuracy"] <= 1 and np.isfinite(saved["nll"])
+    assert np.isfinite(result.curve["train_loss"]).all()
+    if method == "lora":  # B starts at zero: one that is not zero everywhere was trained
+        b_factors = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+        assert b_factors and all(p.abs().sum() > 0 for p in b_factors)
     run_config = json.loads((tmp_path / method / "config.json").read_text())
     assert run_config["task"]["name"] == "digits"
 

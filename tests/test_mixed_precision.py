@@ -23,12 +23,22 @@ def test_statistics_and_residuals_are_float32_on_a_bf16_model():
     batches = random_batches(2, seed=1)
     fisher, _ = fisher_of_b(model, batches, progress=False)
     assert all(f.dtype == torch.float32 and torch.isfinite(f).all() for f in fisher.values())
+    adapter, layers = lora_layers(model)
+    for layer in layers.values():  # float32 adapters on a bf16 base, as get_peft_model makes them
+        layer.lora_A.float(), layer.lora_B.float()
     before = logits(model, batches).float()
+    weights = {n: layer.get_base_layer().weight.detach().clone() for n, layer in layers.items()}
     report = filet_init(model, batches, progress=False)
     assert all(max(e) > 0 for e in report.energies.values())
-    _, layers = lora_layers(model)
-    assert all(layer.get_base_layer().weight.dtype == torch.bfloat16 for layer in layers.values())
-    # W_res = W − s B A is formed in float32 and rounded once: the bf16 outputs move by rounding only
+    for name, layer in layers.items():
+        residual = layer.get_base_layer().weight
+        assert residual.dtype == torch.bfloat16
+        # W_res = W − s B A is formed in float32 from the bf16 W and rounded to bf16 once
+        update = layer.scaling[adapter] * (
+            layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float()
+        )
+        assert torch.equal(residual, (weights[name].float() - update).to(torch.bfloat16)), name
+    # and so the bf16 outputs move by rounding only
     torch.testing.assert_close(logits(model, batches).float(), before, atol=3e-2, rtol=0)
 
 

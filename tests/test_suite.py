@@ -91,8 +91,7 @@ def test_cells_are_the_defaults_with_their_own_keys_over_them(tmp_path):
     config = grid.compare_config(tmp_path / "out" / "grid")
     assert config.base.steps == 6 and config.base.val_fraction == 0.1
     assert config.ranks == [4] and config.seeds == [0, 1]
-    if "lr_grid" in {f for f in type(config).__dataclass_fields__}:
-        assert config.lr_grid == [0.01, 0.03] and config.tune_seeds == [100]
+    assert config.lr_grid == [0.01, 0.03] and config.tune_seeds == [100]
 
 
 def test_unknown_keys_are_refused_naming_them_and_the_file(tmp_path):
@@ -501,17 +500,9 @@ def test_the_suite_command_needs_an_out_directory_unless_dry_run(tmp_path, capsy
     assert "--out DIR is required" in capsys.readouterr().err
 
 
-# --- end to end (needs the comparison's validation split and learning-rate grid) ---------------
+# --- end to end ---------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    "val_fraction" not in TrainConfig.__dataclass_fields__
-    or "lr_grid"
-    not in __import__(
-        "fisherlora.experiments.compare", fromlist=["CompareConfig"]
-    ).CompareConfig.__dataclass_fields__,
-    reason="needs TrainConfig.val_fraction and CompareConfig.lr_grid",
-)
 def test_a_tiny_suite_runs_end_to_end_and_resumes(tmp_path, monkeypatch, keyword_task):
     from fisherlora.experiments import compare as compare_module
 

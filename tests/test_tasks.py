@@ -85,7 +85,12 @@ def test_csv_with_string_labels_maps_them_to_ids(tmp_path):
     path.write_text("\n".join(rows))
     task = load_file_task(path, label_column="stars")
     assert task.class_names == ["high", "low", "mid"]
-    assert set(task.train_labels) <= {0, 1, 2}
+    stars = {f"review {i}": ["low", "high", "mid"][i % 3] for i in range(60)}
+    for texts, labels in (
+        (task.train_texts, task.train_labels),
+        (task.test_texts, task.test_labels),
+    ):
+        assert [task.class_names[y] for y in labels] == [stars[x] for x in texts]
     assert task.sizes()["train"] + task.sizes()["test"] == 60
     assert task.name == "reviews"
 

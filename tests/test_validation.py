@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import fisherlora.experiments.generation_eval as generation_eval
 import fisherlora.experiments.task_kinds.classification as classification
 import fisherlora.experiments.task_kinds.generation as generation
 from fisherlora.errors import ConfigError
@@ -173,6 +174,14 @@ def test_a_generation_task_validates_on_its_own_split_and_scores_the_completion_
         return scores, confusion
 
     monkeypatch.setattr(generation, "evaluate_choices", spy)
+    tables: list[torch.Tensor] = []  # each evaluation's log p(c_k | prompt), [examples, classes]
+    choice_scores = generation_eval._choice_scores
+
+    def recording(*args, **kwargs):
+        tables.append(choice_scores(*args, **kwargs))
+        return tables[-1]
+
+    monkeypatch.setattr(generation_eval, "_choice_scores", recording)
     small = replace(
         keyword_task,
         train_texts=keyword_task.train_texts[:160],
@@ -195,7 +204,14 @@ def test_a_generation_task_validates_on_its_own_split_and_scores_the_completion_
     result = train(config, task=task, progress=False)
     n_val = len(task.carve_validation(0.2).val_prompts)
     assert sizes == [n_val, n_val, 24]
-    assert result.metrics["nll"] > 0 and result.metrics["val_nll"] > 0
+    # nll: the mean over examples of −log p(true completion | prompt) (the scores themselves
+    # are checked against the model's own loss in test_causal_lm)
+    for table, labels, key in (
+        (tables[-1], task.test_labels, "nll"),
+        (tables[-2], task.carve_validation(0.2).val_labels, "val_nll"),
+    ):
+        true = table[torch.arange(len(labels)), torch.tensor(labels)]
+        assert result.metrics[key] == pytest.approx(-true.double().mean().item(), rel=1e-6)
 
 
 def test_a_tuning_run_judges_collapse_on_validation(monkeypatch, keyword_task):
