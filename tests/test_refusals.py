@@ -126,3 +126,13 @@ def test_a_layer_the_loss_does_not_reach_has_zero_fisher_with_either_estimator(e
     )
     assert fisher["unused"].abs().sum() == 0
     assert all(f.abs().sum() > 0 for name, f in fisher.items() if name != "unused")
+
+
+def test_filet_on_a_one_shot_iterator_initialises_and_skips_its_step0_probe():
+    model = tiny_peft_model()
+    method = get_method("filet", {"calib_batches": 2, "progress": False})
+    info = method.prepare(model, iter(random_batches(2)))  # used up by the calibration
+    assert info["step0_grad_norm"] == {} and info["filet"]["calibration_batches"] == 2
+    probed = get_method("filet", {"calib_batches": 2, "progress": False})
+    norms = probed.prepare(tiny_peft_model(), random_batches(2))["step0_grad_norm"]
+    assert norms["lora_A"] > 0 and norms["lora_B"] > 0  # a loader read again gives the probe

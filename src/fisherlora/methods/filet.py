@@ -736,7 +736,9 @@ def adapter_grad_norms(model: PeftModel, batch: Mapping[str, torch.Tensor]) -> d
     params = {n: p for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n}
     device = next(iter(params.values())).device
     with calibration_mode(model, params.values()):
-        model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+        model(
+            **{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        ).loss.backward()
         norms = {
             kind: torch.linalg.vector_norm(
                 torch.stack([p.grad.norm() for n, p in params.items() if kind in n])
@@ -810,8 +812,9 @@ class Filet(AdapterMethod):
         )
         self.model = model
         self.initial_a = input_factors(model) or {}
-        batch = next(iter(calibration_loader))
-        self.step0_grad_norm = adapter_grad_norms(model, batch)
+        # a diagnostic after the init: a one-shot iterator FILet used up gives none (no error)
+        batch = next(iter(calibration_loader), None)
+        self.step0_grad_norm = {} if batch is None else adapter_grad_norms(model, batch)
         return {"filet": self.report.summary(), "step0_grad_norm": self.step0_grad_norm}
 
     def diagnostics(self) -> dict[str, Any]:
