@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 
 from fisherlora.adapters import lora_layers
 from fisherlora.capture import first_batches
-from fisherlora.errors import ConfigError
+from fisherlora.errors import CalibrationError, ConfigError
 from fisherlora.methods import get_method
 from fisherlora.methods.filet import filet_init
 from fisherlora.methods.fim_lora import allocate_ranks, fisher_of_b, random_ranks
@@ -136,3 +136,13 @@ def test_filet_on_a_one_shot_iterator_initialises_and_skips_its_step0_probe():
     probed = get_method("filet", {"calib_batches": 2, "progress": False})
     norms = probed.prepare(tiny_peft_model(), random_batches(2))["step0_grad_norm"]
     assert norms["lora_A"] > 0 and norms["lora_B"] > 0  # a loader read again gives the probe
+
+
+def test_corda_refuses_token_batches_without_a_mask_before_peft_hooks_the_model():
+    base, targets = tiny_base("bert")
+    before = snapshot(base)
+    batches = [{k: v for k, v in b.items() if k != "attention_mask"} for b in random_batches(2)]
+    method = get_method("corda", {"calib_batches": 2})
+    with pytest.raises(CalibrationError, match="no 'attention_mask'"):
+        method.build(base, LoraConfig(r=4, target_modules=targets), batches)
+    assert_unchanged(before, snapshot(base))

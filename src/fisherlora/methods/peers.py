@@ -324,6 +324,15 @@ class CorDA(CalibratedPeer):
         calibration_loader: Batches | None = None,
     ) -> PeftModel:
         batches = _first_batches(calibration_loader, self.calib_batches, "corda")
+        # checked here: PEFT's covariance hooks would stay on the model if run_model failed
+        unmasked = [
+            i for i, b in enumerate(batches) if "input_ids" in b and "attention_mask" not in b
+        ]
+        if unmasked:
+            raise CalibrationError(
+                f"corda: calibration batch {unmasked[0]} has no 'attention_mask'; CorDA runs "
+                "each sentence without its padding, which the mask marks"
+            )
         config = _with(
             lora_config,
             init_lora_weights="corda",
