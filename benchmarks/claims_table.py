@@ -38,6 +38,7 @@ from claims_runs import OUT as RUNS
 from claims_runs import REFERENCE_CELL, SUITE_OUT
 
 from fisherlora.experiments.report import paired_t
+from fisherlora.experiments.suite_estimate import pause_robust_seconds
 
 REF = "ref"  # the suite's reference cell
 RESULTS = Path("benchmarks/results/claims")
@@ -315,6 +316,40 @@ def final_runs(directory: Path) -> pd.DataFrame:
     return runs
 
 
+def experiment_cost(directory: Path) -> dict[str, float | int]:
+    """Finished tuning and final runs under ``directory`` and the hours they took on this CPU:
+    each run's pause-robust seconds (``suite_estimate.pause_robust_seconds``: a run suspended
+    for a test keeps its median step time), summed. Each run is one process (one thread since
+    the claims and the suite run side by side, two before)."""
+    tune = final = 0
+    seconds = 0.0
+    for path in directory.rglob("metrics.json"):
+        metrics = json.loads(path.read_text())
+        config = path.with_name("config.json")
+        settings = json.loads(config.read_text()).get("settings", {}) if config.exists() else {}
+        timings = metrics.get("timings", {})
+        seconds += pause_robust_seconds(timings, settings) if "total_s" in timings else 0.0
+        if metrics.get("phase") == "tune":
+            tune += 1
+        else:
+            final += 1
+    return {"tuning runs": tune, "final runs": final, "hours": seconds / 3600}
+
+
+def cost_table(runs: Path) -> pd.DataFrame:
+    """:func:`experiment_cost` of every experiment under ``runs`` and of the reference cell,
+    with a total row."""
+    rows = [
+        {"experiment": f"{REFERENCE_CELL} (the suite's cell)"}
+        | experiment_cost(SUITE_OUT / REFERENCE_CELL)
+    ]
+    for directory in sorted(p for p in runs.glob("*") if p.is_dir()):
+        rows.append({"experiment": directory.name} | experiment_cost(directory))
+    table = pd.DataFrame(rows)
+    total = {"experiment": "total"} | {c: table[c].sum() for c in table.columns[1:]}
+    return pd.concat([table, pd.DataFrame([total])], ignore_index=True)
+
+
 def load_sources(runs: Path) -> dict[str, pd.DataFrame]:
     sources = {REF: final_runs(SUITE_OUT / REFERENCE_CELL)}
     for directory in sorted(p for p in runs.glob("*") if p.is_dir()):
@@ -486,7 +521,10 @@ def main() -> None:
     table.to_csv(args.out / "claims_table.csv", index=False)
     (args.out / "claims_table.md").write_text(markdown(table))
     plot_forest(table, args.out / "claims_forest.png")
+    cost = cost_table(args.runs)
+    cost.to_csv(args.out / "claims_cost.csv", index=False)
     print(markdown(table))
+    print(cost.to_string(index=False, float_format=lambda h: f"{h:.2f}"))
 
 
 if __name__ == "__main__":

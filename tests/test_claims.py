@@ -114,3 +114,19 @@ def test_verdict_rules(claims):
     assert table.verdict(within, 0.002, 0.01, 5) == "does not hold"
     assert table.verdict(within, -0.01, 0.01, 5) == "cannot tell at this size"
     assert table.verdict(within, -0.01, 0.01, 1) == "no interval"
+
+
+def test_cost_table_sums_each_experiments_runs_with_their_median_step_times(claims, tmp_path):
+    _, table = claims
+    runs = tmp_path / "runs"
+    timings = {"median_step_s": 0.5, "train_s": 500.0, "total_s": 560.0}  # paused for 450 s
+    for seed in range(2):
+        run = _write_run(runs / "fw-k-10", "fw-lora", seed, 0.8, timings=timings, phase="final")
+        (run / "config.json").write_text(json.dumps({"settings": {"steps": 100}}))
+    tune = _write_run(runs / "fw-k-10", "fw-lora", 100, 0.8, timings=timings, phase="tune")
+    (tune / "config.json").write_text(json.dumps({"settings": {"steps": 100}}))
+    cost = table.cost_table(runs).set_index("experiment")
+    # per run: 0.5 s × 100 steps + the 60 s outside training = 110 s
+    assert cost.loc["fw-k-10", "final runs"] == 2 and cost.loc["fw-k-10", "tuning runs"] == 1
+    assert cost.loc["fw-k-10", "hours"] == pytest.approx(3 * 110 / 3600)
+    assert cost.loc["total", "hours"] == pytest.approx(cost["hours"].iloc[:-1].sum())
