@@ -258,6 +258,9 @@ def test_the_interval_is_mean_plus_minus_t_sd_over_root_n_and_agrees_with_the_pa
         assert moved.significant == (moved.p_value < 0.05)
     assert paired_t([d + 0.0065 for d in diffs]).significant  # mean 0.0215 > half 0.0205
     assert not paired_t([d + 0.0045 for d in diffs]).significant  # mean 0.0195
+    # a seed that did not record the outcome is no pair: dropped, not a p of 0
+    with_gap = paired_t([*diffs, math.nan])
+    assert with_gap.pairs == 4 and with_gap.p_value == pytest.approx(result.p_value)
 
 
 def test_one_seed_has_no_interval():
@@ -343,3 +346,27 @@ def test_the_table_shows_the_adapter_parameters_still_in_effect_after_pruning():
         )
     )
     assert list(shown["adapter params"]) == ["8"]
+
+
+def test_steps_to_loras_final_accuracy_count_the_seeds_that_never_got_there():
+    import numpy as np
+    import pandas as pd
+
+    from fisherlora.experiments.report import _steps_to_lora
+
+    def shown(steps):
+        values = pd.Series(steps, dtype=float).dropna()
+        row = pd.Series(
+            {
+                "steps_to_lora_final": values.median() if len(values) else math.nan,
+                "reached_lora_final": int(np.isfinite(values).sum()),
+                "paired_for_steps": len(values),
+            }
+        )
+        return _steps_to_lora(row)
+
+    assert shown([20, 40, 40, math.inf, math.inf]) == "40 (3/5)"
+    # one seed got there at step 10, four never did: not "10", which would read as fast
+    assert shown([10, math.inf, math.inf, math.inf, math.inf]) == "never for most (1/5)"
+    assert shown([math.inf, math.inf]) == "never"
+    assert shown([math.nan, math.nan]) == "–"  # no LoRA run to compare with

@@ -125,6 +125,28 @@ def test_a_diverged_tuning_run_rules_its_rate_out(tmp_path):
     assert pick_learning_rates(config) == {(2, "lora"): 1e-3}
 
 
+def test_a_tuning_run_with_a_non_finite_score_rules_its_rate_out(tmp_path):
+    config = grid_comparison(tmp_path, methods=["lora"], seeds=[0])
+    # NaN NLL (an overflow at evaluation) at the rate that comes first: every comparison with
+    # NaN is False, so without the rule the pick would hang on the grid's order
+    for lr, nll in ((1e-3, float("nan")), (3e-2, 0.7)):
+        run_dir = config.tune_dir(2, "lora", lr, 7)
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.json").write_text(json.dumps({"val_accuracy": 0.8, "val_nll": nll}))
+    assert pick_learning_rates(config) == {(2, "lora"): 3e-2}
+
+
+def test_tied_mean_accuracies_are_tied_whatever_the_float_rounding():
+    from fisherlora.experiments.compare import _grid_score
+
+    n = 872  # counts / n summed in two orders: the same 2,107 correct, floats 1 ulp apart
+    three = [(602 / n, 0.5), (602 / n, 0.5), (605 / n, 0.5)]
+    other = [(602 / n, 0.4), (603 / n, 0.4), (604 / n, 0.4)]
+    assert sum(a for a, _ in three) / 3 != sum(a for a, _ in other) / 3  # the float noise
+    assert _grid_score(three)[0] == _grid_score(other)[0]
+    assert max([three, other], key=_grid_score) is other  # the tie goes to the lower NLL
+
+
 def test_ties_in_accuracy_go_to_the_lower_nll(tmp_path):
     config = grid_comparison(tmp_path, methods=["lora"], seeds=[0])
     for lr, nll in ((1e-3, 0.5), (3e-2, 0.4)):

@@ -28,3 +28,11 @@ def test_constant_predictions_have_zero_mcc_and_perfect_ones_have_one():
     assert classification_metrics(np.array([[5, 0], [5, 0]]))["mcc"] == 0.0
     perfect = classification_metrics(np.diag([3, 4, 5]))
     assert perfect == {"accuracy": 1.0, "macro_f1": 1.0, "mcc": pytest.approx(1.0)}
+
+
+def test_macro_f1_averages_over_the_classes_that_occur():
+    # a third class neither true nor predicted on this subset is no error of the model's
+    assert classification_metrics(np.diag([5, 5, 0]))["macro_f1"] == 1.0
+    # a class that is predicted but never true does count (its F1 is 0)
+    scores = classification_metrics(np.array([[4, 0, 1], [0, 5, 0], [0, 0, 0]]))
+    assert scores["macro_f1"] == pytest.approx((2 * 4 / 9 + 1.0 + 0.0) / 3)

@@ -354,8 +354,17 @@ def test_one_seed_has_no_interval_and_missing_outcomes_are_skipped():
     per_cell = cell_differences(results)
     assert set(per_cell["outcome"]) == {"accuracy"}
     assert set(per_cell["verdict"]) == {"no interval"}
-    row = pooled_differences(results).iloc[0]
-    assert row["no_interval"] == 3 and row["wins"] + row["ties"] + row["losses"] == 0
+    assert pooled_differences(results).empty  # one seed per cell: nothing to resample
+
+
+def test_a_cell_with_one_paired_seed_is_left_out_of_the_pooled_interval():
+    many = synthetic_results({"m": {"accuracy": [0.01, 0.02, 0.03]}}, cells=("a", "b"), seeds=3)
+    one = synthetic_results({"m": {"accuracy": [0.5]}}, cells=("c",), seeds=1)
+    pooled = pooled_row(pooled_differences(pd.concat([many, one])), "m", "accuracy")
+    alone = pooled_row(pooled_differences(many), "m", "accuracy")
+    assert pooled["cells"] == 2 and pooled["no_interval"] == 1
+    for column in ("delta", "ci_low", "ci_high"):  # as if cell c were not there
+        assert pooled[column] == pytest.approx(alone[column])
 
 
 # --- the report -------------------------------------------------------------------------------

@@ -183,11 +183,16 @@ def tuning_scores(config: CompareConfig) -> list[dict[str, Any]]:
 
 def _grid_score(values: list[tuple[float, float]]) -> tuple[float, float]:
     """(mean validation accuracy, −mean validation NLL) of one rate's tuning runs: larger is
-    better; a failed (diverged) run makes the rate unusable (−inf)."""
-    if any(math.isnan(accuracy) for accuracy, _ in values):
+    better; a failed (diverged) run, or one whose accuracy or NLL is not finite, makes the rate
+    unusable (−inf). The means are rounded to 12 decimals, so that rates whose accuracies tie
+    (counts / n summed in another order) go to the NLL, as documented, not to float noise."""
+    if not all(math.isfinite(accuracy) and math.isfinite(nll) for accuracy, nll in values):
         return (-math.inf, -math.inf)
     n = len(values)
-    return (sum(a for a, _ in values) / n, -sum(nll for _, nll in values) / n)
+    return (
+        round(sum(a for a, _ in values) / n, 12),
+        round(-sum(nll for _, nll in values) / n, 12),
+    )
 
 
 def pick_learning_rates(config: CompareConfig) -> dict[tuple[int, str], float]:

@@ -42,13 +42,16 @@ def classification_metrics(confusion: np.ndarray) -> dict[str, float]:
     predicted = confusion.sum(axis=0)
     true = confusion.sum(axis=1)
     tp = np.diag(confusion)
+    present = predicted + true > 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        f1 = np.where(predicted + true > 0, 2 * tp / (predicted + true), 0.0)
+        f1 = np.where(present, 2 * tp / (predicted + true), 0.0)
     denominator = np.sqrt((total**2 - (predicted**2).sum()) * (total**2 - (true**2).sum()))
     mcc = (correct * total - (predicted * true).sum()) / denominator if denominator > 0 else 0.0
     return {
         "accuracy": float(correct / total) if total else 0.0,
-        "macro_f1": float(f1.mean()),
+        # over the classes that occur (true or predicted), as scikit-learn's macro average:
+        # a class absent from a small held-out subset is no error of the model's
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
         "mcc": float(mcc),
     }
 

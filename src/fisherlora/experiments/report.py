@@ -162,8 +162,9 @@ def collect_runs(config: CompareConfig) -> tuple[pd.DataFrame, list[dict[str, st
 
 def steps_to_lora_final(runs: pd.DataFrame) -> list[float]:
     """Per run: the first evaluation step at which its validation accuracy reaches the final
-    validation accuracy of LoRA at the same rank and seed (NaN when it never does, or when
-    there is no such LoRA run or no validation curve)."""
+    validation accuracy of LoRA at the same rank and seed; ``inf`` when it never does (so that
+    a median over seeds counts those seeds), NaN when there is no such LoRA run or no
+    validation curve."""
     steps = []
     for _, row in runs.iterrows():
         lora = runs[
@@ -173,12 +174,11 @@ def steps_to_lora_final(runs: pd.DataFrame) -> list[float]:
         ]
         target = float(lora["val_accuracy"].iloc[0]) if len(lora) else math.nan
         curve = validation_curve(Path(row["run_dir"]))
-        reached = (
-            curve[curve["accuracy"] >= target]
-            if not curve.empty and not math.isnan(target)
-            else curve.iloc[0:0]
-        )
-        steps.append(float(reached["step"].iloc[0]) if not reached.empty else math.nan)
+        if curve.empty or math.isnan(target):
+            steps.append(math.nan)
+            continue
+        reached = curve[curve["accuracy"] >= target]
+        steps.append(float(reached["step"].iloc[0]) if not reached.empty else math.inf)
     return steps
 
 
@@ -231,11 +231,25 @@ class PairedDifference:
         return "not significant"
 
 
+def _steps_to_lora(r: pd.Series) -> str:
+    """The median step at which a method reached LoRA's final validation accuracy, over the
+    seeds paired with LoRA (a seed that never did counts as ∞), and how many did."""
+    paired, reached = int(r.get("paired_for_steps", 0) or 0), int(r["reached_lora_final"])
+    if paired == 0:
+        return "–"
+    counts = f"({reached}/{paired})"
+    if math.isinf(r["steps_to_lora_final"]):
+        return "never" if reached == 0 else f"never for most {counts}"
+    return f"{r['steps_to_lora_final']:.0f} {counts}"
+
+
 def paired_t(differences: Any, confidence: float = CONFIDENCE) -> PairedDifference:
-    """The paired t interval and test of per-seed differences (see :class:`PairedDifference`)."""
+    """The paired t interval and test of per-seed differences (see :class:`PairedDifference`).
+    Non-finite differences (an outcome a run did not record) are not pairs and are dropped."""
     # accuracies are counts / n, so differences that agree to 12 decimals are equal: rounding
     # keeps float noise (~1e-17) from passing for a spread or for a difference
     d = np.round(np.asarray(differences, dtype=float), 12)
+    d = d[np.isfinite(d)]
     n = len(d)
     if n == 0:
         return PairedDifference(math.nan, math.nan, math.nan, math.nan, 0)
@@ -296,9 +310,11 @@ def summarize(runs: pd.DataFrame, config: CompareConfig, n_test: int) -> pd.Data
             row["lr"] = float(group["lr"].iloc[0])
             for column in [c for c in group.columns if c.startswith("val_acc_at_")]:
                 row[column] = float(pd.to_numeric(group[column], errors="coerce").mean())
-            reached = pd.to_numeric(group["steps_to_lora_final"], errors="coerce").dropna()
-            row["steps_to_lora_final"] = float(reached.median()) if len(reached) else math.nan
-            row["reached_lora_final"] = len(reached)
+            # over the seeds paired with a LoRA run; one that never got there counts as ∞
+            paired = pd.to_numeric(group["steps_to_lora_final"], errors="coerce").dropna()
+            row["steps_to_lora_final"] = float(paired.median()) if len(paired) else math.nan
+            row["reached_lora_final"] = int(np.isfinite(paired).sum())
+            row["paired_for_steps"] = len(paired)
             # the standard error of one run's accuracy on the n_test examples evaluated
             one_run_se = math.sqrt(acc.mean() * (1 - acc.mean()) / n_test)
             row["one_run_se"] = one_run_se
@@ -503,13 +519,7 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
         if has_val:
             extra["val AUC"] = _pm(r["val_auc_mean"], r["val_auc_std"])
             extra["Δ val AUC [95 % CI]"] = _delta(r, "val_auc_")
-            extra["steps to LoRA's final val acc"] = (
-                "–"
-                if is_base
-                else "never"
-                if r["reached_lora_final"] == 0
-                else f"{r['steps_to_lora_final']:.0f} ({int(r['reached_lora_final'])}/{int(r['seeds'])})"
-            )
+            extra["steps to LoRA's final val acc"] = _steps_to_lora(r) if not is_base else "–"
         rows.append(
             {
                 "rank": int(r["rank"]),

@@ -158,8 +158,9 @@ STATISTICS_NOTE = (
     "paired by seed within a cell and rank (same seed: same data order and head init; the "
     "validation split and a train_size subset are the same for every run of a cell). NLL is "
     "the held-out cross-entropy (lower is better: Δ < 0 favours the method); "
-    "validation AUC is the mean validation accuracy over the evaluation points (the normalised "
-    "area under the validation curve; higher is better). Pooled Δ = the mean over cells of each "
+    "validation AUC is the mean validation accuracy over the evaluation points (equally spaced: "
+    "the area under the validation curve as a Riemann sum, normalised; higher is better). "
+    "Pooled Δ = the mean over cells of each "
     "cell's mean per-seed difference (every cell weighs the same; a cell with several ranks "
     "counts once per rank). Its 95 % CI is a stratified bootstrap: 10,000 resamples of the "
     "seeds with replacement within each cell, fixed generator seed, 2.5/97.5 percentiles; it "
@@ -167,7 +168,8 @@ STATISTICS_NOTE = (
     "cell it is narrower than it should be (a resampled mean's variance is (n − 1)/n of sd²/n, and "
     "5 seeds allow only 126 distinct resamples). Win / tie / loss counts the cells whose "
     "paired 95 % t interval (Δ ± t(0.975, n − 1)·sd/√n) excludes 0 in the method's favour / "
-    "contains 0 / excludes 0 against it; a cell with one paired seed has no interval."
+    "contains 0 / excludes 0 against it; a cell with one paired seed has no interval and is left "
+    "out of the pooled Δ and its CI (it has no spread to resample)."
 )
 
 

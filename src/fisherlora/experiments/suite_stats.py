@@ -121,7 +121,9 @@ def pooled_differences(
       the spread over seeds only (not the test set's sampling) and is a point where every seed
       agrees. With few seeds it is too narrow: a resampled mean's variance is (n_c − 1)/n_c of
       sd²/n_c, and n_c = 5 seeds allow only 126 distinct resamples (2 seeds: 3); ``min_pairs``
-      gives the fewest paired seeds of a stratum.
+      gives the fewest paired seeds of a stratum. A stratum with one paired seed has no spread
+      to resample and is left out of Δ and the CI (``no_interval`` counts it); a method with no
+      stratum of two or more pairs has no pooled row.
     - ``wins``/``ties``/``losses``/``no_interval``: the cells' verdicts from
       :func:`cell_differences`.
     """
@@ -155,6 +157,12 @@ def pooled_differences(
             for _, row in cells.iterrows():
                 group = finals[(finals["cell"] == row["cell"]) & (finals["rank"] == row["rank"])]
                 strata.append(_paired(group, method, outcome)[0])
+            # a stratum of one paired seed has no spread to resample: in the bootstrap it
+            # would be a constant and narrow the interval, so it is left out (and counted)
+            strata = [d for d in strata if len(d) >= 2]
+            verdicts = cells["verdict"].value_counts()
+            if not strata:
+                continue
             rng = np.random.default_rng(seed)
             boot = np.zeros(n_bootstrap)
             for d in strata:
@@ -163,7 +171,6 @@ def pooled_differences(
             boot /= len(strata)
             delta = float(np.mean([d.mean() for d in strata]))
             low, high = np.percentile(boot, [tail, 100 - tail])
-            verdicts = cells["verdict"].value_counts()
             rows.append(
                 {
                     "method": method,

@@ -488,7 +488,10 @@ def train(
     last_confusion = confusion  # the last evaluation's (validation's, where there is one)
     if has_val:
         held_out = {f"val_{k}": v for k, v in scores.items()}
-        if "accuracy" in curve:  # the normalised area under the validation-accuracy curve
+        # the mean over the evaluation points: with every eval_every steps (and the last) the
+        # normalised area under the validation-accuracy curve as a Riemann sum; an extra last
+        # point (eval_every not dividing steps) weighs as much as the others
+        if "accuracy" in curve:
             held_out["val_auc"] = float(curve["accuracy"].mean())
         scores, confusion = {}, None
         if evaluate_test is not None:
