@@ -7,9 +7,11 @@ per-seed difference of test accuracy with its paired 95 % t interval
 ``Δ ± t(0.975, n − 1)·sd(d)/√n`` (``report.paired_t``), the same for the held-out NLL, and a
 verdict on accuracy:
 
-- a claim "A beats B": *holds* when the interval lies above 0; *does not hold* when it lies
-  below 0, or below the paper's own effect size where the paper gives one (then the paper's
-  gain is ruled out at this size); otherwise *cannot tell at this size*;
+- a claim "A beats B": direction and size are read apart. *holds* when the interval lies
+  above 0 (and, where the paper gives a gain the whole interval lies below, says that its
+  size is ruled out); *does not hold (reversed)* when it lies below 0; *the paper's gain is
+  ruled out* when it contains 0 but lies below the paper's gain (the direction cannot be
+  told, the size can); otherwise *cannot tell at this size*;
 - a claim "A and B are within ±b" (insensitivity): *holds* when the interval lies inside ±b,
   *does not hold* when it lies outside, otherwise *cannot tell at this size*;
 - a measurement the papers make no claim about: *measured*, with whether the interval
@@ -368,12 +370,14 @@ def verdict(claim: Claim, low: float, high: float, pairs: int) -> str:
     if pairs < 2:
         return "pending" if pairs == 0 else "no interval"
     if claim.kind == "beats":
+        paper = f"+{claim.effect * 100:.2f} pp" if claim.effect is not None else ""
+        below_paper = claim.effect is not None and high < claim.effect
         if low > 0:
-            return "holds"
+            return f"holds, but smaller than the paper's {paper}" if below_paper else "holds"
         if high < 0:
             return "does not hold (reversed)"
-        if claim.effect is not None and high < claim.effect:
-            return f"does not hold (rules out +{claim.effect * 100:.2f} pp)"
+        if below_paper:
+            return f"the paper's {paper} is ruled out; the direction cannot be told"
         return "cannot tell at this size"
     if claim.kind == "within":
         if -claim.band <= low and high <= claim.band:
@@ -487,9 +491,13 @@ def plot_forest(table: pd.DataFrame, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 0.38 * len(done) + 1.2))
     for i, row in done.iterrows():
         y = len(done) - 1 - i
-        color = {"holds": "tab:green"}.get(row["verdict"], "tab:gray")
-        if row["verdict"].startswith("does not"):
+        color = "tab:gray"
+        if row["verdict"].startswith("holds"):
+            color = "tab:green"
+        elif row["verdict"].startswith("does not"):
             color = "tab:red"
+        elif "ruled out" in row["verdict"]:
+            color = "tab:orange"
         ax.errorbar(
             row["accuracy_delta"] * 100,
             y,
@@ -505,7 +513,11 @@ def plot_forest(table: pd.DataFrame, path: Path) -> None:
     ax.set_yticks(range(len(done)))
     ax.set_yticklabels([f"{r['A']} − {r['B']}" for _, r in done.iterrows()][::-1], fontsize=7)
     ax.set_xlabel("Δ test accuracy, pp (paired 95 % CI over seeds)")
-    ax.set_title("Claims: A − B (green: holds, red: does not hold, grey: cannot tell / measured)")
+    ax.set_title(
+        "Claims: A − B (green: holds, red: reversed, orange: the paper's gain ruled out, "
+        "grey: cannot tell / measured)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

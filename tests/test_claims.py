@@ -106,8 +106,13 @@ def test_verdict_rules(claims):
     arm = table.Arm("ref", "x")
     beats = table.Claim("P", "c", "n", arm, arm, effect=0.0023)
     assert table.verdict(beats, 0.001, 0.01, 5) == "holds"
+    # the direction holds, the paper's size (+0.23 pp) does not: both said
+    assert table.verdict(beats, 0.0005, 0.002, 5) == "holds, but smaller than the paper's +0.23 pp"
     assert table.verdict(beats, -0.01, -0.001, 5) == "does not hold (reversed)"
-    assert table.verdict(beats, -0.01, 0.002, 5).startswith("does not hold (rules out")
+    # the direction undecided, the size ruled out: not the harsher "does not hold"
+    assert table.verdict(beats, -0.01, 0.002, 5) == (
+        "the paper's +0.23 pp is ruled out; the direction cannot be told"
+    )
     assert table.verdict(beats, -0.01, 0.01, 5) == "cannot tell at this size"
     within = table.Claim("P", "c", "n", arm, arm, kind="within", band=0.001)
     assert table.verdict(within, -0.0005, 0.0008, 5) == "holds"

@@ -118,7 +118,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
         "(fim-lora, filet; same result, more passes)",
     )
     calib.add_argument(
-        "--r-min", type=int, help="smallest rank a module may get (default: rank // 2)"
+        "--r-min", type=int, help="smallest rank a module may get (default: max(1, rank // 2))"
     )
     calib.add_argument(
         "--r-max", type=int, help="largest rank a module may get (default: 2 x rank)"
