@@ -107,9 +107,21 @@ def test_hand_checked_examples():
     assert water_fill({"a": 10, "b": 0}, 6, 2, 16) == {"a": 4, "b": 2}
     # All zero scores count as equal.
     assert water_fill({"a": 0, "b": 0, "c": 0}, 7, 1, 4) == {"a": 3, "b": 2, "c": 2}
-    # Parameters: targets 5 and 5/3 ranks -> floors cost 80; b's extra rank (30) does not fit,
-    # a takes two more (10 each), spending exactly 100.
-    assert water_fill({"a": 1, "b": 1}, 100, 1, 10, {"a": 10, "b": 30}) == {"a": 7, "b": 1}
+    # Parameters: targets proportional to the scores, 2.5 ranks each (2.5 · (10 + 30) = 100);
+    # floors cost 80, b's extra rank (30) does not fit, a takes two more (10 each).
+    assert water_fill({"a": 1, "b": 1}, 100, 1, 10, {"a": 10, "b": 30}) == {"a": 4, "b": 2}
+    # a scores 3x b: targets 3λ and λ with 3λ·10 + λ·30 = 120, λ = 2
+    assert water_fill({"a": 3, "b": 1}, 120, 1, 10, {"a": 10, "b": 30}) == {"a": 6, "b": 2}
+
+
+def test_equal_scores_give_loras_plan_whatever_the_budget_counts():
+    # MiniLM's 37 targets: 25 of 384 -> 384 (a rank costs 768) and 12 of 384 <-> 1536 (1920)
+    costs = {f"n{i:02d}": 768 for i in range(25)} | {f"w{i:02d}": 1920 for i in range(12)}
+    for r in (2, 8):
+        lora = r * sum(costs.values())
+        scores = dict.fromkeys(costs, 0.5)
+        assert set(water_fill(scores, lora, max(1, r // 2), 2 * r, costs).values()) == {r}
+        assert set(water_fill(scores, r * len(costs), max(1, r // 2), 2 * r).values()) == {r}
 
 
 def test_parameter_budget_beyond_all_r_max_saturates():

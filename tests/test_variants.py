@@ -107,7 +107,8 @@ def test_fim_lora_rmin1_allows_rank_one_and_keeps_the_budget():
         ]
     assert plans["fim-lora"]["r_min"] == 2 and plans["fim-lora-rmin1"]["r_min"] == 1
     for plan in plans.values():
-        assert plan["spent"] == plan["budget"]  # the tiny model's budget divides exactly
+        # within LoRA's parameters, short of them by less than the cheapest module's rank
+        assert 0 <= plan["budget"] - plan["spent"] < min(plan["costs"].values())
         assert min(plan["ranks"].values()) == plan["r_min"]  # the floor binds on this data
     assert 1 in plans["fim-lora-rmin1"]["ranks"].values()
 

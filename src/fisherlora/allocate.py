@@ -2,11 +2,13 @@
 
 Given importance scores ``s_m >= 0`` and a budget ``B``, the continuous targets are
 
-    t_m = clip(lam * s_m / c_m, r_min, r_max)    with ``lam`` chosen so that  sum_m c_m t_m = B,
+    t_m = clip(lam * s_m, r_min, r_max)    with ``lam`` chosen so that  sum_m c_m t_m = B,
 
 where ``c_m`` is the cost of one rank unit (``c_m = 1`` when the budget counts ranks, ``n_m + m_m``
-for an ``n_m -> m_m`` linear layer when it counts parameters). Without caps this is simply
-``t_m = B * s_m / sum(s) / c_m``. ``lam`` is found exactly (in rational arithmetic) by classic
+for an ``n_m -> m_m`` linear layer when it counts parameters). The targets are proportional to
+the scores whatever the budget counts; the costs only set the level ``lam``: without caps
+``t_m = B * s_m / sum_m' (s_m' c_m')``, so equal scores give every module the same rank (LoRA's
+plan, in either budget). ``lam`` is found exactly (in rational arithmetic) by classic
 water filling: modules whose target leaves ``[r_min, r_max]`` are clamped to that bound and what is
 left of the budget is shared again in proportion to the scores of the others, until no target
 moves. Scores that are all zero among the modules still free count as equal. Targets are then
@@ -103,8 +105,9 @@ def _targets(
         weight = {m: scores[m] for m in free}
         if not any(weight.values()):
             weight = dict.fromkeys(free, Fraction(1))
-        total = sum(weight.values())
-        t = {m: rest * weight[m] / total / costs[m] for m in free}
+        # t_m = lam * s_m with the level lam that spends what is left on the free modules
+        level = rest / sum(weight[m] * costs[m] for m in free)
+        t = {m: level * weight[m] for m in free}
         over = [m for m in free if t[m] > hi]
         under = [m for m in free if t[m] < lo]
         if not over and not under:
