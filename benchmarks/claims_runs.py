@@ -223,6 +223,13 @@ def main() -> None:
             raise SystemExit(f"unknown experiments {sorted(unknown)}")
         chosen = [e for e in EXPERIMENTS if e.name in names]
     reference = reference_config()
+    # the experiments that run at the reference cell's picks wait until it has pinned them
+    # (after the cell is re-tuned, e.g. when a method's runs were redone)
+    pinned = (SUITE_OUT / REFERENCE_CELL / "picked_lr.json").exists()
+    waiting = [e.name for e in chosen if e.lr == "picked" and not pinned]
+    if waiting:
+        print(f"waiting for {REFERENCE_CELL}'s picked rates: {', '.join(waiting)}", flush=True)
+    chosen = [e for e in chosen if e.name not in waiting]
     configs = [(e, experiment_config(e, reference, args.out)) for e in chosen]
     if args.dry_run:
         dry_run(configs)
