@@ -153,3 +153,32 @@ def test_without_trl_the_sft_trainer_names_the_extra_to_install(monkeypatch):
         _ = integrations.FisherSFTTrainer
     with pytest.raises(AttributeError):
         _ = integrations.NoSuchTrainer
+
+
+@pytest.mark.parametrize("peer", ["pissa", "dora", "adalora", "fim-lora+filet"])
+def test_methods_that_initialise_in_build_are_refused_by_the_trainer(tmp_path, keyword_task, peer):
+    if "+" in peer:  # our methods act on the built model: accepted
+        assert make_trainer(tmp_path, keyword_task, method=peer).fisher.name == peer
+        return
+    with pytest.raises(ConfigError, match=rf"\['{peer}'\] initialise in build"):
+        make_trainer(tmp_path, keyword_task, method=peer)
+
+
+def test_an_epoch_based_run_gives_fw_lora_its_real_length(tmp_path, keyword_task, monkeypatch):
+    # max_steps unset: 256 examples / batch 16 = 16 batches, 2 accumulated: 8 steps an epoch
+    given = {}
+    real_get_method = integrations.get_method
+    monkeypatch.setattr(
+        integrations,
+        "get_method",
+        lambda name, options: given.update(options) or real_get_method(name, options),
+    )
+    trainer = make_trainer(
+        tmp_path,
+        keyword_task,
+        method="fw-lora",
+        max_steps=-1,
+        num_train_epochs=3,
+        gradient_accumulation_steps=2,
+    )
+    assert trainer._planned_steps() == 24 and given["steps"] == 24  # not FW-LoRA's 300

@@ -146,3 +146,17 @@ def test_corda_refuses_token_batches_without_a_mask_before_peft_hooks_the_model(
     with pytest.raises(CalibrationError, match="no 'attention_mask'"):
         method.build(base, LoraConfig(r=4, target_modules=targets), batches)
     assert_unchanged(before, snapshot(base))
+
+
+def test_adalora_skips_its_update_on_a_step_with_overflowed_gradients(monkeypatch):
+    base, targets = tiny_base("bert")
+    method = get_method("adalora", {"steps": 10})
+    model = method.build(base, LoraConfig(r=4, target_modules=targets))
+    calls = []
+    monkeypatch.setattr(model.base_model, "update_and_allocate", lambda step: calls.append(step))
+    model(**random_batches(1)[0]).loss.backward()
+    method.after_backward(model, 1)
+    assert calls == [0]  # finite gradients: PEFT's update runs (it counts from 0)
+    next(p for p in model.parameters() if p.requires_grad).grad.fill_(float("inf"))
+    method.after_backward(model, 2)  # what an fp16 GradScaler skips, AdaLoRA skips too
+    assert calls == [0]

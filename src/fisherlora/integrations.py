@@ -39,6 +39,7 @@ Usage::
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -122,16 +123,40 @@ class FisherTrainerMixin:
             raise own_optimizer
         lora_layers(self.model)  # a clear error now for a model without LoRA layers
         options = dict(fisher_options or {})
-        if self.args.max_steps and self.args.max_steps > 0:
-            options.setdefault("steps", self.args.max_steps)
+        steps = self._planned_steps()
+        if steps is not None:  # FW-LoRA's default warm-up is a share of the run
+            options.setdefault("steps", steps)
         options.setdefault("seed", self.args.seed)
         options.setdefault("progress", not self.args.disable_tqdm)
         self.fisher: Method = (
             get_method(fisher_method, options) if isinstance(fisher_method, str) else fisher_method
         )
+        members = getattr(self.fisher, "members", [self.fisher])
+        built = [m.name for m in members if type(m).build is not AdapterMethod.build]
+        if built:  # the Trainer gets a PeftModel that is already built: build would not run
+            raise ConfigError(
+                f"{type(self).__name__} runs fisherlora's methods, which act on a built "
+                f"PeftModel; {built} initialise in build (PEFT's own init or adapter type) and "
+                "would silently train plain LoRA here: build the model with PEFT's option "
+                "(e.g. LoraConfig(init_lora_weights='pissa'), use_dora=True) instead"
+            )
         self.calibration_dataloader = calibration_dataloader
         self.fisher_info: dict[str, Any] | None = None
         self.add_callback(_AfterOptimizerStep(self))
+
+    def _planned_steps(self) -> int | None:
+        """The optimizer steps this trainer will take: ``max_steps`` where set, else the epochs
+        times the steps of one epoch as the Trainer counts them (batches per process divided by
+        the accumulation steps, at least one); None for a training set without a length."""
+        if self.args.max_steps and self.args.max_steps > 0:
+            return int(self.args.max_steps)
+        dataset = self.train_dataset
+        if dataset is None or not hasattr(dataset, "__len__"):
+            return None
+        per_step = self.args.per_device_train_batch_size * max(self.args.world_size, 1)
+        batches = math.ceil(len(dataset) / per_step)
+        per_epoch = max(batches // self.args.gradient_accumulation_steps, 1)
+        return max(1, math.ceil(self.args.num_train_epochs * per_epoch))
 
     # -- before the optimizer ------------------------------------------------------------------
     def calibration_batches(self) -> Any:

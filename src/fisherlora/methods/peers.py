@@ -398,6 +398,12 @@ class AdaLoRA(AdapterMethod):
         return get_peft_model(base_model, config)
 
     def after_backward(self, model: PeftModel, step: int) -> None:
+        # A step an fp16 GradScaler skipped left inf/NaN gradients (clipping turns them into
+        # NaN): PEFT's sensitivity averages (p · ∂L/∂p) would stay NaN for good, so such a step
+        # is skipped here too, as the optimizer skipped it. One check for all of them.
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if grads and not bool(torch.stack([g.float().abs().sum() for g in grads]).isfinite().all()):
+            return
         # PEFT counts steps from 0; the gradients of this step are still in place.
         model.base_model.update_and_allocate(step - 1)
 
