@@ -106,6 +106,26 @@ def test_resume_from_checkpoint_continues_the_same_run(tmp_path, keyword_task):
     assert resumed_importance == pytest.approx(importance)
 
 
+def test_decay_mode_resumed_during_warm_up_sets_the_decays_in_the_resumed_optimizer(
+    tmp_path, keyword_task
+):
+    options = {"method": "fw-lora-decay", "weight_decay": 0.01, "save_steps": 2}
+    interrupted = make_trainer(tmp_path, keyword_task, **options)
+    interrupted.add_callback(StopAfter(2))  # a checkpoint at step 2, inside the 3-step warm-up
+    interrupted.train()
+    resumed = make_trainer(tmp_path, keyword_task, **options)
+    resumed.train(resume_from_checkpoint=True)  # loading the optimizer replaces its group dicts
+    importance = resumed.fisher.penalty.importance()
+    decays = {
+        g["fisher_module"]: g["weight_decay"]
+        for g in resumed.optimizer.param_groups
+        if "fisher_module" in g
+    }
+    assert decays.keys() == importance.keys() and len(set(importance.values())) > 1
+    for name, decay in decays.items():  # wd · (1 − I_m), set at the end of warm-up
+        assert decay == pytest.approx(0.01 * (1 - importance[name])), name
+
+
 def test_optimizer_passed_in_or_no_lora_is_refused(tmp_path, keyword_task):
     model = tiny_peft_model()
     optimizer = torch.optim.AdamW(model.parameters())

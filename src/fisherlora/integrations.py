@@ -67,6 +67,11 @@ class _AfterOptimizerStep(TrainerCallback):
     def __init__(self, trainer: FisherTrainerMixin) -> None:
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        # after a resume has loaded the optimizer's state (and replaced its group dicts)
+        if optimizer is not None:
+            self.trainer.fisher.optimizer_ready(optimizer)
+
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.fisher.after_backward(self.trainer.model, state.global_step + 1)
 

@@ -59,6 +59,8 @@ class Method(Protocol):
     # the plain versions.
     def param_groups(self, model: PeftModel, weight_decay: float) -> list[dict[str, Any]]: ...
 
+    def optimizer_ready(self, optimizer: torch.optim.Optimizer) -> None: ...
+
     def save_report(self, out_dir: str | Path) -> None: ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -99,6 +101,11 @@ class AdapterMethod:
                 "weight_decay": weight_decay,
             }
         ]
+
+    def optimizer_ready(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called once the optimizer holds its state for training (a resumed Trainer has loaded
+        it: ``load_state_dict`` replaces the group dicts that :meth:`param_groups` returned)."""
+        return None
 
     def loss(self, model: PeftModel, step: int) -> torch.Tensor | None:
         return None

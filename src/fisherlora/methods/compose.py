@@ -126,6 +126,10 @@ class Composed(AdapterMethod):
                 return member.param_groups(model, weight_decay)
         return super().param_groups(model, weight_decay)
 
+    def optimizer_ready(self, optimizer: torch.optim.Optimizer) -> None:
+        for member in self.members:
+            member.optimizer_ready(optimizer)
+
     def loss(self, model: PeftModel, step: int) -> torch.Tensor | None:
         terms = [t for m in self.members if (t := m.loss(model, step)) is not None]
         return sum(terms[1:], terms[0]) if terms else None

@@ -583,6 +583,20 @@ class FisherPenalty:
         self._apply_decay()
         return self._groups
 
+    def bind(self, optimizer_groups: list[dict]) -> None:
+        """Use the optimizer's own group dicts from now on (matched by ``fisher_module``): a
+        resumed optimizer's ``load_state_dict`` replaced those :meth:`param_groups` returned,
+        and the decays set at the end of warm-up must reach the optimizer."""
+        by_module = {g["fisher_module"]: g for g in optimizer_groups if "fisher_module" in g}
+        if self._groups and set(by_module) != {g["fisher_module"] for g in self._groups}:
+            raise ConfigError(
+                "the optimizer's FW-LoRA decay groups are not this penalty's modules; was it "
+                "made from param_groups() of another model?"
+            )
+        self._groups = [by_module[name] for name in self.layers if name in by_module]
+        if self._groups:
+            self._apply_decay()
+
     def _apply_decay(self) -> None:
         for i, group in enumerate(self._groups):
             group["weight_decay"] = self._base_decay * (1 - float(self.importance_[i]))
@@ -678,6 +692,10 @@ class FwLoRA(AdapterMethod):
         grouped = {id(p) for g in groups for p in g["params"]}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in grouped]
         return [*groups, {"params": rest, "weight_decay": weight_decay}]
+
+    def optimizer_ready(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.penalty is not None and self.penalty.mode == "decay":
+            self.penalty.bind(optimizer.param_groups)
 
     def loss(self, model: PeftModel, step: int) -> torch.Tensor | None:
         if self.penalty is None or self.penalty.mode == "decay":
