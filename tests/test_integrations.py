@@ -202,3 +202,18 @@ def test_an_epoch_based_run_gives_fw_lora_its_real_length(tmp_path, keyword_task
         gradient_accumulation_steps=2,
     )
     assert trainer._planned_steps() == 24 and given["steps"] == 24  # not FW-LoRA's 300
+
+
+def test_without_the_decay_form_the_trainers_own_optimizer_keeps_biases_undecayed(
+    tmp_path, keyword_task
+):
+    trainer = make_trainer(tmp_path, keyword_task, weight_decay=0.01)  # fw-lora in loss mode
+    trainer.train()
+    named = {id(p): n for n, p in trainer.model.named_parameters()}
+    undecayed = [
+        named[id(p)]
+        for g in trainer.optimizer.param_groups
+        if g["weight_decay"] == 0
+        for p in g["params"]
+    ]
+    assert undecayed and all("bias" in n or "LayerNorm" in n for n in undecayed)

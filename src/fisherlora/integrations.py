@@ -225,8 +225,14 @@ class FisherTrainerMixin:
     def create_optimizer(self, model=None):
         """The trainer's optimizer, over the method's parameter groups where it shapes them."""
         shaped = type(self.fisher).param_groups is not AdapterMethod.param_groups
-        if self.optimizer is None and shaped:
-            groups = self.fisher.param_groups(self.model, self.args.weight_decay)
+        groups = (
+            self.fisher.param_groups(self.model, self.args.weight_decay)
+            if self.optimizer is None and shaped
+            else []
+        )
+        # one group is the plain one (FW-LoRA in loss mode, a composition without the decay
+        # form): the Trainer's own optimizer then, which keeps biases and norms undecayed
+        if len(groups) > 1:
             chosen = getattr(self, "optimizer_cls_and_kwargs", None)
             optimizer_cls, optimizer_kwargs = chosen or self.get_optimizer_cls_and_kwargs(
                 self.args, self.model
