@@ -234,7 +234,7 @@ def test_infeasible_bounds_raise_and_leave_the_model_unchanged():
         ConfigError, match=r"rank budget 104 is infeasible for 13 modules with r_min=9"
     ):
         allocate_ranks(model, random_batches(2), r_min=9, progress=False)
-    with pytest.raises(ConfigError, match="unknown estimator"):
+    with pytest.raises(ConfigError, match="unknown FIM-LoRA estimator"):
         allocate_ranks(model, random_batches(2), estimator="exact", progress=False)
     assert_unchanged(before, snapshot(model))
 

@@ -90,7 +90,7 @@ from fisherlora.directions import (
     Candidates,
     many_layer_candidates,
 )
-from fisherlora.errors import CalibrationError, ConfigError
+from fisherlora.errors import CalibrationError, ConfigError, check_choices
 from fisherlora.figures import EnergySpectrum, Figure
 from fisherlora.methods.base import AdapterMethod
 from fisherlora.stats import ProjectedSquares, SecondMoment, all_reduce_sum, world_size
@@ -210,13 +210,9 @@ def _fisher_norm(
 
 
 def _check_options(basis: str, select: str, scale: str) -> None:
-    for label, value, choices in (
-        ("basis", basis, BASES),
-        ("select", select, SELECTS),
-        ("scale", scale, SCALES),
-    ):
-        if value not in choices:
-            raise ConfigError(f"unknown FILet {label} {value!r}; choose one of {list(choices)}")
+    check_choices(
+        "FILet", (("basis", basis, BASES), ("select", select, SELECTS), ("scale", scale, SCALES))
+    )
     if scale == "singular" and basis != "svd":
         raise ConfigError(
             f"FILet scale='singular' needs basis='svd', not basis={basis!r}: ‖W v̂‖ of a "

@@ -54,7 +54,7 @@ from fisherlora.capture import (
     run_passes,
     token_mask,
 )
-from fisherlora.errors import ConfigError
+from fisherlora.errors import ConfigError, check_choices
 from fisherlora.figures import Figure, ModuleValues, module_grid
 from fisherlora.methods.base import AdapterMethod
 from fisherlora.stats import all_reduce_mean, all_reduce_sum, per_example_sq_grad, reduce_score
@@ -122,13 +122,14 @@ class RankPlan:
 
 
 def _check_options(budget: str, score: str, estimator: str) -> None:
-    for label, value, choices in (
-        ("budget", budget, BUDGETS),
-        ("score", score, SCORES),
-        ("estimator", estimator, ESTIMATORS),
-    ):
-        if value not in choices:
-            raise ConfigError(f"unknown {label} {value!r}; choose one of {list(choices)}")
+    check_choices(
+        "FIM-LoRA",
+        (
+            ("budget", budget, BUDGETS),
+            ("score", score, SCORES),
+            ("estimator", estimator, ESTIMATORS),
+        ),
+    )
 
 
 def _allocation_problem(

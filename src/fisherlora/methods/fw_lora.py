@@ -52,7 +52,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from fisherlora.adapters import lora_layers
 from fisherlora.capture import check_finite
-from fisherlora.errors import ConfigError
+from fisherlora.errors import ConfigError, check_choices
 from fisherlora.figures import Figure, ModuleValues
 from fisherlora.methods.base import AdapterMethod
 from fisherlora.stats import all_reduce_mean
@@ -75,13 +75,14 @@ def check_options(
 ) -> None:
     """Raise ``ConfigError`` for FW-LoRA options that cannot run, naming them (before a model is
     touched: :class:`FwLoRA` checks them when it is made, ahead of a composition's other inits)."""
-    for label, value, choices in (
-        ("estimator", estimator, ESTIMATORS),
-        ("normalize", normalize, NORMALIZE),
-        ("mode", mode, MODES),
-    ):
-        if value not in choices:
-            raise ConfigError(f"unknown FW-LoRA {label} {value!r}; choose one of {list(choices)}")
+    check_choices(
+        "FW-LoRA",
+        (
+            ("estimator", estimator, ESTIMATORS),
+            ("normalize", normalize, NORMALIZE),
+            ("mode", mode, MODES),
+        ),
+    )
     whole = [
         f"{label}={value!r}"
         for label, value in (("warmup_steps", warmup_steps), ("probes", probes))
