@@ -33,7 +33,10 @@ For a target layer ``y = W x`` (``W ∈ R^{m×n}``) with LoRA update ``s B A``:
      so that ``‖s B A‖₂ = ‖Σ_sel d_i û_i v̂_iᵀ‖₂ = max_{i∈sel} σ_i`` (the largest gain of W along
      a selected direction). ``‖Σ_sel e_i û_i v̂_iᵀ‖₂`` comes from r×r work
      (:func:`lowrank_spectral_norm`), never an m×n SVD.
-   - ``scale="fisher"``: the raw energies, ``d_i = e_i`` (the paper, literally).
+   - ``scale="fisher"``: the raw energies, ``d_i = e_i`` (the paper's magnitudes; its
+     ``A = diag(√e) V̂ᵀ``, ``B = Û diag(√e)`` would make the update ``s Σ e_i û_i v̂_iᵀ``: here,
+     as everywhere in this module, the factors carry ``√(d/s)`` so that the update is
+     ``Σ d_i û_i v̂_iᵀ`` whatever α is, as PiSSA's is).
    - ``scale="singular"``: ``d_i = σ_i`` (the FILet-SVD ablation; with ``basis="svd"`` only,
      since ``‖W v̂_i‖`` is a singular value only for a singular vector).
 
