@@ -3,8 +3,12 @@
 Under ``torch.distributed`` every statistic is summed (with its count) over all processes, so each
 process ends with the numbers one process would compute on the union of the data. Gradients are
 those of the global batch loss, the mean of the processes' equally sized local losses (as DDP
-averages them): a local gradient is ``world_size`` times its share of the global one. Without an
-initialised process group every function here is the identity.
+averages them): a local gradient is ``world_size`` times its share of the global one. Where the
+processes' losses average different numbers of scored tokens (a causal LM's batches), that mean
+of means is what DDP trains on but not the loss of the union, so the statistics built on the
+batch gradient (FIM-LoRA's batch estimator, FILet's q, FW-LoRA's proxy) follow DDP's weighting;
+the per-example estimator weighs each example as one process would. Without an initialised
+process group every function here is the identity.
 """
 
 from __future__ import annotations
