@@ -217,3 +217,17 @@ def test_without_the_decay_form_the_trainers_own_optimizer_keeps_biases_undecaye
         for p in g["params"]
     ]
     assert undecayed and all("bias" in n or "LayerNorm" in n for n in undecayed)
+
+
+def test_fw_lora_gets_the_accelerators_grad_scaler(tmp_path, keyword_task, monkeypatch):
+    # accelerate makes a GradScaler for fp16 on a GPU (none on a CPU): FW-LoRA must see it
+    scaler = torch.amp.GradScaler("cpu")
+    original = FisherTrainer.create_accelerator_and_postprocess
+
+    def with_scaler(self):
+        original(self)
+        self.accelerator.scaler = scaler
+
+    monkeypatch.setattr(FisherTrainer, "create_accelerator_and_postprocess", with_scaler)
+    trainer = make_trainer(tmp_path, keyword_task, method="fim-lora+fw-lora")
+    assert trainer.fisher.members[1].grad_scaler is scaler

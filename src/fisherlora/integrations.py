@@ -132,6 +132,12 @@ class FisherTrainerMixin:
         if steps is not None:  # FW-LoRA's default warm-up is a share of the run
             options.setdefault("steps", steps)
         options.setdefault("seed", self.args.seed)
+        # under fp16 the backward passes FW-LoRA's hooks see are scaled by accelerate's
+        # GradScaler (none on a CPU): the penalty divides by its scale and skips the steps it
+        # skips, as it does in the runner
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None:
+            options.setdefault("grad_scaler", scaler)
         options.setdefault("progress", not self.args.disable_tqdm)
         self.fisher: Method = (
             get_method(fisher_method, options) if isinstance(fisher_method, str) else fisher_method
