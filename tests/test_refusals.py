@@ -160,3 +160,16 @@ def test_adalora_skips_its_update_on_a_step_with_overflowed_gradients(monkeypatc
     next(p for p in model.parameters() if p.requires_grad).grad.fill_(float("inf"))
     method.after_backward(model, 2)  # what an fp16 GradScaler skips, AdaLoRA skips too
     assert calls == [0]
+
+
+def test_a_composition_refuses_ranks_its_filet_candidates_cannot_cover_before_allocating():
+    model = tiny_peft_model(rank=4)
+    _, layers = lora_layers(model)
+    name, layer = next(iter(layers.items()))
+    with torch.no_grad():  # two non-zero input columns: two usable gram candidates (< r_max 8)
+        layer.get_base_layer().weight[:, 2:] = 0
+    before = snapshot(model)
+    method = get_method("fim-lora+filet", {"calib_batches": 2, "progress": False})
+    with pytest.raises(ConfigError, match=rf"{name} has 2 usable FILet candidates"):
+        method.prepare(model, random_batches(2))
+    assert_unchanged(before, snapshot(model))

@@ -34,7 +34,7 @@ from fisherlora.errors import ConfigError
 from fisherlora.figures import Figure
 from fisherlora.methods.base import AdapterMethod, Method
 from fisherlora.methods.filet import CandidateEnergies, Filet
-from fisherlora.methods.fim_lora import FimLoRA
+from fisherlora.methods.fim_lora import FimLoRA, _allocation_problem
 from fisherlora.methods.fw_lora import FwLoRA
 
 # Members that may be combined, by the phase they act in (lower first).
@@ -61,6 +61,28 @@ def check_composition(
     if len({base(n) for n in names}) != len(names):
         raise ConfigError(f"{'+'.join(names)!r} names one method twice (as itself and a variant)")
     return sorted(names, key=lambda n: PHASES[base(n)])
+
+
+def _check_candidates_cover_ranks(
+    model: PeftModel, fim: FimLoRA, collected: CandidateEnergies
+) -> None:
+    """Refuse, before the allocator changes the model, a layer whose usable FILet candidates are
+    fewer than the largest rank the allocator may give it (FILet would refuse it afterwards,
+    with the adapters already resized)."""
+    *_, high = _allocation_problem(
+        model,
+        fim.options.get("budget", "ranks"),
+        fim.options.get("r_min"),
+        fim.options.get("r_max"),
+    )
+    short = {n: c.sigma.numel() for n, c in collected.candidates.items() if c.sigma.numel() < high}
+    if short:
+        raise ConfigError(
+            f"{fim.name}+filet: the allocator may give a layer up to {high} ranks, but "
+            f"{', '.join(f'{n} has {k}' for n, k in list(short.items())[:3])} usable FILet "
+            "candidates (a rank-deficient weight); lower r_max to at most "
+            f"{min(short.values())}"
+        )
 
 
 class Composed(AdapterMethod):
@@ -105,6 +127,8 @@ class Composed(AdapterMethod):
         if pair is not None:
             # None where FILet is grouped
             collected = pair[1].calibration_statistic(model, calibration_loader)
+            if collected is not None:  # before the allocator resizes anything
+                _check_candidates_cover_ranks(model, pair[0], collected)
         for member in self.members:
             if collected is not None and member is pair[0]:
                 info[member.name] = member.prepare(
