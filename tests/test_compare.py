@@ -367,6 +367,6 @@ def test_steps_to_loras_final_accuracy_count_the_seeds_that_never_got_there():
 
     assert shown([20, 40, 40, math.inf, math.inf]) == "40 (3/5)"
     # one seed got there at step 10, four never did: not "10", which would read as fast
-    assert shown([10, math.inf, math.inf, math.inf, math.inf]) == "never for most (1/5)"
+    assert shown([10, math.inf, math.inf, math.inf, math.inf]) == "never for half or more (1/5)"
     assert shown([math.inf, math.inf]) == "never"
     assert shown([math.nan, math.nan]) == "–"  # no LoRA run to compare with

@@ -202,6 +202,8 @@ def test_an_epoch_based_run_gives_fw_lora_its_real_length(tmp_path, keyword_task
         gradient_accumulation_steps=2,
     )
     assert trainer._planned_steps() == 24 and given["steps"] == 24  # not FW-LoRA's 300
+    trainer.args.gradient_accumulation_steps = 3  # 16 batches: 5 full steps and a partial one
+    assert trainer._planned_steps() == 3 * 6
 
 
 def test_without_the_decay_form_the_trainers_own_optimizer_keeps_biases_undecayed(

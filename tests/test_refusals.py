@@ -160,6 +160,8 @@ def test_adalora_skips_its_update_on_a_step_with_overflowed_gradients(monkeypatc
     next(p for p in model.parameters() if p.requires_grad).grad.fill_(float("inf"))
     method.after_backward(model, 2)  # what an fp16 GradScaler skips, AdaLoRA skips too
     assert calls == [0]
+    method.after_backward(model, 9)  # from the final pruning on (step 8 of 10, tfinal 2) PEFT
+    assert calls == [0, 8]  # reads no gradient: it masks to the final budget all the same
 
 
 def test_a_composition_refuses_ranks_its_filet_candidates_cannot_cover_before_allocating():

@@ -537,3 +537,12 @@ def test_a_tiny_suite_runs_end_to_end_and_resumes(tmp_path, monkeypatch, keyword
     assert trained == []
     dry = estimate_suite(Suite("tiny", "", str(path), load_suite(str(path)).cells), out)
     assert dry["done"].tolist() == [8, 4]
+
+
+def test_a_non_finite_outcome_is_no_pair():
+    results = synthetic_results({"m": {"nll": [0.01, 0.02, 0.03, 0.04]}}, cells=("a",), seeds=4)
+    results.loc[(results["method"] == "m") & (results["seed"] == 3), "nll"] = math.inf
+    nll = cell_differences(results).set_index("outcome").loc["nll"]
+    assert nll["pairs"] == 3 and nll["delta"] == pytest.approx(0.02)
+    pooled = pooled_row(pooled_differences(results), "m", "nll")
+    assert pooled["pairs"] == 3 and math.isfinite(pooled["ci_high"])

@@ -69,8 +69,9 @@ class _AfterOptimizerStep(TrainerCallback):
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         # after a resume has loaded the optimizer's state (and replaced its group dicts)
-        if optimizer is not None:
-            self.trainer.fisher.optimizer_ready(optimizer)
+        ready = getattr(self.trainer.fisher, "optimizer_ready", None)  # a Method of one's own
+        if optimizer is not None and ready is not None:
+            ready(optimizer)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.fisher.after_backward(self.trainer.model, state.global_step + 1)
@@ -143,7 +144,11 @@ class FisherTrainerMixin:
             get_method(fisher_method, options) if isinstance(fisher_method, str) else fisher_method
         )
         members = getattr(self.fisher, "members", [self.fisher])
-        built = [m.name for m in members if type(m).build is not AdapterMethod.build]
+        built = [  # a Method of one's own that is no AdapterMethod is taken as it is
+            m.name
+            for m in members
+            if isinstance(m, AdapterMethod) and type(m).build is not AdapterMethod.build
+        ]
         if built:  # the Trainer gets a PeftModel that is already built: build would not run
             raise ConfigError(
                 f"{type(self).__name__} runs fisherlora's methods, which act on a built "
@@ -165,8 +170,10 @@ class FisherTrainerMixin:
         if dataset is None or not hasattr(dataset, "__len__"):
             return None
         per_step = self.args.per_device_train_batch_size * max(self.args.world_size, 1)
-        batches = math.ceil(len(dataset) / per_step)
-        per_epoch = max(batches // self.args.gradient_accumulation_steps, 1)
+        rounding = math.floor if self.args.dataloader_drop_last else math.ceil
+        batches = rounding(len(dataset) / per_step)
+        # the Trainer's count: a last, partial accumulation is a step too
+        per_epoch = max(math.ceil(batches / self.args.gradient_accumulation_steps), 1)
         return max(1, math.ceil(self.args.num_train_epochs * per_epoch))
 
     # -- before the optimizer ------------------------------------------------------------------

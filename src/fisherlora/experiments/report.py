@@ -239,7 +239,7 @@ def _steps_to_lora(r: pd.Series) -> str:
         return "–"
     counts = f"({reached}/{paired})"
     if math.isinf(r["steps_to_lora_final"]):
-        return "never" if reached == 0 else f"never for most {counts}"
+        return "never" if reached == 0 else f"never for half or more {counts}"
     return f"{r['steps_to_lora_final']:.0f} {counts}"
 
 

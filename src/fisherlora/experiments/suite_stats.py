@@ -35,8 +35,10 @@ def _paired(group: pd.DataFrame, method: str, outcome: str) -> tuple[np.ndarray,
     base = pd.to_numeric(base, errors="coerce").dropna()
     seeds = sorted(set(ours.index) & set(base.index))
     d = ours.loc[seeds].to_numpy(dtype=float) - base.loc[seeds].to_numpy(dtype=float)
-    # metrics agreeing to 12 decimals are equal (as report.paired_t treats them)
-    return np.round(d, 12), seeds
+    # metrics agreeing to 12 decimals are equal (as report.paired_t treats them); a
+    # non-finite difference (an infinite NLL) is no pair, as in report.paired_t
+    finite = np.isfinite(d)
+    return np.round(d[finite], 12), [s for s, keep in zip(seeds, finite, strict=True) if keep]
 
 
 def _methods_in_order(results: pd.DataFrame) -> list[str]:

@@ -401,8 +401,15 @@ class AdaLoRA(AdapterMethod):
         # A step an fp16 GradScaler skipped left inf/NaN gradients (clipping turns them into
         # NaN): PEFT's sensitivity averages (p · ∂L/∂p) would stay NaN for good, so such a step
         # is skipped here too, as the optimizer skipped it. One check for all of them.
+        # From the final pruning on, PEFT reads no gradient (it masks to the final budget, then
+        # keeps that pattern): those steps always run.
+        config = model.peft_config[model.active_adapter]
+        reads_gradients = step - 1 < config.total_step - config.tfinal
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-        if grads and not bool(torch.stack([g.float().abs().sum() for g in grads]).isfinite().all()):
+        finite = not grads or bool(
+            torch.stack([g.float().abs().sum() for g in grads]).isfinite().all()
+        )
+        if reads_gradients and not finite:
             return
         # PEFT counts steps from 0; the gradients of this step are still in place.
         model.base_model.update_and_allocate(step - 1)
