@@ -34,7 +34,7 @@ from fisherlora.errors import ConfigError
 from fisherlora.figures import Figure
 from fisherlora.methods.base import AdapterMethod, Method
 from fisherlora.methods.filet import CandidateEnergies, Filet
-from fisherlora.methods.fim_lora import FimLoRA, _allocation_problem
+from fisherlora.methods.fim_lora import FimLoRA, rank_bounds
 from fisherlora.methods.fw_lora import FwLoRA
 
 # Members that may be combined, by the phase they act in (lower first).
@@ -69,11 +69,11 @@ def _check_candidates_cover_ranks(
     """Refuse, before the allocator changes the model, a layer whose usable FILet candidates are
     fewer than the largest rank the allocator may give it (FILet would refuse it afterwards,
     with the adapters already resized)."""
-    *_, high = _allocation_problem(
+    _, high = rank_bounds(
         model,
-        fim.options.get("budget", "ranks"),
-        fim.options.get("r_min"),
-        fim.options.get("r_max"),
+        budget=fim.options.get("budget", "ranks"),
+        r_min=fim.options.get("r_min"),
+        r_max=fim.options.get("r_max"),
     )
     short = {n: c.sigma.numel() for n, c in collected.candidates.items() if c.sigma.numel() < high}
     if short:

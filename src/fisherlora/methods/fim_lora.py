@@ -156,6 +156,14 @@ def _allocation_problem(
     return old, costs, sum(old[m] * costs[m] for m in old), costs, low, high
 
 
+def rank_bounds(
+    model: PeftModel, *, budget: str = "ranks", r_min: int | None = None, r_max: int | None = None
+) -> tuple[int, int]:
+    """The (r_min, r_max) an allocation of ``model`` runs under, defaults resolved."""
+    *_, low, high = _allocation_problem(model, budget, r_min, r_max)
+    return low, high
+
+
 def check_budget(
     model: PeftModel, *, budget: str = "ranks", r_min: int | None = None, r_max: int | None = None
 ) -> None:

@@ -405,12 +405,12 @@ class AdaLoRA(AdapterMethod):
         # keeps that pattern): those steps always run.
         config = model.peft_config[model.active_adapter]
         reads_gradients = step - 1 < config.total_step - config.tfinal
-        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-        finite = not grads or bool(
-            torch.stack([g.float().abs().sum() for g in grads]).isfinite().all()
-        )
-        if reads_gradients and not finite:
-            return
+        if reads_gradients:  # the check (a device sync) only where PEFT reads the gradients
+            grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+            if grads and not bool(
+                torch.stack([g.float().abs().sum() for g in grads]).isfinite().all()
+            ):
+                return
         # PEFT counts steps from 0; the gradients of this step are still in place.
         model.base_model.update_and_allocate(step - 1)
 
