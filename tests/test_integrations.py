@@ -206,19 +206,25 @@ def test_an_epoch_based_run_gives_fw_lora_its_real_length(tmp_path, keyword_task
     assert trainer._planned_steps() == 3 * 6
 
 
-def test_without_the_decay_form_the_trainers_own_optimizer_keeps_biases_undecayed(
-    tmp_path, keyword_task
-):
-    trainer = make_trainer(tmp_path, keyword_task, weight_decay=0.01)  # fw-lora in loss mode
+@pytest.mark.parametrize("method", ["fim-lora+filet+fw-lora", "fw-lora-decay"])
+def test_biases_and_norms_stay_undecayed_in_either_form(tmp_path, keyword_task, method):
+    # the loss form has one plain group: the Trainer's own optimizer; the decay form shapes
+    # the LoRA groups and must split the rest (the head) by the Trainer's rule
+    trainer = make_trainer(tmp_path, keyword_task, method=method, weight_decay=0.01)
     trainer.train()
     named = {id(p): n for n, p in trainer.model.named_parameters()}
-    undecayed = [
+    undecayed = {
         named[id(p)]
         for g in trainer.optimizer.param_groups
         if g["weight_decay"] == 0
         for p in g["params"]
-    ]
-    assert undecayed and all("bias" in n or "LayerNorm" in n for n in undecayed)
+    }
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    decayed = set(trainer.get_decay_parameter_names(trainer.model)) & trained
+    assert undecayed and undecayed == trained - decayed
+    assert all("bias" in n or "LayerNorm" in n for n in undecayed)
+    seen = [id(p) for g in trainer.optimizer.param_groups for p in g["params"]]
+    assert len(seen) == len(set(seen)) == len(trained)  # each trained parameter once
 
 
 def test_fw_lora_gets_the_accelerators_grad_scaler(tmp_path, keyword_task, monkeypatch):

@@ -246,6 +246,7 @@ class FisherTrainerMixin:
         # one group is the plain one (FW-LoRA in loss mode, a composition without the decay
         # form): the Trainer's own optimizer then, which keeps biases and norms undecayed
         if len(groups) > 1:
+            groups = self._undecay_biases_and_norms(groups)
             chosen = getattr(self, "optimizer_cls_and_kwargs", None)
             optimizer_cls, optimizer_kwargs = chosen or self.get_optimizer_cls_and_kwargs(
                 self.args, self.model
@@ -253,6 +254,24 @@ class FisherTrainerMixin:
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
             return self.optimizer
         return super().create_optimizer(model)
+
+    def _undecay_biases_and_norms(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The method's groups, with those it does not shape (FW-LoRA's "rest": the head, any
+        other trainable parameter) split by the Trainer's own rule, so biases and norms stay
+        undecayed as they do under the Trainer's optimizer."""
+        decayed = set(self.get_decay_parameter_names(self.model))
+        name_of = {id(p): n for n, p in self.model.named_parameters()}
+        shaped, split = [], []
+        for group in groups:
+            if "fisher_module" in group:
+                shaped.append(group)
+                continue
+            for keep in (True, False):
+                params = [p for p in group["params"] if (name_of.get(id(p)) in decayed) == keep]
+                if params:
+                    wd = group["weight_decay"] if keep else 0.0
+                    split.append({**group, "params": params, "weight_decay": wd})
+        return [*shaped, *split]
 
     # -- during training -----------------------------------------------------------------------
     def _loss_scaled_for_accumulation(self, num_items_in_batch: Any) -> bool:
