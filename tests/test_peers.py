@@ -12,6 +12,7 @@ from peft.tuners.adalora import AdaLoraLayer
 from fisherlora.errors import CalibrationError
 from fisherlora.experiments.train import TrainConfig, count_parameters, train
 from fisherlora.methods import get_method
+from fisherlora.methods import peers
 from fisherlora.methods.peers import eva_batches
 
 PEERS = ["dora", "pissa", "eva", "lora-ga", "corda", "adalora"]
@@ -75,6 +76,26 @@ def test_eva_batches_drop_labels_and_merge_to_enough_rows():
     )
     with pytest.raises(CalibrationError, match="at least 64 calibration sequences"):
         eva_batches(batches, min_rows=64)
+
+
+def test_eva_reads_a_loader_without_length_up_to_its_cap(monkeypatch):
+    # a generator has no end PEFT could see: EVA reads at most EVA_ENDLESS_BATCHES of it
+    monkeypatch.setattr(peers, "EVA_ENDLESS_BATCHES", 6)
+    batches = random_batches(6, batch_size=4, seq=12, seed=5)
+    read = []
+
+    def endless():
+        while True:
+            batch = batches[len(read) % len(batches)]
+            read.append(1)
+            yield batch
+
+    base, targets = tiny_base("bert", seed=3)
+    method = get_method("eva", {"calib_batches": 8})
+    model = method.build(base, tiny_lora_config(targets, 4), batches)
+    info = method.prepare(model, endless())
+    assert len(read) == 6 and sum(info["eva_ranks"].values()) == 4 * len(info["eva_ranks"])
+    assert peers._eva_batch_count(batches) == 6 and peers._eva_batch_count(batches[:2]) == 2
 
 
 @pytest.mark.parametrize("name", ["lora-ga", "corda", "eva"])

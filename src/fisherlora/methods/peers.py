@@ -210,6 +210,19 @@ def eva_batches(batches: Batches, min_rows: int) -> list[dict[str, torch.Tensor]
     return [_pad_cat(c) for c in chunks]
 
 
+EVA_ENDLESS_BATCHES = 1024
+
+
+def _eva_batch_count(loader: Batches | None) -> int:
+    """How many batches EVA reads: all of a loader with a length (one epoch), else the first
+    ``EVA_ENDLESS_BATCHES`` (a generator or an endless stream would otherwise be read for ever;
+    PEFT cycles over the list it gets until the SVDs converge)."""
+    try:
+        return max(1, len(loader))  # type: ignore[arg-type]
+    except TypeError:  # no length: a generator, an IterableDataset's loader
+        return EVA_ENDLESS_BATCHES
+
+
 class EVA(CalibratedPeer):
     """EVA (Paischer et al., 2024), PEFT ``initialize_lora_eva_weights`` with the default
     ``EvaConfig`` (ρ = 2, τ = 0.99): ``A₀`` = the top right-singular vectors of each layer's
@@ -235,9 +248,10 @@ class EVA(CalibratedPeer):
         # EVA cycles over its loader until every layer's SVD converges; it gets the whole
         # calibration order (one epoch of training data) and stops early.
         device = _device_of(model)
+        n_batches = _eva_batch_count(calibration_loader)
         loader = [
             {k: v.to(device) for k, v in b.items()}
-            for b in eva_batches(_first_batches(calibration_loader, 10**9, "eva"), min_rows)
+            for b in eva_batches(_first_batches(calibration_loader, n_batches, "eva"), min_rows)
         ]
         initialize_lora_eva_weights(
             model,
