@@ -11,8 +11,7 @@ from peft.tuners.adalora import AdaLoraLayer
 
 from fisherlora.errors import CalibrationError
 from fisherlora.experiments.train import TrainConfig, count_parameters, train
-from fisherlora.methods import get_method
-from fisherlora.methods import peers
+from fisherlora.methods import get_method, peers
 from fisherlora.methods.peers import eva_batches
 
 PEERS = ["dora", "pissa", "eva", "lora-ga", "corda", "adalora"]
