@@ -113,6 +113,33 @@ def test_a_resumed_grid_keeps_its_picks_and_reruns_nothing(tmp_path, patched_tas
     }
 
 
+def test_a_grid_widens_before_any_final_run_and_not_after(tmp_path):
+    def fake_tuning(config, accuracy_by_lr):
+        for lr, accuracy in accuracy_by_lr.items():
+            run_dir = config.tune_dir(2, "lora", lr, 7)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            metrics = {"val_accuracy": accuracy, "val_nll": 0.5}
+            (run_dir / "metrics.json").write_text(json.dumps(metrics))
+
+    narrow = grid_comparison(tmp_path, methods=["lora"], seeds=[0], lr_grid=[1e-3, 3e-3])
+    check_out_dir(narrow)
+    fake_tuning(narrow, {1e-3: 0.6, 3e-3: 0.7})  # the pick sits at the top edge
+    assert pick_learning_rates(narrow) == {(2, "lora"): 3e-3}
+    wide = grid_comparison(tmp_path, methods=["lora"], seeds=[0], lr_grid=[1e-3, 3e-3, 1e-2])
+    check_out_dir(wide)  # a superset, no final run yet: accepted, the pinned pick dropped
+    assert not (tmp_path / "picked_lr.json").exists()
+    fake_tuning(wide, {1e-2: 0.8})
+    assert pick_learning_rates(wide) == {(2, "lora"): 1e-2}
+    for grid in ([1e-3, 1e-2], [3e-4, 3e-3]):  # a rate left out: its tuning runs would not count
+        with pytest.raises(ConfigError, match="lr_grid"):
+            check_out_dir(grid_comparison(tmp_path, methods=["lora"], seeds=[0], lr_grid=grid))
+    wide.run_dir(2, "lora", 0).mkdir(parents=True)
+    (wide.run_dir(2, "lora", 0) / "metrics.json").write_text("{}")  # a final run has finished
+    wider = grid_comparison(tmp_path, methods=["lora"], seeds=[0], lr_grid=[1e-3, 3e-3, 1e-2, 3e-2])
+    with pytest.raises(ConfigError, match="lr_grid"):
+        check_out_dir(wider)
+
+
 def test_a_diverged_tuning_run_rules_its_rate_out(tmp_path):
     config = grid_comparison(tmp_path, methods=["lora"], seeds=[0])
     for lr, outcome in ((1e-3, {"val_accuracy": 0.6, "val_nll": 0.7}), (3e-2, None)):
@@ -214,3 +241,16 @@ def test_an_older_comparison_without_the_new_settings_still_resumes(tmp_path):
     changed = dataclasses.replace(config, base=dataclasses.replace(config.base, val_fraction=0.1))
     with pytest.raises(ConfigError, match="val_fraction"):
         check_out_dir(changed)
+
+
+def test_picks_at_an_end_of_the_grid_are_named():
+    from fisherlora.experiments.report import edge_picks
+
+    picked = pd.DataFrame(
+        {"rank": [1, 1, 1], "method": ["lora", "pissa", "corda"], "lr": [3e-3, 1e-3, 3e-4]}
+    )
+    assert edge_picks([3e-4, 1e-3, 3e-3], picked) == [
+        (1, "lora", "highest"),
+        (1, "corda", "lowest"),
+    ]
+    assert edge_picks([1e-3, 3e-3], picked) == []  # with two rates every pick is an end

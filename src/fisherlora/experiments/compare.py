@@ -116,6 +116,10 @@ def check_out_dir(config: CompareConfig, process: Process | None = None) -> None
         before = LEGACY_SETTINGS | json.loads(pinned.read_text())["settings"]
         settings = LEGACY_SETTINGS | settings
         changed = {k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k)}
+        if changed == {"lr_grid"} and grid_extension_allowed(config, before):
+            changed = set()
+            if process.is_main:
+                (out / "picked_lr.json").unlink(missing_ok=True)  # picked again over the new grid
         if changed:
             raise ConfigError(
                 f"{out} holds a comparison with other settings ({sorted(changed)}); "
@@ -134,6 +138,19 @@ def check_out_dir(config: CompareConfig, process: Process | None = None) -> None
                 "ranks": config.ranks,
             },
         )
+
+
+def grid_extension_allowed(config: CompareConfig, before: dict[str, Any]) -> bool:
+    """Whether ``config``'s lr grid may replace the pinned one: it holds every pinned rate (the
+    finished tuning runs stay valid) and no final run has finished (none ran at a pick the wider
+    grid could change). This is how a grid whose picks sit at an edge is widened."""
+    old, new = before.get("lr_grid"), config.lr_grid
+    if not old or not new or not set(old) <= set(new):
+        return False
+    finals = (
+        config.run_dir(r, m, s) for r in config.ranks for m in config.methods for s in config.seeds
+    )
+    return not any(is_finished(d) for d in finals)
 
 
 def is_finished(run_dir: Path) -> bool:

@@ -729,7 +729,26 @@ def _selection_note(config: CompareConfig, picked: pd.DataFrame) -> str:
     chosen = "; ".join(
         f"r = {int(r['rank'])} {r['method']}: {r['lr']:g}" for _, r in picked.iterrows()
     )
+    edges = edge_picks(config.lr_grid or [], picked)
+    if edges:
+        chosen += (
+            ". At an edge of the grid (the best rate may lie beyond it): "
+            + "; ".join(f"r = {r} {m} ({side})" for r, m, side in edges)
+        )
     return f"{text} Picked: {chosen}."
+
+
+def edge_picks(grid: list[float], picked: pd.DataFrame) -> list[tuple[int, str, str]]:
+    """(rank, method, "lowest"/"highest") for each pick at an end of a grid of 3 rates or more:
+    the grid did not bracket that method's best rate."""
+    if len(grid) < 3 or picked.empty:
+        return []
+    ends = {min(grid): "lowest", max(grid): "highest"}
+    return [
+        (int(r["rank"]), r["method"], ends[r["lr"]])
+        for _, r in picked.iterrows()
+        if r["lr"] in ends
+    ]
 
 
 def _test_size(runs: pd.DataFrame) -> int:

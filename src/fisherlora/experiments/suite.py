@@ -30,7 +30,7 @@ from fisherlora.experiments.suite_report import write_suite_report
 def check_resumable(suite: Suite, out: str | Path) -> None:
     """Refuse, before anything runs, a cell whose directory holds a comparison with other
     settings (``compare`` would refuse it after the earlier cells had run)."""
-    from fisherlora.experiments.compare import LEGACY_SETTINGS
+    from fisherlora.experiments.compare import LEGACY_SETTINGS, grid_extension_allowed
 
     for cell in suite.cells:
         config = cell.compare_config(Path(out) / cell.name)
@@ -44,6 +44,8 @@ def check_resumable(suite: Suite, out: str | Path) -> None:
                 for k in settings.keys() | before.keys()
                 if k != "world_size" and settings.get(k) != before.get(k)
             )
+            if changed == ["lr_grid"] and grid_extension_allowed(config, before):
+                continue
             if changed:
                 raise ConfigError(
                     f"{cell.where}: {pinned.parent} holds a comparison with other settings "
