@@ -731,9 +731,8 @@ def _selection_note(config: CompareConfig, picked: pd.DataFrame) -> str:
     )
     edges = edge_picks(config.lr_grid or [], picked)
     if edges:
-        chosen += (
-            ". At an edge of the grid (the best rate may lie beyond it): "
-            + "; ".join(f"r = {r} {m} ({side})" for r, m, side in edges)
+        chosen += ". At an edge of the grid (the best rate may lie beyond it): " + "; ".join(
+            f"r = {r} {m} ({side})" for r, m, side in edges
         )
     return f"{text} Picked: {chosen}."
 
