@@ -136,7 +136,10 @@ def test_a_language_modelling_task_is_refused():
         ({"methods": ["lora", "nope"]}, "unknown method 'nope'"),
         ({"seeds": [0, 0]}, "lists a value twice"),
         ({"lr_grid": [1e-3, -1.0]}, "rates must be positive"),
-        ({"lr_grid": [1e-3], "val_fraction": 0.0}, "val_fraction > 0"),
+        ({"lr_grid": [1e-3], "val_fraction": 0.0}, "val_fraction must be in (0, 0.5]"),
+        ({"val_fraction": 0.0}, "val_fraction must be in (0, 0.5]"),  # no grid: still refused
+        ({"val_fraction": 0.6}, "val_fraction must be in (0, 0.5]"),
+        ({"val_fraction": "0.1"}, "val_fraction must be"),
         ({"steps": 0}, "steps must be a positive number"),  # TrainConfig's own check
         ({"name": "a/b"}, "a cell name is a directory name"),
     ],
@@ -185,7 +188,9 @@ def test_the_cpu_suite_fits_about_twelve_hours_on_the_measured_cpu():
     assert {"lora", "fim-lora", "filet", "fw-lora", "fim-lora+filet+fw-lora"} <= methods
     assert any(c.settings["model"] == "smollm2-135m" for c in suite.cells)
     assert all(len(c.seeds) == 5 for c in suite.cells)
-    assert all(c.lr_grid == [3e-4, 1e-3, 3e-3] and c.tune_seeds == [100] for c in suite.cells)
+    for c in suite.cells:  # rt-r1's grid was widened after its picks sat at the top rate
+        assert c.lr_grid[:3] == [3e-4, 1e-3, 3e-3] and c.tune_seeds == [100], c.name
+    assert [c.lr_grid[3:] for c in suite.cells if c.name == "rt-r1"] == [[1e-2]]
 
 
 def test_the_gpu_suite_has_no_cpu_estimate_but_counts_its_runs(capsys):
@@ -325,27 +330,40 @@ def test_every_cell_weighs_the_same_whatever_its_seeds_and_tuning_runs_do_not_co
     assert row["ci_low"] == pytest.approx(0.05) and row["ci_high"] == pytest.approx(0.05)
 
 
-def test_the_bootstrap_is_stratified_by_cell_and_reproducible():
-    d_a, d_b = np.array([0.0, 0.02, 0.04]), np.array([0.01, -0.01, 0.03, 0.05])
+def paired_rows(diffs_by_cell: dict[str, np.ndarray]) -> pd.DataFrame:
     rows = []
-    for cell, diffs in (("a", d_a), ("b", d_b)):
+    for cell, diffs in diffs_by_cell.items():
         for seed, d in enumerate(diffs):
             rows.append({"cell": cell, "rank": 8, "method": "lora", "seed": seed, "accuracy": 0.5})
             rows.append({"cell": cell, "rank": 8, "method": "m", "seed": seed, "accuracy": 0.5 + d})
-    results = pd.DataFrame(rows)
+    return pd.DataFrame(rows)
+
+
+def test_the_pooled_interval_is_welch_t_over_the_cells_and_one_cell_gives_its_own_interval():
+    from scipy import stats
+
+    d_a, d_b = np.array([0.0, 0.02, 0.04]), np.array([0.01, -0.01, 0.03, 0.05])
     outcomes = {"accuracy": ("acc", True)}
-    row = pooled_differences(results, outcomes, n_bootstrap=2000, seed=7).iloc[0]
-    # the same resampling by hand: within each cell, n_c draws with replacement
-    rng = np.random.default_rng(7)
-    boot = np.zeros(2000)
-    for d in (np.round(d_a, 12), np.round(d_b, 12)):
-        boot += d[rng.integers(0, len(d), size=(2000, len(d)))].mean(axis=1)
-    boot /= 2
-    low, high = np.percentile(boot, [2.5, 97.5])
-    assert row["delta"] == pytest.approx((d_a.mean() + d_b.mean()) / 2)
-    assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high), abs=1e-12)
-    again = pooled_differences(results, outcomes, n_bootstrap=2000, seed=7).iloc[0]
-    assert (again["ci_low"], again["ci_high"]) == (row["ci_low"], row["ci_high"])
+    row = pooled_differences(paired_rows({"a": d_a, "b": d_b}), outcomes).iloc[0]
+    v = np.array([d_a.var(ddof=1) / 3, d_b.var(ddof=1) / 4])  # by hand
+    se = math.sqrt(v.sum()) / 2
+    dof = v.sum() ** 2 / (v[0] ** 2 / 2 + v[1] ** 2 / 3)
+    delta = (d_a.mean() + d_b.mean()) / 2
+    half = stats.t.ppf(0.975, dof) * se
+    assert row["delta"] == pytest.approx(delta)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((delta - half, delta + half))
+    assert row["cell_names"] == "a, b" and row["unpaired"] == 0
+    # one cell: exactly that cell's paired t interval (and so its verdict)
+    alone = pooled_differences(paired_rows({"b": d_b}), outcomes).iloc[0]
+    cell = cell_differences(paired_rows({"b": d_b}), outcomes).iloc[0]
+    assert (alone["ci_low"], alone["ci_high"]) == pytest.approx((cell["ci_low"], cell["ci_high"]))
+
+
+def test_a_failed_run_is_counted_as_an_unpaired_seed():
+    results = paired_rows({"a": np.array([0.01, 0.02, 0.03, 0.0])})
+    results = results[~((results["method"] == "m") & (results["seed"] == 3))]  # its run failed
+    row = pooled_differences(results, {"accuracy": ("acc", True)}).iloc[0]
+    assert (row["pairs"], row["unpaired"]) == (3, 1)
 
 
 def test_one_seed_has_no_interval_and_missing_outcomes_are_skipped():
@@ -437,10 +455,14 @@ def test_the_report_writes_markdown_html_and_the_final_rows(report_suite):
     report = write_suite_report(suite, out, command="fisherlora suite x --out " + "d" * 300)
     text = report.read_text()
     assert "## Pooled over cells" in text and "### a" in text and "### broken" in text
-    for column in ("Δ vs LoRA", "95 % CI (bootstrap)", "win / tie / loss", "NLL (lower is better)"):
+    for column in ("Δ vs LoRA", "95 % CI (Welch t)", "win / tie / loss", "NLL (lower is better)"):
         assert column in text
     assert "3 / 0 / 0" in text and "0 / 3 / 0" in text
-    assert "stratified bootstrap" in text and "10,000 resamples" in text
+    assert "Welch–Satterthwaite" in text and "unpaired seeds" in text
+    # the summary: compute per cell, picked rates, pooled Δ, the cells that differ most
+    assert (
+        "## Summary" in text and "summed run time" in text and "largest accuracy difference" in text
+    )
     assert "fewest seeds in a cell" in text
     # per-cell tables: the picked rate, parameters, accuracy ± std, Δ with its interval
     assert "0.003 (picked)" in text and "12,345" in text and " ± " in text
@@ -501,6 +523,19 @@ def test_a_cell_directory_with_other_settings_is_refused_before_anything_runs(
         lambda *a, **k: pytest.fail("nothing may run"),
     )
     with pytest.raises(ConfigError, match=r"cell 'plain'.*other settings \(steps\)"):
+        run_suite(suite, tmp_path / "out", progress=False)
+
+
+def test_a_train_size_the_data_cannot_give_is_refused_before_anything_runs(
+    tmp_path, monkeypatch, keyword_task
+):
+    from fisherlora.experiments import compare as compare_module
+
+    monkeypatch.setattr(compare_module, "load_data", lambda *a, **k: keyword_task)
+    text = TINY_SUITE.replace('name = "plain"', 'name = "plain"\ntrain_size = 99999')
+    suite = load_suite(str(write(tmp_path, text)))
+    monkeypatch.setattr(compare_module, "compare", lambda *a, **k: pytest.fail("nothing may run"))
+    with pytest.raises(ConfigError, match=r"cell 'plain'.*99999"):
         run_suite(suite, tmp_path / "out", progress=False)
 
 

@@ -7,6 +7,7 @@ import math
 import random
 from dataclasses import replace
 
+import pandas as pd
 import pytest
 import torch
 
@@ -224,3 +225,19 @@ def test_a_tuning_run_judges_collapse_on_validation(monkeypatch, keyword_task):
     monkeypatch.setattr(classification, "evaluate", one_class)
     config = tiny_config(steps=2, eval_every=1, val_fraction=0.25, phase="tune", train_size=64)
     assert train(config, task=keyword_task, progress=False).metrics["collapsed"] is True
+
+
+def test_convergence_columns_name_the_evaluation_they_read():
+    from fisherlora.experiments.report import accuracy_at_fractions
+
+    curve = pd.DataFrame({"step": [20, 40, 60, 80, 100], "accuracy": [0.5, 0.6, 0.7, 0.8, 0.9]})
+    # 10 % and 25 % both read step 20; 50 % is equally near 40 and 60: the earlier
+    assert accuracy_at_fractions(curve, 100) == {
+        "val_acc_at_20pct": 0.5,
+        "val_acc_at_40pct": 0.6,
+        "val_acc_at_100pct": 0.9,
+    }
+    imdb = pd.DataFrame({"step": [17, 34, 50], "accuracy": [0.6, 0.7, 0.8]})
+    # 10, 25 and 50 % (steps 5, 12.5, 25) are all nearest step 17, which is 34 % of the run
+    assert accuracy_at_fractions(imdb, 50) == {"val_acc_at_34pct": 0.6, "val_acc_at_100pct": 0.8}
+    assert accuracy_at_fractions(pd.DataFrame(), 100) == {}

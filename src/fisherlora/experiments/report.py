@@ -55,8 +55,8 @@ if TYPE_CHECKING:  # compare.py imports this module, never the other way (issue 
 BASELINE = "lora"
 
 
-# Fractions of a run at which the validation accuracy is reported (convergence).
-CURVE_FRACTIONS = (0.1, 0.2, 0.5, 1.0)
+# Fractions of a run near which the validation accuracy is reported (convergence).
+CURVE_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 
 
 def validation_curve(run_dir: Path) -> pd.DataFrame:
@@ -70,13 +70,20 @@ def validation_curve(run_dir: Path) -> pd.DataFrame:
 
 
 def accuracy_at_fractions(curve: pd.DataFrame, steps: int) -> dict[str, float]:
-    """Validation accuracy at the first evaluation at or after each of :data:`CURVE_FRACTIONS`
-    of ``steps`` (NaN where the curve has none)."""
+    """Validation accuracy at the evaluation nearest each of :data:`CURVE_FRACTIONS` of
+    ``steps`` (the earlier one on a tie), keyed by that evaluation's own share of the run:
+    ``val_acc_at_20pct`` is the evaluation at step 20 of 100, whichever fraction asked for it.
+    Evaluations are where the run scheduled them, so the columns say where they really were."""
+    if curve.empty or steps <= 0:
+        return {}
     values = {}
+    evaluated = curve.sort_values("step")
     for fraction in CURVE_FRACTIONS:
-        later = curve[curve["step"] >= fraction * steps] if not curve.empty else curve
-        key = f"val_acc_at_{round(fraction * 100)}pct"
-        values[key] = float(later["accuracy"].iloc[0]) if not later.empty else math.nan
+        nearest = (evaluated["step"] - fraction * steps).abs().idxmin()
+        step = int(evaluated.loc[nearest, "step"])
+        values[f"val_acc_at_{round(100 * step / steps)}pct"] = float(
+            evaluated.loc[nearest, "accuracy"]
+        )
     return values
 
 
@@ -107,6 +114,8 @@ def collect_tuning(config: CompareConfig) -> pd.DataFrame:
                 {"rank": rank, "method": method, "seed": seed, "phase": "tune"}
                 | _metrics_row(m, config.base.steps, run_dir)
                 | {"lr": lr, "run_dir": str(run_dir)}
+                # the compute it cost (a suite's summary adds it up); absent from old runs
+                | {"total_s": m.get("timings", {}).get("total_s", math.nan)}
             )
     return pd.DataFrame(rows)
 

@@ -53,6 +53,20 @@ def check_resumable(suite: Suite, out: str | Path) -> None:
                 )
 
 
+def check_cell_data(suite: Suite, out: str | Path) -> None:
+    """Load every cell's data and carve its splits before the first run, so that a train size
+    or validation share a cell's data cannot give is refused now, not hours in when that cell
+    starts."""
+    from fisherlora.experiments import compare as compare_module  # its data loading, as it runs
+
+    for cell in suite.cells:
+        base = cell.compare_config(Path(out) / cell.name).base
+        try:
+            compare_module.carve_splits(compare_module.load_data(base), base)
+        except FisherLoraError as err:
+            raise ConfigError(f"{cell.where}: {err}") from err
+
+
 def run_suite(
     suite: Suite,
     out: str | Path,
@@ -74,6 +88,8 @@ def run_suite(
 
     out = Path(out)
     check_resumable(suite, out)
+    if not report_only:
+        check_cell_data(suite, out)
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         (out / "suite.json").write_text(

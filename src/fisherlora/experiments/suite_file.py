@@ -407,10 +407,13 @@ def _build_cell(
             if len(set(grid)) != len(grid):
                 raise ConfigError(f"lr_grid lists a rate twice: {grid!r}")
             merged["lr_grid"] = [float(v) for v in grid] or None  # [] turns the grid off
-        if merged["lr_grid"] and not merged.get("val_fraction"):
-            raise ConfigError(
-                "an lr_grid is tuned on a validation split: set val_fraction > 0 (e.g. 0.1)"
-            )
+        fraction = merged.get("val_fraction")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise ConfigError(f"val_fraction must be a number in (0, 0.5], got {fraction!r}")
+        if not 0 < fraction <= 0.5:
+            # a suite selects on validation and reads test once per final run: no way to
+            # turn validation off (evaluations would read test), unlike `fisherlora train`
+            raise ConfigError(f"val_fraction must be in (0, 0.5], got {fraction!r}")
         targets = merged.get("targets")
         if isinstance(targets, str):
             merged["targets"] = [t.strip() for t in targets.split(",") if t.strip()]

@@ -125,6 +125,12 @@ def cell_table(
                 "Δ NLL [95 % CI]": "baseline"
                 if method == BASELINE
                 else _delta_ci(diffs.loc["nll"] if "nll" in diffs.index else None),
+                "Δ MCC [95 % CI]": "baseline"
+                if method == BASELINE
+                else _delta_ci(diffs.loc["mcc"] if "mcc" in diffs.index else None),
+                "Δ val AUC [95 % CI]": "baseline"
+                if method == BASELINE
+                else _delta_ci(diffs.loc["val_auc"] if "val_auc" in diffs.index else None),
                 "verdict (acc)": "–"
                 if method == BASELINE or "accuracy" not in diffs.index
                 else diffs.loc["accuracy", "verdict"],
@@ -142,10 +148,11 @@ def pooled_table(pooled: pd.DataFrame) -> pd.DataFrame:
                 "method": r["method"],
                 "outcome": r["label"],
                 "Δ vs LoRA": f"{r['delta']:+.4f}",
-                "95 % CI (bootstrap)": _ci(r["ci_low"], r["ci_high"]),
-                "cells": int(r["cells"]),
+                "95 % CI (Welch t)": _ci(r["ci_low"], r["ci_high"]),
+                "cells": f"{int(r['cells'])}: {r['cell_names']}",
                 "pairs": int(r["pairs"]),
                 "fewest seeds in a cell": int(r["min_pairs"]),
+                "unpaired seeds": int(r["unpaired"]),
                 "win / tie / loss": f"{r['wins']} / {r['ties']} / {r['losses']}"
                 + (f" ({r['no_interval']} without interval)" if r["no_interval"] else ""),
             }
@@ -153,23 +160,82 @@ def pooled_table(pooled: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def wall_hours(suite: Suite, out: str | Path) -> pd.DataFrame:
+    """Per cell: its runs (tuning and final) and the sum of their ``total_s`` in hours (runs
+    that shared the CPU overlap in time, so the sum is the compute spent, not the clock's)."""
+    rows = []
+    for cell in suite.cells:
+        csv = Path(out) / cell.name / "results.csv"
+        runs = pd.read_csv(csv) if csv.exists() and csv.stat().st_size > 0 else pd.DataFrame()
+        spent = pd.to_numeric(runs.get("total_s", pd.Series(dtype=float)), errors="coerce")
+        rows.append({"cell": cell.name, "runs": len(runs), "hours": round(spent.sum() / 3600, 2)})
+    return pd.DataFrame(rows)
+
+
+def summary_tables(
+    suite: Suite,
+    out: str | Path,
+    per_cell: pd.DataFrame,
+    pooled: pd.DataFrame,
+    picked: pd.DataFrame,
+) -> list[tuple[str, pd.DataFrame]]:
+    """The suite at a glance, as (title, table): compute per cell, the picked rates (method ×
+    cell), the pooled Δ on accuracy, NLL and validation AUC, and the cells where some method
+    differs most from LoRA in accuracy."""
+    tables = [("Compute: runs and summed run time per cell", wall_hours(suite, out))]
+    if not picked.empty:
+        rates = picked.assign(lr=picked["lr"].map(lambda v: f"{v:g}"), rank=picked["rank"])
+        rates["cell"] = rates["cell"] + " r" + rates["rank"].astype(int).astype(str)
+        grid = rates.pivot_table(index="method", columns="cell", values="lr", aggfunc="first")
+        grid = grid.reindex(columns=list(dict.fromkeys(rates["cell"])))
+        tables.append(("Picked learning rate per method and cell", grid.fillna("–").reset_index()))
+    if not pooled.empty:
+        main = {"accuracy": "accuracy", "nll": "NLL", "val_auc": "val AUC"}
+        rows = {}
+        for _, r in pooled[pooled["outcome"].isin(main)].iterrows():
+            row = rows.setdefault(r["method"], {"method": r["method"]})
+            row[f"Δ {main[r['outcome']]} [95 % CI]"] = _delta_ci(r)
+        tables.append(("Pooled Δ vs LoRA (all cells a method ran in)", pd.DataFrame(rows.values())))
+    if not per_cell.empty:
+        acc = per_cell[per_cell["outcome"] == "accuracy"].copy()
+        acc["size"] = acc["delta"].abs()
+        top = acc.sort_values("size", ascending=False).drop_duplicates("cell").head(3)
+        tables.append(
+            (
+                "The three cells with the largest accuracy difference to LoRA (its method)",
+                pd.DataFrame(
+                    {
+                        "cell": top["cell"] + " r" + top["rank"].astype(str),
+                        "method": top["method"],
+                        "Δ acc [95 % CI]": [_delta_ci(r) for _, r in top.iterrows()],
+                        "verdict": top["verdict"],
+                    }
+                ),
+            )
+        )
+    return tables
+
+
 STATISTICS_NOTE = (
     "Δ = method − LoRA, from the final runs only (tuning runs read validation, never test), "
     "paired by seed within a cell and rank (same seed: same data order and head init; the "
     "validation split and a train_size subset are the same for every run of a cell). NLL is "
-    "the held-out cross-entropy (lower is better: Δ < 0 favours the method); "
-    "validation AUC is the mean validation accuracy over the evaluation points (equally spaced: "
-    "the area under the validation curve as a Riemann sum, normalised; higher is better). "
-    "Pooled Δ = the mean over cells of each "
-    "cell's mean per-seed difference (every cell weighs the same; a cell with several ranks "
-    "counts once per rank). Its 95 % CI is a stratified bootstrap: 10,000 resamples of the "
-    "seeds with replacement within each cell, fixed generator seed, 2.5/97.5 percentiles; it "
-    "covers the spread over seeds, not the sampling of the test sets, and with few seeds per "
-    "cell it is narrower than it should be (a resampled mean's variance is (n − 1)/n of sd²/n, and "
-    "5 seeds allow only 126 distinct resamples). Win / tie / loss counts the cells whose "
-    "paired 95 % t interval (Δ ± t(0.975, n − 1)·sd/√n) excludes 0 in the method's favour / "
-    "contains 0 / excludes 0 against it; a cell with one paired seed has no interval and is left "
-    "out of the pooled Δ and its CI (it has no spread to resample)."
+    "the held-out cross-entropy (lower is better: Δ < 0 favours the method); on a -gen cell it "
+    "is the true completion's −log p over the whole vocabulary, a larger number than a "
+    "classifier's two-class cross-entropy, so its Δ is in the same unit (nats per example) but "
+    "not on the same scale. Validation AUC is the mean validation accuracy over the evaluation "
+    "points (equally spaced: the area under the validation curve as a Riemann sum, normalised; "
+    "higher is better). Pooled Δ = the mean over cells of each cell's mean per-seed difference "
+    "(every cell weighs the same; a cell with several ranks counts once per rank). Its 95 % CI "
+    "is Δ ± t(0.975, ν)·SE with SE² = Σ_c (s_c²/n_c) / C² over the C cells and Welch–"
+    "Satterthwaite ν (with one cell: that cell's paired t interval); it treats the cells as "
+    "fixed and covers the spread over seeds, not the test sets' sampling. Methods need not "
+    "share cells: the cells column names those pooled. Unpaired seeds: seeds where one arm has "
+    "the outcome and the other has not (a failed run, an infinite NLL, a run not finished yet); "
+    "the pairs leave them out. Win / tie / loss counts the cells whose paired 95 % t interval "
+    "(Δ ± t(0.975, n − 1)·sd/√n) excludes 0 in the method's favour / contains 0 / excludes 0 "
+    "against it; a cell with one paired seed has no interval and is left out of the pooled Δ "
+    "and its CI."
 )
 
 
@@ -234,8 +300,9 @@ def write_suite_report(suite: Suite, out: str | Path, command: str = "") -> Path
         )
         sections.append((cell.name, shape, table, problems.get(cell.name, [])))
     pooled_view = pooled_table(pooled) if not pooled.empty else pd.DataFrame()
-    _write_suite_markdown(out, suite, command, header, pooled_view, sections, figures)
-    _write_suite_html(out, suite, command, header, pooled_view, sections, figures)
+    summary = summary_tables(suite, out, per_cell, pooled, picked)
+    _write_suite_markdown(out, suite, command, header, pooled_view, sections, figures, summary)
+    _write_suite_html(out, suite, command, header, pooled_view, sections, figures, summary)
     return out / "suite_report.md"
 
 
@@ -245,13 +312,16 @@ def _markdown_table(table: pd.DataFrame) -> str:
     return markdown(table)
 
 
-def _write_suite_markdown(out, suite, command, header, pooled, sections, figures) -> None:
+def _write_suite_markdown(out, suite, command, header, pooled, sections, figures, summary) -> None:
     lines = [f"# fisherlora suite: {suite.name}", ""]
     if suite.description:
         lines += [suite.description, ""]
     lines += [header, ""]
     if command:
         lines += ["```bash", command, "```", ""]
+    lines += ["## Summary", ""]
+    for title, table in summary:
+        lines += [f"**{title}**", "", _markdown_table(table), ""]
     lines += ["## Pooled over cells", ""]
     lines += [_markdown_table(pooled) if not pooled.empty else "No paired results yet.", ""]
     lines += [STATISTICS_NOTE, ""]
@@ -267,7 +337,7 @@ def _write_suite_markdown(out, suite, command, header, pooled, sections, figures
     (out / "suite_report.md").write_text("\n".join(lines))
 
 
-def _write_suite_html(out, suite, command, header, pooled, sections, figures) -> None:
+def _write_suite_html(out, suite, command, header, pooled, sections, figures, summary) -> None:
     from fisherlora.experiments.report import embedded_figure
 
     def table_html(table: pd.DataFrame, empty: str) -> str:
@@ -290,6 +360,9 @@ def _write_suite_html(out, suite, command, header, pooled, sections, figures) ->
     parts.append(f"<p>{html.escape(header)}</p>")
     if command:
         parts.append(f"<pre>{html.escape(command)}</pre>")
+    parts.append("<h2>Summary</h2>")
+    for title, table in summary:
+        parts.append(f"<p><b>{html.escape(title)}</b></p>" + table_html(table, "–"))
     parts.append("<h2>Pooled over cells</h2>")
     parts.append(table_html(pooled, "No paired results yet."))
     parts.append(f"<p>{html.escape(STATISTICS_NOTE)}</p>")

@@ -12,11 +12,11 @@ from fisherlora.experiments.suite_file import BASELINE
 # Outcomes compared with LoRA: column -> (label, whether higher is better)
 OUTCOMES: dict[str, tuple[str, bool]] = {
     "accuracy": ("accuracy", True),
+    "macro_f1": ("macro-F1", True),
+    "mcc": ("MCC", True),
     "nll": ("NLL (lower is better)", False),
     "val_auc": ("validation AUC", True),
 }
-N_BOOTSTRAP = 10_000
-BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
 
 
@@ -101,8 +101,6 @@ def cell_differences(
 def pooled_differences(
     results: pd.DataFrame,
     outcomes: Mapping[str, tuple[str, bool]] = OUTCOMES,
-    n_bootstrap: int = N_BOOTSTRAP,
-    seed: int = BOOTSTRAP_SEED,
     confidence: float = CONFIDENCE,
 ) -> pd.DataFrame:
     """Per method ≠ LoRA and outcome, the difference to LoRA pooled over cells and seeds.
@@ -113,30 +111,32 @@ def pooled_differences(
 
     - Δ = method − LoRA for every outcome (so Δ > 0 is better for accuracy and validation AUC,
       Δ < 0 is better for NLL, where lower is better).
-    - Per stratum c with n_c paired seeds: ``Δ_c = (1/n_c) Σ_s d_{c,s}`` (see
-      :func:`cell_differences`); pooled ``Δ = (1/C) Σ_c Δ_c`` over the C strata where both ran:
-      every cell weighs the same, whatever its number of seeds.
-    - CI: a stratified bootstrap. Each of ``n_bootstrap`` resamples draws n_c seeds' differences
-      with replacement within every stratum and recomputes the pooled Δ; the interval is the
-      (α/2, 1 − α/2) percentiles of those. The generator is seeded (``seed``) anew for every
-      (method, outcome) row, so a row does not change when other methods are added. It covers
-      the spread over seeds only (not the test set's sampling) and is a point where every seed
-      agrees. With few seeds it is too narrow: a resampled mean's variance is (n_c − 1)/n_c of
-      sd²/n_c, and n_c = 5 seeds allow only 126 distinct resamples (2 seeds: 3); ``min_pairs``
-      gives the fewest paired seeds of a stratum. A stratum with one paired seed has no spread
-      to resample and is left out of Δ and the CI (``no_interval`` counts it); a method with no
-      stratum of two or more pairs has no pooled row.
-    - ``wins``/``ties``/``losses``/``no_interval``: the cells' verdicts from
-      :func:`cell_differences`.
+    - Per stratum c with n_c paired seeds, differences d_{c,s}, mean Δ_c and variance s_c²;
+      pooled ``Δ = (1/C) Σ_c Δ_c`` over the C strata where both ran (every cell weighs the same,
+      whatever its number of seeds).
+    - CI: ``Δ ± t(1 − α/2, ν) · SE`` with ``SE² = (1/C²) Σ_c s_c²/n_c`` and Welch–Satterthwaite
+      degrees of freedom ``ν = (Σ_c v_c)² / Σ_c v_c²/(n_c − 1)``, ``v_c = s_c²/n_c``. With one
+      stratum this is that cell's paired t interval. The cells are fixed: the interval covers the
+      spread over seeds, not a population of cells, and not the test sets' sampling.
+    - A stratum with one paired seed has no variance and is left out of Δ and the CI
+      (``no_interval`` counts it); a method with no stratum of two or more pairs has no row.
+    - ``cell_names``: the strata pooled (methods need not share cells); ``unpaired``: seeds
+      where one arm has the outcome and the other has not (a failed run, an infinite NLL), which
+      the pairs leave out; ``wins``/``ties``/``losses``/``no_interval``: the cells' verdicts
+      from :func:`cell_differences`.
     """
+    from scipy import stats as scipy_stats
+
     per_cell = cell_differences(results, outcomes, confidence)
     columns = [
         "method",
         "outcome",
         "label",
         "cells",
+        "cell_names",
         "pairs",
         "min_pairs",
+        "unpaired",
         "delta",
         "ci_low",
         "ci_high",
@@ -149,42 +149,47 @@ def pooled_differences(
     rows = []
     if per_cell.empty:
         return pd.DataFrame(columns=columns)
-    tail = (1 - confidence) / 2 * 100
     for method in _methods_in_order(finals):
         for outcome, (label, _) in outcomes.items():
             cells = per_cell[(per_cell["method"] == method) & (per_cell["outcome"] == outcome)]
             if cells.empty:
                 continue
-            strata = []
+            strata, names, unpaired = [], [], 0
             for _, row in cells.iterrows():
                 group = finals[(finals["cell"] == row["cell"]) & (finals["rank"] == row["rank"])]
-                strata.append(_paired(group, method, outcome)[0])
-            # a stratum of one paired seed has no spread to resample: in the bootstrap it
-            # would be a constant and narrow the interval, so it is left out (and counted)
-            strata = [d for d in strata if len(d) >= 2]
+                d, _ = _paired(group, method, outcome)
+                ours, base = (_seeds_with(group, m, outcome) for m in (method, BASELINE))
+                unpaired += len(ours ^ base)
+                if len(d) >= 2:  # one pair has no variance: left out, and counted
+                    strata.append(d)
+                    several_ranks = finals[finals["cell"] == row["cell"]]["rank"].nunique() > 1
+                    names.append(f"{row['cell']} r{row['rank']}" if several_ranks else row["cell"])
             verdicts = cells["verdict"].value_counts()
             if not strata:
                 continue
-            rng = np.random.default_rng(seed)
-            boot = np.zeros(n_bootstrap)
-            for d in strata:
-                picks = rng.integers(0, len(d), size=(n_bootstrap, len(d)))
-                boot += d[picks].mean(axis=1)
-            boot /= len(strata)
             delta = float(np.mean([d.mean() for d in strata]))
-            low, high = np.percentile(boot, [tail, 100 - tail])
+            v = np.array([d.var(ddof=1) / len(d) for d in strata])
+            se = float(np.sqrt(v.sum())) / len(strata)
+            if se > 0:
+                dof = v.sum() ** 2 / sum(
+                    vc**2 / (len(d) - 1) for vc, d in zip(v, strata, strict=True)
+                )
+                half = float(scipy_stats.t.ppf(1 - (1 - confidence) / 2, dof)) * se
+            else:  # every seed agrees in every cell: the interval is the point
+                half = 0.0
             rows.append(
                 {
                     "method": method,
                     "outcome": outcome,
                     "label": label,
                     "cells": len(strata),
+                    "cell_names": ", ".join(names),
                     "pairs": int(sum(len(d) for d in strata)),
                     "min_pairs": int(min(len(d) for d in strata)),
+                    "unpaired": int(unpaired),
                     "delta": delta,
-                    # a percentile of identical values can differ from their mean by rounding
-                    "ci_low": min(float(low), delta),
-                    "ci_high": max(float(high), delta),
+                    "ci_low": delta - half,
+                    "ci_high": delta + half,
                     "wins": int(verdicts.get("win", 0)),
                     "ties": int(verdicts.get("tie", 0)),
                     "losses": int(verdicts.get("loss", 0)),
@@ -192,3 +197,11 @@ def pooled_differences(
                 }
             )
     return pd.DataFrame(rows, columns=columns)
+
+
+def _seeds_with(group: pd.DataFrame, method: str, outcome: str) -> set[int]:
+    """The seeds of ``method``'s runs in ``group`` that have a finite ``outcome``."""
+    values = pd.to_numeric(
+        group[group["method"] == method].set_index("seed")[outcome], errors="coerce"
+    )
+    return set(values[np.isfinite(values)].index)
