@@ -35,6 +35,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 from claims_runs import OUT as RUNS
 from claims_runs import REFERENCE_CELL, SUITE_OUT
@@ -101,24 +102,25 @@ CLAIMS: list[Claim] = [
     *[
         Claim(
             "FW-LoRA",
-            "insensitive to λ ∈ [5e-5, 5e-4]",
+            f"insensitive to λ ∈ [5e-5, 5e-4]: λ = {lam} against 1e-4",
             "≤ 0.1 pp",
             _arm(f"fw-lambda-{lam}", "fw-lora"),
             _arm(REF, "fw-lora"),
             kind="within",
         )
-        for lam in ("1e-05", "0.001")
+        for lam in ("5e-05", "0.0005")
     ],
     *[
         Claim(
             "FW-LoRA",
-            "where the penalty starts to matter (λ far above the paper's range)",
+            f"where the penalty starts to matter: λ = {lam} (outside the paper's range) "
+            "against 1e-4",
             "—",
             _arm(f"fw-lambda-{lam}", "fw-lora"),
             _arm(REF, "fw-lora"),
             kind="measure",
         )
-        for lam in ("0.01", "0.1")
+        for lam in ("1e-05", "0.001", "0.01", "0.1")
     ],
     *[
         Claim(
@@ -223,7 +225,7 @@ CLAIMS: list[Claim] = [
     *[
         Claim(
             "FILet",
-            f"min-energy directions beat {other} ones ({basis} basis)",
+            f"min-energy directions beat {other} ones ({basis} basis; one cell)",
             "Table 4: M > R, P",
             _arm(REF, mine),
             _arm("ablations-r8", f"{mine}-{select}"),
@@ -338,18 +340,50 @@ def experiment_cost(directory: Path) -> dict[str, float | int]:
     return {"tuning runs": tune, "final runs": final, "hours": seconds / 3600}
 
 
+# the calibration-only measurements (no training): their summaries and the key of their
+# measured seconds, where they recorded one
+CALIBRATION_ONLY = {
+    "claims_fim_saturation.py": [Path("benchmarks/results/claims/fim_saturation.json")],
+    # MiniLM's plans are the suite's; SmolLM2's calibrations are the two fim-layers runs
+    "claims_fim_layers.py": sorted(
+        Path("benchmarks/results/claims").glob("fim-layers-*/ranks.json")
+    ),
+}
+
+
+def _recorded_seconds(value: object) -> float:
+    """The sum of every ``*_s`` number in a JSON summary (its recorded timings)."""
+    if isinstance(value, dict):
+        return sum(
+            float(v) if k.endswith("_s") and isinstance(v, (int, float)) else _recorded_seconds(v)
+            for k, v in value.items()
+        )
+    if isinstance(value, list):
+        return sum(_recorded_seconds(v) for v in value)
+    return 0.0
+
+
 def cost_table(runs: Path) -> pd.DataFrame:
-    """:func:`experiment_cost` of every experiment under ``runs`` and of the reference cell,
-    with a total row."""
-    rows = [
-        {"experiment": f"{REFERENCE_CELL} (the suite's cell)"}
-        | experiment_cost(SUITE_OUT / REFERENCE_CELL)
-    ]
+    """:func:`experiment_cost` of every experiment under ``runs`` and the recorded seconds of
+    the calibration-only measurements, with a total row; the reference cell (the suite's, which
+    it pays for; the claims reuse its runs) is listed after the total, outside it."""
+    rows = []
     for directory in sorted(p for p in runs.glob("*") if p.is_dir()):
         rows.append({"experiment": directory.name} | experiment_cost(directory))
-    table = pd.DataFrame(rows)
-    total = {"experiment": "total"} | {c: table[c].sum() for c in table.columns[1:]}
-    return pd.concat([table, pd.DataFrame([total])], ignore_index=True)
+    for script, summaries in CALIBRATION_ONLY.items():
+        if any(p.exists() for p in summaries):
+            hours = sum(_recorded_seconds(json.loads(p.read_text())) for p in summaries) / 3600
+            rows.append(
+                {"experiment": f"{script} (calibration only, recorded timings)"}
+                | {"tuning runs": 0, "final runs": 0, "hours": hours}
+            )
+    table = pd.DataFrame(rows, columns=["experiment", "tuning runs", "final runs", "hours"])
+    total = {"experiment": "total (the claims' own runs)"} | {
+        c: table[c].sum() for c in table.columns[1:]
+    }
+    reference = {"experiment": f"{REFERENCE_CELL} (the suite's cell, not in the total)"}
+    reference |= experiment_cost(SUITE_OUT / REFERENCE_CELL)
+    return pd.concat([table, pd.DataFrame([total, reference])], ignore_index=True)
 
 
 def load_sources(runs: Path) -> dict[str, pd.DataFrame]:
@@ -409,7 +443,11 @@ def claims_table(sources: dict[str, pd.DataFrame]) -> pd.DataFrame:
             "B": claim.b.label(),
             "seeds": len(seeds),
         }
-        for metric, scale, unit in (("accuracy", 100, " pp"), ("nll", 1, "")):
+        for metric, scale, unit in (
+            ("accuracy", 100, " pp"),
+            ("nll", 1, ""),
+            ("val_accuracy", 100, " pp"),
+        ):
             d = (a.loc[seeds, metric] - b.loc[seeds, metric]).to_numpy(dtype=float) if seeds else []
             diff = paired_t(d)
             row[f"{metric}_delta"] = diff.delta
@@ -431,7 +469,24 @@ def claims_table(sources: dict[str, pd.DataFrame]) -> pd.DataFrame:
             row.get(f"{claim.metric}_ci_low", math.nan),
             row.get(f"{claim.metric}_ci_high", math.nan),
         )
-        row["verdict"] = verdict(claim, low, high, len(seeds))
+        # the pairs the verdict reads: a seed whose outcome is not finite is no pair
+        d = (
+            (a.loc[seeds, claim.metric] - b.loc[seeds, claim.metric]).to_numpy(dtype=float)
+            if seeds
+            else np.array([])
+        )
+        pairs = int(np.isfinite(d).sum())
+        row["seeds"] = pairs
+        if claim.kind == "within" and claim.band == 0 and pairs:
+            # "identical": one differing seed disproves it, whatever an interval says
+            differ = int((np.round(d[np.isfinite(d)], 12) != 0).sum())
+            row["verdict"] = (
+                f"holds ({pairs} of {pairs} seeds identical)"
+                if differ == 0
+                else f"does not hold ({differ} of {pairs} seeds differ)"
+            )
+        else:
+            row["verdict"] = verdict(claim, low, high, pairs)
         for side, runs in (("A", a), ("B", b)):
             row[f"{side} lr"] = (
                 ",".join(f"{v:g}" for v in sorted(runs["lr"].unique())) if len(runs) else "–"
@@ -453,7 +508,10 @@ def claims_table(sources: dict[str, pd.DataFrame]) -> pd.DataFrame:
         if len(a) and len(b) and row["A lr"] != row["B lr"]:
             # at equal rates the methods' NLLs agree (the tuning runs), so a Δ NLL between
             # arms run at different rates measures the rates (benchmarks/README.md)
-            notes.append("rates differ: Δ NLL is mostly the rate's")
+            notes.append(
+                "rates differ: Δ NLL is mostly the rate's"
+                + ("; so is the kept share" if claim.metric == "a_row_space_kept" else "")
+            )
         row["notes"] = "; ".join(notes)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -470,6 +528,7 @@ SHOWN = [
     "seeds",
     "Δ accuracy [95 % CI]",
     "Δ nll [95 % CI]",
+    "Δ val_accuracy [95 % CI]",
     "other outcome",
     "notes",
     "verdict",
@@ -485,7 +544,10 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def plot_forest(table: pd.DataFrame, path: Path) -> None:
-    done = table[table["seeds"] >= 2].reset_index(drop=True)
+    """Δ test accuracy of every claim whose verdict reads accuracy (the kept-subspace rows read
+    another outcome and are in the table only)."""
+    reads_accuracy = pd.Series([c.metric == "accuracy" for c in CLAIMS], index=table.index)
+    done = table[(table["seeds"] >= 2) & reads_accuracy].reset_index(drop=True)
     if done.empty:
         return
     fig, ax = plt.subplots(figsize=(9, 0.38 * len(done) + 1.2))
@@ -523,16 +585,62 @@ def plot_forest(table: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_lambda_sweep(sources: dict[str, pd.DataFrame], path: Path) -> None:
+    """FW-LoRA at fw-lora's picked rate over λ (the reference cell's runs are λ = 1e-4): mean
+    validation and test accuracy over the seeds, and the penalty's mean share of the loss."""
+    points = []
+    for name, runs in sources.items():
+        if name == REF:
+            lam = 1e-4
+        elif name.startswith("fw-lambda-"):
+            lam = float(name.removeprefix("fw-lambda-"))
+        else:
+            continue
+        fw = runs[(runs["method"] == "fw-lora") & (runs["rank"] == 8)] if len(runs) else runs
+        if len(fw):
+            points.append(
+                (
+                    lam,
+                    fw["val_accuracy"].mean(),
+                    fw["accuracy"].mean(),
+                    fw["penalty_share"].mean(),
+                    len(fw),
+                )
+            )
+    if len(points) < 2:
+        return
+    lam, val, test, share, n = zip(*sorted(points), strict=True)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax.plot(lam, val, "o-", label="validation accuracy")
+    ax.plot(lam, test, "s-", label="test accuracy")
+    ax.axvspan(5e-5, 5e-4, color="tab:green", alpha=0.1, label="the paper's range")
+    ax.set_xscale("log")
+    ax.set_xlabel("λ (FW-LoRA at its picked rate)")
+    ax.set_ylabel("accuracy (mean over seeds)")
+    twin = ax.twinx()
+    twin.plot(lam, [100 * v for v in share], "^--", color="tab:red", label="penalty / loss (%)")
+    twin.set_ylabel("penalty share of the loss, %", color="tab:red")
+    lines = ax.get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="lower left")
+    ax.set_title(f"FW-LoRA over λ ({min(n)}-{max(n)} seeds per point)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, default=RUNS)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    table = claims_table(load_sources(args.runs))
+    sources = load_sources(args.runs)
+    table = claims_table(sources)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "claims_table.csv", index=False)
     (args.out / "claims_table.md").write_text(markdown(table))
     plot_forest(table, args.out / "claims_forest.png")
+    plot_lambda_sweep(sources, args.out / "claims_fw_lambda.png")
     cost = cost_table(args.runs)
     cost.to_csv(args.out / "claims_cost.csv", index=False)
     print(markdown(table))

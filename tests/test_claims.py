@@ -99,6 +99,33 @@ def test_table_pairs_by_seed_and_applies_the_verdict_rules(claims, tmp_path):
     assert kept["verdict"] == "holds" and kept["other outcome"].startswith("a_row_space_kept")
     missing = result.loc[("fim-lora (ranks-r2, r=2)", "random-rank (ranks-r2, r=2)")]
     assert missing["seeds"] == 0 and missing["verdict"] == "pending"
+    table.plot_forest(table.claims_table(sources), tmp_path / "forest.png")
+    assert (tmp_path / "forest.png").stat().st_size > 1000
+    for seed in range(3):  # the λ sweep: the cell's λ = 1e-4 and one other
+        _write_run(tmp_path / "fw-lambda-0.01", "fw-lora", seed, 0.7, val_accuracy=0.72)
+    sources["fw-lambda-0.01"] = table.final_runs(tmp_path / "fw-lambda-0.01")
+    table.plot_lambda_sweep(sources, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+def test_identical_means_every_seed_identical_and_non_finite_outcomes_are_no_pairs(
+    claims, tmp_path
+):
+    _, table = claims
+    ref, rerun = tmp_path / "ref", tmp_path / "ablations-r8"
+    for seed in range(4):
+        _write_run(ref, "lora", seed, 0.8)
+        # one seed of the rerun differs by 1e-4: the runs do not reproduce, whatever the CI
+        _write_run(rerun, "lora", seed, 0.8 + (1e-4 if seed == 2 else 0.0))
+        _write_run(ref, "fim-lora", seed, 0.8)
+        _write_run(ref, "random-rank", seed, float("nan") if seed else 0.8)
+    sources = {"ref": table.final_runs(ref), "ablations-r8": table.final_runs(rerun)}
+    result = table.claims_table(sources).set_index(["A", "B"])
+    same = result.loc[("lora (ablations-r8, r=8)", "lora (rt-low-data, r=8)")]
+    assert same["verdict"] == "does not hold (1 of 4 seeds differ)"
+    # three of random-rank's accuracies are NaN: one pair, no interval (not "cannot tell")
+    nan = result.loc[("fim-lora (rt-low-data, r=8)", "random-rank (rt-low-data, r=8)")]
+    assert nan["seeds"] == 1 and nan["verdict"] == "no interval"
 
 
 def test_verdict_rules(claims):
@@ -134,4 +161,8 @@ def test_cost_table_sums_each_experiments_runs_with_their_median_step_times(clai
     # per run: 0.5 s × 100 steps + the 60 s outside training = 110 s
     assert cost.loc["fw-k-10", "final runs"] == 2 and cost.loc["fw-k-10", "tuning runs"] == 1
     assert cost.loc["fw-k-10", "hours"] == pytest.approx(3 * 110 / 3600)
-    assert cost.loc["total", "hours"] == pytest.approx(cost["hours"].iloc[:-1].sum())
+    total = cost.loc["total (the claims' own runs)"]
+    reference = [e for e in cost.index if "not in the total" in e]
+    assert len(reference) == 1  # the suite's cell, listed after the total and outside it
+    assert total["hours"] == pytest.approx(cost["hours"].iloc[:-2].sum())
+    assert list(cost.index[-2:]) == [total.name, reference[0]]
