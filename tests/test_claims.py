@@ -166,3 +166,37 @@ def test_cost_table_sums_each_experiments_runs_with_their_median_step_times(clai
     assert len(reference) == 1  # the suite's cell, listed after the total and outside it
     assert total["hours"] == pytest.approx(cost["hours"].iloc[:-2].sum())
     assert list(cost.index[-2:]) == [total.name, reference[0]]
+
+
+def test_calibration_only_claims_read_their_rules(claims, tmp_path, monkeypatch):
+    _, table = claims
+    monkeypatch.setattr(table, "CLAIMS_DIR", tmp_path)
+
+    def point(batches, spearman, l1, diff):
+        keys = ("batches", "score_spearman", "rank_l1", "max_rank_diff")
+        return dict(zip(keys, (batches, spearman, l1, diff), strict=True))
+
+    saturation = [
+        {
+            "rank": 8,
+            "saturation": [point(1, 0.95, 12, 3), point(8, 0.995, 2, 1)],
+            "floors": {"r_min=1": {"histogram": {"1": 10, "4": 3, "16": 8}}},
+        }
+    ]
+    layers = [
+        {
+            "plan": "m r=8",
+            "mean_rank_by_type": {"query": 4.0, "value": 12.0},
+            "mean_rank_by_third": {"early": 5.0, "middle": 6.0, "late": 11.0},
+        },
+        {"plan": "m r=8 r_min=1", "mean_rank_by_type": {}, "mean_rank_by_third": {}},
+    ]
+    for name, results in (("fim_saturation", saturation), ("fim_layers", layers)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"results": results}))
+    rows = table.calibration_rows().set_index("claim")["verdict"]
+    assert rows.str.startswith("holds").sum() == 3 and len(rows) == 4  # r_min=1 plan skipped
+    assert rows[rows.index.str.startswith("early-to-middle")].iloc[0].startswith("does not hold")
+    saturation[0]["saturation"][1] = point(8, 0.98, 6, 2)  # not saturated at T = 8
+    (tmp_path / "fim_saturation.json").write_text(json.dumps({"results": saturation}))
+    rows = table.calibration_rows().set_index("claim")["verdict"]
+    assert rows[rows.index.str.startswith("the signal")].iloc[0].startswith("does not hold")
