@@ -86,6 +86,10 @@ def _delta_ci(row: pd.Series | None, digits: int = 4) -> str:
     return f"{row['delta']:+.{digits}f} {_ci(row['ci_low'], row['ci_high'], digits)}"
 
 
+# the per-cell table's differences to LoRA: outcome column -> label
+CELL_OUTCOMES = {"accuracy": "acc", "nll": "NLL", "mcc": "MCC", "val_auc": "val AUC"}
+
+
 def cell_table(
     cell: str, results: pd.DataFrame, per_cell: pd.DataFrame, picked: pd.DataFrame
 ) -> pd.DataFrame:
@@ -119,18 +123,12 @@ def cell_table(
                 "trainable params": "–" if params.isna().all() else f"{int(params.median()):,}",
                 "seeds": len(group),
                 "accuracy": f"{acc.mean():.4f}" + ("" if math.isnan(std) else f" ± {std:.4f}"),
-                "Δ acc [95 % CI]": "baseline"
-                if method == BASELINE
-                else _delta_ci(diffs.loc["accuracy"] if "accuracy" in diffs.index else None),
-                "Δ NLL [95 % CI]": "baseline"
-                if method == BASELINE
-                else _delta_ci(diffs.loc["nll"] if "nll" in diffs.index else None),
-                "Δ MCC [95 % CI]": "baseline"
-                if method == BASELINE
-                else _delta_ci(diffs.loc["mcc"] if "mcc" in diffs.index else None),
-                "Δ val AUC [95 % CI]": "baseline"
-                if method == BASELINE
-                else _delta_ci(diffs.loc["val_auc"] if "val_auc" in diffs.index else None),
+                **{
+                    f"Δ {label} [95 % CI]": "baseline"
+                    if method == BASELINE
+                    else _delta_ci(diffs.loc[outcome] if outcome in diffs.index else None)
+                    for outcome, label in CELL_OUTCOMES.items()
+                },
                 "verdict (acc)": "–"
                 if method == BASELINE or "accuracy" not in diffs.index
                 else diffs.loc["accuracy", "verdict"],
