@@ -254,3 +254,37 @@ def test_picks_at_an_end_of_the_grid_are_named():
         (1, "corda", "lowest"),
     ]
     assert edge_picks([1e-3, 3e-3], picked) == []  # with two rates every pick is an end
+
+
+def test_a_language_modelling_comparison_picks_rates_by_validation_nll(tmp_path):
+    base = TrainConfig(
+        model="tiny-llama-lm",
+        task="rotten-tomatoes-lm",
+        steps=2,
+        batch_size=8,
+        eval_every=2,
+        max_length=24,
+        device="cpu",
+        val_fraction=0.2,
+        train_size=32,
+        max_test=8,
+    )
+    with pytest.raises(ConfigError, match="no accuracy"):
+        CompareConfig(["lora"], [0], [2], str(tmp_path), base, lr_grid=[1e-3], select_by="accuracy")
+    config = CompareConfig(["lora", "fw-lora"], [0], [2], str(tmp_path), base, lr_grid=[1e-3, 3e-2])
+    assert config.selection == "nll" and config.shared_settings()["select_by"] == "nll"
+    compare(config, progress=False)
+    pinned = json.loads((tmp_path / "picked_lr.json").read_text())
+    nll = {
+        lr: json.loads((config.tune_dir(2, "lora", lr, 100) / "metrics.json").read_text())[
+            "val_nll"
+        ]
+        for lr in (1e-3, 3e-2)
+    }
+    assert pinned["rule"] == "min mean val_nll"
+    assert pinned["picked"][0]["lr"] == min(nll, key=nll.get)
+    text = (tmp_path / "report.md").read_text()
+    assert "lowest mean validation NLL" in text
+    assert "NLL: 1 seed: no interval" in text  # fw-lora's verdict reads NLL, not accuracy
+    results = pd.read_csv(tmp_path / "results.csv")
+    assert results["accuracy"].isna().all() and results["nll"].notna().any()

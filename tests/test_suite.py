@@ -118,9 +118,14 @@ def test_unknown_keys_are_refused_in_every_table(tmp_path, text, named):
         load_suite(str(write(tmp_path, text)))
 
 
-def test_a_language_modelling_task_is_refused():
-    with pytest.raises(ConfigError, match=r"cell 'c'.*rotten-tomatoes-lm.*accuracy"):
-        parse_suite(cell_toml(task="rotten-tomatoes-lm", model="smollm2-135m"), "s.toml")
+def test_a_language_modelling_task_picks_by_nll_and_is_refused_where_a_cell_ranks_by_accuracy():
+    lm = {"task": "rotten-tomatoes-lm", "model": "smollm2-135m", "lr_grid": [1e-3, 3e-3]}
+    with pytest.raises(ConfigError, match=r"cell 'c'.*rotten-tomatoes-lm.*by accuracy"):
+        parse_suite(cell_toml(**lm, select_by="accuracy"), "s.toml")
+    (cell,) = parse_suite(cell_toml(**lm), "s.toml").cells
+    assert cell.compare_config("out").selection == "nll"
+    with pytest.raises(ConfigError, match="select_by must be one of accuracy, nll"):
+        parse_suite(cell_toml(select_by="f1"), "s.toml").cells[0].compare_config("out")
 
 
 @pytest.mark.parametrize(

@@ -238,6 +238,12 @@ def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
         "--tune-seeds", help="seeds of the --lr-grid tuning runs (default 100, not a final seed)"
     )
     grid.add_argument(
+        "--select-by",
+        choices=["accuracy", "nll"],
+        help="the validation score --lr-grid picks by: accuracy (ties: NLL) or nll (default: "
+        "nll for a language-modelling task, -lm, which has no accuracy; accuracy otherwise)",
+    )
+    grid.add_argument(
         "--quick",
         action="store_true",
         help="the README preset: LoRA and our methods, one seed, 150 steps (<= 10 min, 2 CPUs)",
@@ -341,6 +347,7 @@ def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:
         alpha=args.alpha,
         lr_grid=lr_grid,
         tune_seeds=tune_seeds,
+        select_by=args.select_by,
     )
 
 

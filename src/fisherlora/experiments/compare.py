@@ -70,6 +70,8 @@ LEGACY_SETTINGS = {
     "max_dropped_fraction": 0.2,
     # comparisons before --precision trained in float32 (with the checkpoint's stored dtype)
     "precision": "fp32",
+    # lr grids before select_by picked by validation accuracy (they compared no -lm task)
+    "select_by": "accuracy",
 }
 
 
@@ -192,30 +194,42 @@ def tuning_scores(config: CompareConfig) -> list[dict[str, Any]]:
         row = {"rank": rank, "method": method, "lr": lr, "seed": seed}
         if is_finished(run_dir):
             m = json.loads((run_dir / "metrics.json").read_text())
-            rows.append(row | {"val_accuracy": m["val_accuracy"], "val_nll": m["val_nll"]})
+            # an -lm task has no accuracy
+            accuracy = m.get("val_accuracy", math.nan)
+            rows.append(row | {"val_accuracy": accuracy, "val_nll": m["val_nll"]})
         elif (run_dir / "error.txt").exists():
             rows.append(row | {"val_accuracy": math.nan, "val_nll": math.nan})
     return rows
 
 
-def _grid_score(values: list[tuple[float, float]]) -> tuple[float, float]:
-    """(mean validation accuracy, −mean validation NLL) of one rate's tuning runs: larger is
-    better; a failed (diverged) run, or one whose accuracy or NLL is not finite, makes the rate
-    unusable (−inf). The means are rounded to 12 decimals, so that rates whose accuracies tie
-    (counts / n summed in another order) go to the NLL, as documented, not to float noise."""
-    if not all(math.isfinite(accuracy) and math.isfinite(nll) for accuracy, nll in values):
-        return (-math.inf, -math.inf)
-    n = len(values)
-    return (
-        round(sum(a for a, _ in values) / n, 12),
-        round(-sum(nll for _, nll in values) / n, 12),
+def _grid_score(values: list[tuple[float, float]], by: str = "accuracy") -> tuple[float, float]:
+    """One rate's tuning runs as a score where larger is better: by accuracy, (mean validation
+    accuracy, −mean validation NLL); by NLL, (−mean validation NLL, 0). A failed (diverged) run,
+    or one whose score is not finite, makes the rate unusable (−inf). The means are rounded to
+    12 decimals, so that rates whose accuracies tie (counts / n summed in another order) go to
+    the NLL, as documented, not to float noise."""
+    read = (
+        [(a, nll) for a, nll in values] if by == "accuracy" else [(0.0, nll) for _, nll in values]
     )
+    if not all(math.isfinite(accuracy) and math.isfinite(nll) for accuracy, nll in read):
+        return (-math.inf, -math.inf)
+    n = len(read)
+    mean_accuracy = round(sum(a for a, _ in read) / n, 12)
+    neg_nll = round(-sum(nll for _, nll in read) / n, 12)
+    return (mean_accuracy, neg_nll) if by == "accuracy" else (neg_nll, 0.0)
+
+
+SELECTION_RULES = {
+    "accuracy": "max mean val_accuracy, ties: min mean val_nll",
+    "nll": "min mean val_nll",
+}
 
 
 def pick_learning_rates(config: CompareConfig) -> dict[tuple[int, str], float]:
     """The rate of the grid with the best mean validation accuracy over the tuning seeds, per
     (rank, method); ties go to the lower mean validation NLL, a failed run ranks below every
-    finished one, and a (rank, method) whose tuning runs all failed gets no rate.
+    finished one, and a (rank, method) whose tuning runs all failed gets no rate. With
+    ``select_by="nll"`` (an -lm task's default) the rate with the lowest mean validation NLL.
 
     The picks are pinned in ``OUT/picked_lr.json`` as soon as every tuning run is finished or
     failed, so that a resumed comparison runs its remaining seeds at the same rates."""
@@ -228,26 +242,25 @@ def pick_learning_rates(config: CompareConfig) -> dict[tuple[int, str], float]:
         per_lr = by_key.setdefault((row["rank"], row["method"]), {})
         per_lr.setdefault(row["lr"], []).append((row["val_accuracy"], row["val_nll"]))
     picked, table = {}, []
+    by = config.selection
     for key, per_lr in by_key.items():
-        scores = {lr: _grid_score(values) for lr, values in per_lr.items()}
+        scores = {lr: _grid_score(values, by) for lr, values in per_lr.items()}
         best = max(sorted(scores), key=scores.__getitem__)
-        accuracy, neg_nll = scores[best]
-        if accuracy == -math.inf:
+        if scores[best][0] == -math.inf:
             continue
         picked[key] = best
+        accuracies, nlls = zip(*per_lr[best], strict=True)
         table.append(
             {
                 "rank": key[0],
                 "method": key[1],
                 "lr": best,
-                "val_accuracy": accuracy,
-                "val_nll": -neg_nll,
+                "val_accuracy": sum(accuracies) / len(accuracies),
+                "val_nll": sum(nlls) / len(nlls),
             }
         )
     if len(tuning_scores(config)) == len(config.tuning_runs()) and is_main_process():
-        write_json_atomic(
-            pinned, {"rule": "max mean val_accuracy, ties: min mean val_nll", "picked": table}
-        )
+        write_json_atomic(pinned, {"rule": SELECTION_RULES[by], "picked": table})
     return picked
 
 

@@ -24,6 +24,9 @@ VARYING = ("method", "seed", "rank", "alpha", "out", "phase")
 TUNE_SEED = 100
 
 
+SELECTIONS = ("accuracy", "nll")
+
+
 @dataclass
 class CompareConfig:
     """A comparison: ``methods`` x ``seeds`` x ``ranks`` runs of ``base`` (all else shared)."""
@@ -40,6 +43,9 @@ class CompareConfig:
     # base's lr for every method), and the seeds of those tuning runs
     lr_grid: list[float] | None = None
     tune_seeds: list[int] = field(default_factory=lambda: [TUNE_SEED])
+    # the validation score the grid picks by: "accuracy" (ties: the lower NLL) or "nll"; None:
+    # NLL for a language-modelling task (-lm, which has no accuracy), accuracy otherwise
+    select_by: str | None = None
 
     def __post_init__(self) -> None:
         method_names(",".join(self.methods))  # unknown methods / impossible combinations
@@ -59,11 +65,22 @@ class CompareConfig:
                 raise ConfigError("an lr grid needs at least one tuning seed")
         if self.alpha_ratio <= 0 or (self.alpha is not None and self.alpha <= 0):
             raise ConfigError("alpha and alpha_ratio must be positive")
-        if self.base.task.endswith("-lm"):
+        if self.select_by not in (None, *SELECTIONS):
             raise ConfigError(
-                "compare ranks methods by accuracy; a language-modelling task (-lm) has none. "
-                "Use a classification task or its -gen form, or `fisherlora train` per method"
+                f"select_by must be one of {', '.join(SELECTIONS)}, got {self.select_by!r}"
             )
+        if self.base.task.endswith("-lm") and self.select_by == "accuracy":
+            raise ConfigError(
+                "a language-modelling task (-lm) has no accuracy to pick learning rates by; "
+                "use select_by 'nll' (the default for -lm tasks)"
+            )
+
+    @property
+    def selection(self) -> str:
+        """The validation score the lr grid picks by (``select_by``, or the task's default)."""
+        if self.select_by is not None:
+            return self.select_by
+        return "nll" if self.base.task.endswith("-lm") else "accuracy"
 
     def run_dir(self, rank: int, method: str, seed: int) -> Path:
         return Path(self.out) / f"r{rank}" / method / f"seed{seed}"
@@ -104,4 +121,5 @@ class CompareConfig:
         settings |= {"alpha": self.alpha, "alpha_ratio": self.alpha_ratio}
         if self.lr_grid:
             settings |= {"lr_grid": list(self.lr_grid), "tune_seeds": list(self.tune_seeds)}
+            settings["select_by"] = self.selection
         return settings

@@ -109,17 +109,20 @@ def plot_energy_spectrum(
 def plot_learning_curves(
     curves: Mapping[str, list[pd.DataFrame]], path: str | Path, title: str
 ) -> None:
-    """Held-out accuracy against the step: the mean over seeds per method, with a ±1 std band."""
+    """Held-out accuracy against the step (the NLL for a task without accuracy, -lm): the mean
+    over seeds per method, with a ±1 std band."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    score = "accuracy"
     for method, frames in curves.items():
         if not frames:
             continue
-        table = pd.concat([f.set_index("step")["accuracy"] for f in frames], axis=1)
+        score = "accuracy" if all("accuracy" in f for f in frames) else "nll"
+        table = pd.concat([f.set_index("step")[score] for f in frames], axis=1)
         mean, std = table.mean(axis=1), table.std(axis=1, ddof=1).fillna(0.0)
         ax.plot(mean.index, mean.values, marker="o", markersize=3, label=method)
         ax.fill_between(mean.index, (mean - std).values, (mean + std).values, alpha=0.15)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("held-out accuracy")
+    ax.set_ylabel("held-out accuracy" if score == "accuracy" else "held-out NLL")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -214,28 +217,31 @@ def plot_runtime_bars(
 
 
 def plot_lr_grid(tuning: pd.DataFrame, picked: pd.DataFrame, path: Path, title: str) -> bool:
-    """Validation accuracy (mean over tuning seeds) against the learning rate, one line per
-    method, the picked rate ringed; ``False`` (nothing drawn) when ``tuning`` is empty."""
+    """Validation accuracy (the NLL where there is no accuracy: an -lm task) against the
+    learning rate, mean over tuning seeds, one line per method, the picked rate ringed;
+    ``False`` (nothing drawn) when ``tuning`` is empty."""
     if tuning.empty:
         return False
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    means = tuning.groupby(["method", "lr"], sort=True)["val_accuracy"].mean().reset_index()
+    score = "val_accuracy" if tuning["val_accuracy"].notna().any() else "val_nll"
+    means = tuning.groupby(["method", "lr"], sort=True)[score].mean().reset_index()
     for method, group in means.groupby("method", sort=False):
-        (line,) = ax.plot(group["lr"], group["val_accuracy"], marker="o", label=method)
+        (line,) = ax.plot(group["lr"], group[score], marker="o", label=method)
         chosen = picked[picked["method"] == method] if not picked.empty else picked
         rank_match = (
             chosen[chosen["rank"] == tuning["rank"].iloc[0]] if not chosen.empty else chosen
         )
         if not rank_match.empty:
             lr = float(rank_match["lr"].iloc[0])
-            at = group[group["lr"] == lr]["val_accuracy"]
+            at = group[group["lr"] == lr][score]
             if len(at):
                 ax.scatter(
                     [lr], [float(at.iloc[0])], s=160, facecolors="none", edgecolors=line.get_color()
                 )
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
-    ax.set_ylabel("validation accuracy (mean over tuning seeds)")
+    what = "accuracy" if score == "val_accuracy" else "NLL"
+    ax.set_ylabel(f"validation {what} (mean over tuning seeds)")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()

@@ -74,7 +74,7 @@ def accuracy_at_fractions(curve: pd.DataFrame, steps: int) -> dict[str, float]:
     ``steps`` (the earlier one on a tie), keyed by that evaluation's own share of the run:
     ``val_acc_at_20pct`` is the evaluation at step 20 of 100, whichever fraction asked for it.
     Evaluations are where the run scheduled them, so the columns say where they really were."""
-    if curve.empty or steps <= 0:
+    if curve.empty or steps <= 0 or "accuracy" not in curve:  # an -lm task has no accuracy
         return {}
     values = {}
     evaluated = curve.sort_values("step")
@@ -148,7 +148,10 @@ def collect_runs(config: CompareConfig) -> tuple[pd.DataFrame, list[dict[str, st
                         # runs made before the rate was recorded ran at the shared one
                         "lr": m.get("lr", config.base.lr),
                         # examples evaluated (a --max-test subset, not the whole test split)
-                        "n_test": sum(map(sum, m["confusion_matrix"])),
+                        # (an -lm task has no confusion matrix: NaN)
+                        "n_test": sum(map(sum, m["confusion_matrix"]))
+                        if m.get("confusion_matrix")
+                        else math.nan,
                         "trainable_params": m["trainable_params"],
                         "adapter_params": m["adapter_params"],
                         # what acts after AdaLoRA's pruning (= adapter_params for the others);
@@ -376,6 +379,8 @@ def _confusions(config: CompareConfig, runs: pd.DataFrame, rank: int):
         total = None
         for d in dirs:
             m = json.loads((Path(d) / "metrics.json").read_text())
+            if m.get("confusion_matrix") is None:  # an -lm task: no classes
+                continue
             class_names = m["class_names"]
             matrix = np.asarray(m["confusion_matrix"])
             total = matrix if total is None else total + matrix
@@ -453,13 +458,14 @@ def make_plots(
         )
         figures.append((f"Peak memory per run (median over seeds), r = {rank}", path))
         matrices, class_names = _confusions(config, runs, rank)
-        path = plots / f"confusion_r{rank}.png"
-        plot_confusion_matrices(
-            matrices, class_names, path, f"Confusion matrices summed over seeds, r = {rank}"
-        )
-        figures.append(
-            (f"Confusion matrices (row shares, counts summed over seeds), r = {rank}", path)
-        )
+        if matrices:
+            path = plots / f"confusion_r{rank}.png"
+            plot_confusion_matrices(
+                matrices, class_names, path, f"Confusion matrices summed over seeds, r = {rank}"
+            )
+            figures.append(
+                (f"Confusion matrices (row shares, counts summed over seeds), r = {rank}", path)
+            )
         for method in labels:
             if not any(base_method(part) in RANK_ALLOCATING for part in method.split("+")):
                 continue
@@ -544,7 +550,10 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
                 else f"{r['delta_vs_lora']:+.4f}",
                 "95 % CI of Δ": _interval(r["ci_low"], r["ci_high"]),
                 "p (paired)": _p(r["p_value"]),
-                "verdict": r["verdict"],
+                # a task without accuracy (-lm) is judged by its NLL
+                "verdict": r["verdict"]
+                if is_base or not math.isnan(r["accuracy_mean"])
+                else f"NLL: {r['nll_verdict']}",
                 "Δ below one run's SE": "–"
                 if r["below_one_run_se"] is None or pd.isna(r["below_one_run_se"])
                 else ("yes" if r["below_one_run_se"] else "no"),
@@ -568,8 +577,8 @@ def _markdown_table(table: pd.DataFrame) -> str:
 
 def _notes(config: CompareConfig, summary: pd.DataFrame, failed: list, n_test: int) -> list[str]:
     notes = []
-    if not summary.empty:
-        acc = float(summary["accuracy_mean"].mean())
+    acc = float(summary["accuracy_mean"].mean()) if not summary.empty else math.nan
+    if not math.isnan(acc):  # none for a task without accuracy (-lm)
         se = math.sqrt(acc * (1 - acc) / n_test)
         notes.append(
             f"One run's accuracy on {n_test:,} held-out examples has a standard error (SE) of "
@@ -726,11 +735,15 @@ def picked_table(config: CompareConfig, tuning: pd.DataFrame) -> pd.DataFrame:
 
 def _selection_note(config: CompareConfig, picked: pd.DataFrame) -> str:
     seeds = ",".join(map(str, config.tune_seeds))
+    by = (
+        "the mean validation accuracy of tuning seed(s) {seeds} (ties: the lower validation NLL; "
+        if config.selection == "accuracy"
+        else "the lowest mean validation NLL of tuning seed(s) {seeds} ("
+    ).format(seeds=seeds)
     text = (
         f"Learning rates were picked per (rank, method) from the grid "
-        f"{', '.join(f'{v:g}' for v in config.lr_grid or [])} by the mean validation accuracy of "
-        f"tuning seed(s) {seeds} (ties: the lower validation NLL; a diverged run rules its rate "
-        "out). The validation split is carved out of the training data; tuning runs never read "
+        f"{', '.join(f'{v:g}' for v in config.lr_grid or [])} by {by}a diverged run rules its "
+        "rate out). The validation split is carved out of the training data; tuning runs never read "
         "the test split, and each final run reads it once, after its last step."
     )
     if picked.empty:
@@ -760,8 +773,11 @@ def edge_picks(grid: list[float], picked: pd.DataFrame) -> list[tuple[int, str, 
 
 
 def _test_size(runs: pd.DataFrame) -> int:
-    """Held-out examples behind one run's accuracy (the fewest, should runs differ)."""
-    return 1 if runs.empty else int(runs["n_test"].min())
+    """Held-out examples behind one run's accuracy (the fewest, should runs differ; 1 where no
+    run has a confusion matrix, e.g. an -lm task)."""
+    if runs.empty or runs["n_test"].isna().all():
+        return 1
+    return int(runs["n_test"].min())
 
 
 def _write_markdown(out: Path, command, header, table, notes, figures) -> None:

@@ -24,9 +24,10 @@ A cell's keys are ``fisherlora compare``'s settings: every field of ``TrainConfi
 ``eval_every``, ``max_test``, ``targets``, ``weight_decay``, ...) except those a comparison sets
 per run (``method``, ``seed``, ``out``, ``phase``), plus the comparison's own: ``methods`` (list or
 comma string), ``seeds``, ``rank`` or ``ranks``, ``alpha``, ``alpha_ratio``, ``lr_grid``,
-``tune_seeds``. A suite's ``val_fraction`` defaults to 0.1 (the validation split the learning-rate
-grid and ``val_auc`` need); everything else defaults as in ``fisherlora compare``. Unknown keys,
-wrong types, a ``-lm`` task (a comparison ranks by accuracy), a cell without ``lora`` (the
+``tune_seeds``, ``select_by`` (the validation score the grid picks by: ``accuracy`` or ``nll``;
+``nll`` for a ``-lm`` task). A suite's ``val_fraction`` defaults to 0.1 (the validation split the
+learning-rate grid and ``val_auc`` need); everything else defaults as in ``fisherlora compare``.
+Unknown keys, wrong types, a ``-lm`` task picked by accuracy, a cell without ``lora`` (the
 baseline of the pooled view) and every setting a comparison would refuse are refused, naming
 the file and cell, before anything runs (:func:`parse_suite` builds every cell's comparison).
 """
@@ -72,6 +73,7 @@ COMPARE_KEYS = (
     "alpha_ratio",
     "lr_grid",
     "tune_seeds",
+    "select_by",
 )
 # TrainConfig fields a comparison sets per run: a suite may not set them (and what to use instead)
 MANAGED_KEYS = {
@@ -89,6 +91,7 @@ SUITE_DEFAULTS: dict[str, Any] = {
     "lr_grid": None,
     "alpha_ratio": 2.0,
     "alpha": None,
+    "select_by": None,  # None: NLL for an -lm task, accuracy otherwise
 }
 CELL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -145,6 +148,7 @@ def _expected_types(key: str) -> tuple[type, ...] | None:
         "alpha": (int, float),
         "alpha_ratio": (int, float),
         "lr_grid": (list,),
+        "select_by": (str,),
     }
     if key in special:
         return special[key]
@@ -261,6 +265,7 @@ class Cell:
                 base=config,
                 alpha_ratio=float(self.settings["alpha_ratio"]),
                 alpha=self.settings["alpha"],
+                select_by=self.settings.get("select_by"),
                 **extra,
             )
         except (ConfigError, TypeError) as err:
@@ -378,10 +383,10 @@ def _build_cell(
         merged.pop("ranks", None)
     merged |= {k: v for k, v in table.items() if k not in CELL_ONLY_KEYS}
     task = str(merged["task"])
-    if task.endswith("-lm"):
+    if task.endswith("-lm") and merged.get("select_by") == "accuracy":
         raise ConfigError(
-            f"{where}: task {task!r} is language modelling (-lm), which has no accuracy; a suite "
-            "compares methods by accuracy. Use a classification task or its -gen form"
+            f"{where}: task {task!r} is language modelling (-lm), which has no accuracy; this "
+            "cell picks learning rates by accuracy. Leave select_by out (-lm picks by NLL)"
         )
     try:
         methods = merged["methods"]
