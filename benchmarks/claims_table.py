@@ -45,6 +45,7 @@ from fisherlora.experiments.suite_estimate import pause_robust_seconds
 
 REF = "ref"  # the suite's reference cell
 RESULTS = Path("benchmarks/results/claims")
+CLAIMS_DIR = RESULTS  # where the calibration-only scripts write (tests point it elsewhere)
 
 
 @dataclass(frozen=True)
@@ -340,24 +341,29 @@ def experiment_cost(directory: Path) -> dict[str, float | int]:
     return {"tuning runs": tune, "final runs": final, "hours": seconds / 3600}
 
 
-# the calibration-only measurements (no training): their summaries and the key of their
-# measured seconds, where they recorded one
-CALIBRATION_ONLY = {
-    "claims_fim_saturation.py": [Path("benchmarks/results/claims/fim_saturation.json")],
-    # MiniLM's plans are the suite's; SmolLM2's calibrations are the two fim-layers runs
-    "claims_fim_layers.py": sorted(
-        Path("benchmarks/results/claims").glob("fim-layers-*/ranks.json")
-    ),
-}
+def calibration_only_files() -> dict[str, list[Path]]:
+    """The summaries of the calibration-only scripts (under ``CLAIMS_DIR``)."""
+    return {
+        "claims_fim_saturation.py": [CLAIMS_DIR / "fim_saturation.json"],
+        # MiniLM's plans are the suite's; SmolLM2's calibrations are the two fim-layers runs
+        "claims_fim_layers.py": sorted(CLAIMS_DIR.glob("fim-layers-*/ranks.json")),
+        "claims_filet_calibration.py": [CLAIMS_DIR / "filet_calibration.json"],
+    }
 
 
 def _recorded_seconds(value: object) -> float:
-    """The sum of every ``*_s`` number in a JSON summary (its recorded timings)."""
+    """The sum of every ``*_s`` number in a JSON summary (its recorded timings); where a
+    ``*_s_all`` list holds every repeat, that list instead of its ``*_s`` summary."""
     if isinstance(value, dict):
-        return sum(
-            float(v) if k.endswith("_s") and isinstance(v, (int, float)) else _recorded_seconds(v)
-            for k, v in value.items()
-        )
+        total = 0.0
+        for k, v in value.items():
+            if k.endswith("_s_all") and isinstance(v, list):
+                total += sum(float(x) for x in v)
+            elif k.endswith("_s") and isinstance(v, (int, float)):
+                total += 0.0 if f"{k}_all" in value else float(v)
+            else:
+                total += _recorded_seconds(v)
+        return total
     if isinstance(value, list):
         return sum(_recorded_seconds(v) for v in value)
     return 0.0
@@ -370,7 +376,7 @@ def cost_table(runs: Path) -> pd.DataFrame:
     rows = []
     for directory in sorted(p for p in runs.glob("*") if p.is_dir()):
         rows.append({"experiment": directory.name} | experiment_cost(directory))
-    for script, summaries in CALIBRATION_ONLY.items():
+    for script, summaries in calibration_only_files().items():
         if any(p.exists() for p in summaries):
             hours = sum(_recorded_seconds(json.loads(p.read_text())) for p in summaries) / 3600
             rows.append(
@@ -477,7 +483,7 @@ def claims_table(sources: dict[str, pd.DataFrame]) -> pd.DataFrame:
         )
         pairs = int(np.isfinite(d).sum())
         row["seeds"] = pairs
-        if claim.kind == "within" and claim.band == 0 and pairs:
+        if claim.kind == "within" and claim.band == 0 and pairs >= 2:
             # "identical": one differing seed disproves it, whatever an interval says
             differ = int((np.round(d[np.isfinite(d)], 12) != 0).sum())
             row["verdict"] = (
@@ -592,9 +598,6 @@ def plot_forest(table: pd.DataFrame, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-CLAIMS_DIR = Path("benchmarks/results/claims")
 
 
 def _results(name: str) -> list | None:

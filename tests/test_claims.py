@@ -148,8 +148,14 @@ def test_verdict_rules(claims):
     assert table.verdict(within, -0.01, 0.01, 1) == "no interval"
 
 
-def test_cost_table_sums_each_experiments_runs_with_their_median_step_times(claims, tmp_path):
+def test_cost_table_sums_each_experiments_runs_with_their_median_step_times(
+    claims, tmp_path, monkeypatch
+):
     _, table = claims
+    monkeypatch.setattr(table, "CLAIMS_DIR", tmp_path)
+    # a calibration-only summary: every repeat counts, not their median
+    rows = [{"prepare_s": 2.0, "prepare_s_all": [1.0, 2.0, 6.0]}, {"prepare_s": 3.0}]
+    (tmp_path / "filet_calibration.json").write_text(json.dumps({"results": rows}))
     runs = tmp_path / "runs"
     timings = {"median_step_s": 0.5, "train_s": 500.0, "total_s": 560.0}  # paused for 450 s
     for seed in range(2):
@@ -161,6 +167,8 @@ def test_cost_table_sums_each_experiments_runs_with_their_median_step_times(clai
     # per run: 0.5 s × 100 steps + the 60 s outside training = 110 s
     assert cost.loc["fw-k-10", "final runs"] == 2 and cost.loc["fw-k-10", "tuning runs"] == 1
     assert cost.loc["fw-k-10", "hours"] == pytest.approx(3 * 110 / 3600)
+    calibration = cost.loc["claims_filet_calibration.py (calibration only, recorded timings)"]
+    assert calibration["hours"] == pytest.approx((1 + 2 + 6 + 3) / 3600)
     total = cost.loc["total (the claims' own runs)"]
     reference = [e for e in cost.index if "not in the total" in e]
     assert len(reference) == 1  # the suite's cell, listed after the total and outside it

@@ -364,6 +364,14 @@ def test_the_pooled_interval_is_welch_t_over_the_cells_and_one_cell_gives_its_ow
     assert (alone["ci_low"], alone["ci_high"]) == pytest.approx((cell["ci_low"], cell["ci_high"]))
 
 
+def test_a_cell_where_a_method_failed_every_seed_counts_its_seeds_unpaired():
+    both = paired_rows({"a": np.array([0.01, 0.02, 0.03])})
+    lost = paired_rows({"b": np.array([0.0, 0.0])})
+    lost = lost[lost["method"] == "lora"]  # m failed on every seed of cell b
+    row = pooled_differences(pd.concat([both, lost]), {"accuracy": ("acc", True)}).iloc[0]
+    assert (row["cells"], row["cell_names"], row["unpaired"]) == (1, "a", 2)
+
+
 def test_a_failed_run_is_counted_as_an_unpaired_seed():
     results = paired_rows({"a": np.array([0.01, 0.02, 0.03, 0.0])})
     results = results[~((results["method"] == "m") & (results["seed"] == 3))]  # its run failed

@@ -11,8 +11,10 @@ incomparable runs in one report.
 Learning-rate selection (``lr_grid``): every (rank, method) first trains at each rate of the
 grid with the tuning seed(s), reading validation only (``phase="tune"``). The picked rate is the
 one with the highest mean validation accuracy over the tuning seeds (ties: the lower validation
-NLL; a diverged run ranks last); the picks are pinned in ``OUT/picked_lr.json`` once every
-tuning run has finished, and the final seeds run at them, reading the test split once each.
+NLL; a diverged run ranks last), or the lowest mean validation NLL with ``select_by="nll"`` (the
+default for an -lm task); the picks are pinned in ``OUT/picked_lr.json`` once every tuning run
+has finished, and the final seeds run at them, reading the test split once each. A pinned grid
+may be widened to a superset while no final run has finished; the picks are then made again.
 
 The loop is seed-major (every method at every rank for seed 0, then for seed 1, ...), so a
 comparison cut short still has paired runs of every method at every rank.

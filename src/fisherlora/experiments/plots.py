@@ -216,14 +216,16 @@ def plot_runtime_bars(
     plt.close(fig)
 
 
-def plot_lr_grid(tuning: pd.DataFrame, picked: pd.DataFrame, path: Path, title: str) -> bool:
-    """Validation accuracy (the NLL where there is no accuracy: an -lm task) against the
+def plot_lr_grid(
+    tuning: pd.DataFrame, picked: pd.DataFrame, path: Path, title: str, by: str = "accuracy"
+) -> bool:
+    """The validation score the picks were made by (``by``: accuracy, or NLL) against the
     learning rate, mean over tuning seeds, one line per method, the picked rate ringed;
     ``False`` (nothing drawn) when ``tuning`` is empty."""
     if tuning.empty:
         return False
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    score = "val_accuracy" if tuning["val_accuracy"].notna().any() else "val_nll"
+    score = "val_accuracy" if by == "accuracy" else "val_nll"
     means = tuning.groupby(["method", "lr"], sort=True)[score].mean().reset_index()
     for method, group in means.groupby("method", sort=False):
         (line,) = ax.plot(group["lr"], group[score], marker="o", label=method)

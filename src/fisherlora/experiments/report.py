@@ -684,11 +684,13 @@ def write_report(config: CompareConfig, command: str = "") -> Path:
         for rank in config.ranks:
             path = out / "plots" / f"lr_grid_r{rank}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
+            what = "accuracy" if config.selection == "accuracy" else "NLL"
             if plot_lr_grid(
                 tuning[tuning["rank"] == rank],
                 picked,
                 path,
-                f"Validation accuracy over the lr grid, r = {rank}",
+                f"Validation {what} over the lr grid, r = {rank}",
+                by=config.selection,
             ):
                 figures.insert(
                     0, (f"Validation accuracy per learning rate (tuning seeds), r = {rank}", path)

@@ -63,7 +63,7 @@ def check_cell_data(suite: Suite, out: str | Path) -> None:
         base = cell.compare_config(Path(out) / cell.name).base
         try:
             compare_module.carve_splits(compare_module.load_data(base), base)
-        except FisherLoraError as err:
+        except (FisherLoraError, OSError, ValueError) as err:  # a file it cannot read, too
             raise ConfigError(f"{cell.where}: {err}") from err
 
 

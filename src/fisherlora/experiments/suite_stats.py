@@ -154,12 +154,17 @@ def pooled_differences(
             cells = per_cell[(per_cell["method"] == method) & (per_cell["outcome"] == outcome)]
             if cells.empty:
                 continue
-            strata, names, unpaired = [], [], 0
+            # every (cell, rank) where either arm ran: a method that failed every seed of a
+            # cell has no pair there, and its seeds still count as unpaired
+            unpaired = 0
+            for _, group in finals.groupby(["cell", "rank"], sort=False):
+                if outcome in group and {method, BASELINE} & set(group["method"]):
+                    ours, base = (_seeds_with(group, m, outcome) for m in (method, BASELINE))
+                    unpaired += len(ours ^ base)
+            strata, names = [], []
             for _, row in cells.iterrows():
                 group = finals[(finals["cell"] == row["cell"]) & (finals["rank"] == row["rank"])]
                 d, _ = _paired(group, method, outcome)
-                ours, base = (_seeds_with(group, m, outcome) for m in (method, BASELINE))
-                unpaired += len(ours ^ base)
                 if len(d) >= 2:  # one pair has no variance: left out, and counted
                     strata.append(d)
                     several_ranks = finals[finals["cell"] == row["cell"]]["rank"].nunique() > 1
