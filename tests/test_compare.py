@@ -93,6 +93,37 @@ def test_comparison_writes_results_report_and_plots(tmp_path, patched_task):
     assert "src='plots/" not in page  # self-contained
 
 
+def test_a_report_rewritten_without_the_per_run_figures_keeps_its_rank_maps(
+    tmp_path, patched_task, monkeypatch
+):
+    # per-run PNGs are not committed with the results: a report rewritten in a fresh clone
+    # draws the rank map again from the run's ranks.json, with the ranks the run trained with
+    import fisherlora.experiments.report as report_module
+
+    config = tiny_comparison(tmp_path, methods=("lora", "fim-lora"), seeds=(0,))
+    compare(config, progress=False)
+    run_dir = tmp_path / "r4/fim-lora/seed0"
+    (run_dir / "rank_map.png").unlink()
+    (tmp_path / "plots/rank_map_r4_fim-lora.png").unlink()
+    drawn = []
+    real_plot = report_module.plot_module_values
+    monkeypatch.setattr(
+        report_module,
+        "plot_module_values",
+        lambda values, path, **k: (
+            drawn.append((dict(values), k["title"])) or real_plot(values, path, **k)
+        ),
+    )
+    calls = count_training(monkeypatch)
+    text = compare(config, progress=False).read_text()
+    assert calls == []  # nothing trained again
+    assert drawn == [
+        (json.loads((run_dir / "ranks.json").read_text())["ranks"], "fim-lora rank map")
+    ]
+    assert (tmp_path / "plots/rank_map_r4_fim-lora.png").stat().st_size > 1000
+    assert "plots/rank_map_r4_fim-lora.png" in text
+
+
 def test_the_noise_note_counts_the_examples_evaluated_not_the_test_split(
     tmp_path, patched_task, keyword_task
 ):

@@ -390,17 +390,26 @@ def _confusions(config: CompareConfig, runs: pd.DataFrame, rank: int):
 
 
 def _rank_map(method: str, run_dir: Path, target: Path, rank: int) -> bool:
-    """A rank map for a rank-allocating method's first finished run, if it has one."""
+    """A rank map for a rank-allocating method's first finished run, if it has one.
+
+    The run's own ``rank_map.png`` where it is there; otherwise it is drawn again from the
+    run's ``ranks.json`` (per-run figures are not committed with the results, so a report
+    rewritten in a fresh clone would otherwise lose its rank maps) or EVA's ranks."""
     if (run_dir / "rank_map.png").exists():  # fim-lora, random-rank and their compositions
         shutil.copyfile(run_dir / "rank_map.png", target)
         return True
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    ranks = (metrics.get("prepare") or {}).get("eva_ranks")  # EVA's redistribution
+    if (run_dir / "ranks.json").exists():
+        ranks = json.loads((run_dir / "ranks.json").read_text())["ranks"]
+        title = f"{method} rank map"
+    else:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        ranks = (metrics.get("prepare") or {}).get("eva_ranks")  # EVA's redistribution
+        title = f"{method} ranks (base r={rank})"
     if ranks:
         plot_module_values(
             ranks,
             target,
-            title=f"{method} ranks (base r={rank})",
+            title=title,
             label="rank",
             center=rank,
             integers=True,
