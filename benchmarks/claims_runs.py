@@ -48,7 +48,9 @@ class Experiment:
     name: str
     methods: list[str]
     question: str
-    lr: str = "tune"  # "tune" (the cell's grid, on validation) or "picked" (the base's pick)
+    # "tune" (the cell's grid, on validation), "picked" (the base method's pick in the cell) or
+    # a rate (a reference run at another arm's picked rate)
+    lr: str | float = "tune"
     settings: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields to change
     rank: int | None = None  # None: the cell's
 
@@ -114,11 +116,24 @@ EXPERIMENTS: list[Experiment] = [
     *[
         Experiment(
             f"ranks-r{r}",
-            ["lora", "fw-lora", "fim-lora", "random-rank"],
-            f"rank {r}: FIM-LoRA against random ranks and FW-LoRA against LoRA at a small budget",
+            ["lora", "fw-lora", "fim-lora", "random-rank"]
+            + (["filet", "filet-max"] if r == 4 else []),
+            f"rank {r}: FIM-LoRA against random ranks and FW-LoRA against LoRA at a small budget"
+            + ("; FILet's min- against max-energy directions on a second cell" if r == 4 else ""),
             rank=r,
         )
         for r in (2, 4)
+    ],
+    *[
+        # the kept share of A's row space falls with the rate, so FILet's runs picked at 3e-3
+        # (filet-svd) and 3e-4 (filet-max) are set against LoRA at the same rate
+        Experiment(
+            f"lora-lr-{lr:g}",
+            ["lora"],
+            f"LoRA at {lr:g}: the kept-subspace reference at the rate a FILet arm was picked at",
+            lr=lr,
+        )
+        for lr in (3e-4, 3e-3)
     ],
     Experiment(
         "budget-r1",
@@ -172,6 +187,9 @@ def experiment_config(experiment: Experiment, reference: CompareConfig, out: Pat
                 "split it into one experiment per rate"
             )
         base = dataclasses.replace(base, lr=rates.pop())
+        grid = None
+    elif experiment.lr != "tune":  # a stated rate
+        base = dataclasses.replace(base, lr=float(experiment.lr))
         grid = None
     return dataclasses.replace(
         reference,

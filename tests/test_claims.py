@@ -37,12 +37,15 @@ def test_experiments_change_only_what_they_state(claims, tmp_path, monkeypatch):
         config = runs.experiment_config(experiment, reference, tmp_path)
         settings = dataclasses.asdict(config.base)
         changed = {k for k in settings if settings[k] != ref_settings[k]}
-        allowed = set(experiment.settings) | ({"lr"} if experiment.lr == "picked" else set())
+        allowed = set(experiment.settings) | ({"lr"} if experiment.lr != "tune" else set())
         assert changed <= allowed, (experiment.name, changed - allowed)
         assert config.seeds == reference.seeds
         assert config.ranks == [experiment.rank or reference.ranks[0]]
         if experiment.lr == "picked":
             assert config.lr_grid is None and config.base.lr in picks.values()
+        elif experiment.lr != "tune":  # a stated rate, no tuning
+            assert config.lr_grid is None and config.tune_seeds == []
+            assert config.base.lr == experiment.lr
         else:
             assert config.lr_grid == reference.lr_grid
             assert config.tune_seeds == reference.tune_seeds
@@ -70,7 +73,7 @@ def test_table_pairs_by_seed_and_applies_the_verdict_rules(claims, tmp_path):
     ref = tmp_path / "ref"
     # fw-lora beats its control on every seed; fim-lora vs random-rank: no clear sign
     for seed, (fw, uniform, fim, rand) in enumerate(
-        [(0.80, 0.78, 0.75, 0.76), (0.81, 0.79, 0.77, 0.75), (0.79, 0.77, 0.76, 0.76)]
+        [(0.80, 0.78, 0.75, 0.76), (0.81, 0.785, 0.77, 0.75), (0.79, 0.77, 0.76, 0.76)]
     ):
         _write_run(ref, "fw-lora", seed, fw)
         _write_run(ref, "fim-lora", seed, fim)
@@ -80,16 +83,20 @@ def test_table_pairs_by_seed_and_applies_the_verdict_rules(claims, tmp_path):
         run = _write_run(ref, "filet", seed, 0.8)
         (run / "filet_training.json").write_text(json.dumps({"subspace_overlap_mean": 0.9}))
         _write_run(tmp_path / "ablations-r8", "lora", seed, 0.8, a_row_space_kept=0.5 + seed / 100)
+        # filet-svd's reference at another rate than filet-svd's: the kept share reads the rate
+        _write_run(ref, "filet-svd", seed, 0.8, lr=3e-3, a_row_space_kept=0.9)
+        _write_run(tmp_path / "lora-lr-0.003", "lora", seed, 0.8, a_row_space_kept=0.5 + seed / 50)
     _write_run(tmp_path / "ablations-r8", "fw-lora-uniform", 7, 0.0, lr=3e-3)  # no partner
     sources = {
         "ref": table.final_runs(ref),
         "ablations-r8": table.final_runs(tmp_path / "ablations-r8"),
+        "lora-lr-0.003": table.final_runs(tmp_path / "lora-lr-0.003"),
     }
     result = table.claims_table(sources).set_index(["A", "B"])
     control = result.loc[("fw-lora (rt-low-data, r=8)", "fw-lora-uniform (ablations-r8, r=8)")]
     assert control["seeds"] == 3
-    assert control["accuracy_delta"] == pytest.approx(0.02)
-    assert control["verdict"] == "holds"  # every seed +2 pp: the interval is that point
+    assert control["accuracy_delta"] == pytest.approx(0.065 / 3)
+    assert control["verdict"] == "holds"  # +2.0, +2.5, +2.0 pp
     assert control["lr A / B"] == "0.001 / 0.003" and "rates differ" in control["notes"]
     random = result.loc[("fim-lora (rt-low-data, r=8)", "random-rank (rt-low-data, r=8)")]
     assert random["seeds"] == 3 and random["verdict"] == "cannot tell at this size"
@@ -97,6 +104,9 @@ def test_table_pairs_by_seed_and_applies_the_verdict_rules(claims, tmp_path):
     kept = result.loc[("filet (rt-low-data, r=8)", "lora (ablations-r8, r=8)")]
     assert kept["a_row_space_kept_delta"] == pytest.approx(0.39)
     assert kept["verdict"] == "holds" and kept["other outcome"].startswith("a_row_space_kept")
+    other_rate = result.loc[("filet-svd (rt-low-data, r=8)", "lora (lora-lr-0.003, r=8)")]
+    assert other_rate["a_row_space_kept_delta"] > 0.3
+    assert other_rate["verdict"] == "cannot tell: the arms ran at different rates"
     missing = result.loc[("fim-lora (ranks-r2, r=2)", "random-rank (ranks-r2, r=2)")]
     assert missing["seeds"] == 0 and missing["verdict"] == "pending"
     table.plot_forest(table.claims_table(sources), tmp_path / "forest.png")
@@ -146,6 +156,10 @@ def test_verdict_rules(claims):
     assert table.verdict(within, 0.002, 0.01, 5) == "does not hold"
     assert table.verdict(within, -0.01, 0.01, 5) == "cannot tell at this size"
     assert table.verdict(within, -0.01, 0.01, 1) == "no interval"
+    # equal differences on a few seeds (accuracy moves in steps of one example): no evidence
+    assert table.verdict(beats, 0.01, 0.01, 3).startswith("cannot tell: the 3 seeds'")
+    assert table.verdict(within, 0.0, 0.0, 2).startswith("cannot tell")
+    assert table.verdict(beats, 0.01, 0.01, 5) == "holds"
 
 
 def test_cost_table_sums_each_experiments_runs_with_their_median_step_times(
@@ -208,3 +222,22 @@ def test_calibration_only_claims_read_their_rules(claims, tmp_path, monkeypatch)
     (tmp_path / "fim_saturation.json").write_text(json.dumps({"results": saturation}))
     rows = table.calibration_rows().set_index("claim")["verdict"]
     assert rows[rows.index.str.startswith("the signal")].iloc[0].startswith("does not hold")
+
+
+def test_the_weighting_row_spans_every_run_and_module(claims, tmp_path, monkeypatch):
+    _, table = claims
+    monkeypatch.setattr(table, "CLAIMS_DIR", tmp_path)
+
+    def span(lo, mid, hi):
+        return {"min": lo, "median": mid, "max": hi}
+
+    results = [
+        {"modules": 37, "sum": span(0.88, 0.98, 0.99), "max": span(0.0, 0.89, 0.99)},
+        {"modules": 37, "sum": span(0.75, 0.97, 1.0), "max": span(0.1, 0.93, 0.98)},
+    ]
+    (tmp_path / "fw_weighting.json").write_text(json.dumps({"results": results}))
+    row = table.calibration_rows().iloc[0]
+    # the extremes over every run, the median of the runs' medians
+    assert "normalise by sum: min 0.750, median 0.975, max 1.000" in row["measured"]
+    assert "normalise by max: min 0.000, median 0.910, max 0.990" in row["measured"]
+    assert "(2 runs × 37 modules)" in row["measured"] and row["verdict"] == "measured"
