@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from fisherlora.cli import main
-from fisherlora.errors import ConfigError
+from fisherlora.errors import ConfigError, FisherLoraError
 from fisherlora.experiments import compare as compare_module
 from fisherlora.experiments.compare import CompareConfig, compare, parse_ints
 from fisherlora.experiments.report import summarize
@@ -196,6 +196,51 @@ def test_changed_settings_cannot_resume_into_the_same_directory(tmp_path, patche
         compare(changed, progress=False)
 
 
+def test_data_or_model_a_run_cannot_use_is_refused_before_the_folder_is_pinned(
+    tmp_path, patched_task, monkeypatch
+):
+    # before: compare.json was written first, so the corrected rerun was refused as "other
+    # settings"; and an unknown model failed in every run's error.txt with exit status 0
+    calls = count_training(monkeypatch)
+    too_big = tiny_comparison(tmp_path, seeds=(0,), methods=("lora",))
+    too_big.base.train_size = 10**6
+    with pytest.raises(ConfigError, match="train size 1000000 is larger"):
+        compare(too_big, progress=False)
+    no_model = tiny_comparison(tmp_path, seeds=(0,), methods=("lora",))
+    no_model.base.model = "tiny-bertt"
+    with pytest.raises(ConfigError, match="unknown model 'tiny-bertt'"):
+        compare(no_model, progress=False)
+    no_target = tiny_comparison(tmp_path, seeds=(0,), methods=("lora",))
+    no_target.base.targets = ["no_such_module"]
+    with pytest.raises(ConfigError, match="no_such_module"):
+        compare(no_target, progress=False)
+    assert calls == [] and not list(tmp_path.iterdir())  # nothing written
+    compare(tiny_comparison(tmp_path, seeds=(0,), methods=("lora",)), progress=False)
+    assert calls == [(4, "lora", 0)]
+
+
+def test_a_comparison_in_which_every_run_failed_is_an_error(tmp_path, patched_task, monkeypatch):
+    def failing(cfg, **kwargs):
+        raise RuntimeError("diverged (simulated)")
+
+    monkeypatch.setattr(compare_module, "train", failing)
+    config = tiny_comparison(tmp_path, seeds=(0,))
+    with pytest.raises(FisherLoraError, match="no run of the comparison finished"):
+        compare(config, progress=False)
+    assert "FAILED r = 4 lora seed 0" in (tmp_path / "report.md").read_text()  # still reported
+
+
+def test_a_variant_that_needs_a_setting_the_base_lacks_is_refused_up_front(tmp_path):
+    # fw-lora-decay fixes FW-LoRA's decay form, which needs weight decay: refused when the
+    # comparison is made, not in the optimizer of each run
+    with pytest.raises(ConfigError, match="fw-lora-decay: FW-LoRA's decay form"):
+        tiny_comparison(tmp_path, methods=("lora", "fw-lora-decay"))
+    with pytest.raises(ConfigError, match="decay form"):
+        TrainConfig(method="fim-lora+fw-lora-decay")
+    assert TrainConfig(method="fw-lora-decay", weight_decay=0.01).weight_decay == 0.01
+    assert TrainConfig(method="fw-lora", fw_mode="decay", weight_decay=0.01)
+
+
 def per_seed_results(accuracies: dict[str, list[float]], rank: int = 8) -> pd.DataFrame:
     """Runs with the given accuracy per seed (MCC and macro-F1 set to the same value)."""
     rows = []
@@ -335,6 +380,8 @@ def test_seed_lists_that_do_not_parse_are_refused(spec, message):
         (["--methods", "pissa+filet"], "cannot be combined"),
         (["--seeds", "0,x"], "--seeds must be comma-separated whole numbers"),
         (["--ranks", "0,2"], "--ranks must be >= 1"),
+        (["--rank", "0"], "--rank must be >= 1"),
+        (["--methods", "lora,fw-lora-decay"], "fw-lora-decay: FW-LoRA's decay form"),
     ],
 )
 def test_cli_names_the_bad_flag(flags, message, tmp_path, capsys):

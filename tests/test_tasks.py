@@ -185,3 +185,19 @@ def test_a_hub_config_is_loaded_and_hidden_test_labels_fall_back_to_validation(m
     assert set(task.test_labels) == {0, 1}
     load_hub_task("plain-name", text_column="sentence")
     assert calls[-1] == ("plain-name",)
+
+
+def test_a_task_name_neither_built_in_nor_on_the_hub_lists_the_built_in_names(monkeypatch):
+    import types
+
+    from fisherlora.experiments.tasks import load_hub_task
+
+    def load_dataset(path, *config):
+        raise FileNotFoundError(f"Dataset '{path}' doesn't exist on the Hub")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(ConfigError) as err:
+        load_hub_task("rotten-tomato")  # a typo
+    for name in ("rotten-tomatoes", "imdb", "rotten-tomatoes-gen", "imdb-lm", "digits"):
+        assert name in str(err.value)
+    assert "doesn't exist on the Hub" in str(err.value)

@@ -91,7 +91,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
         model.add_argument(
             "--method",
             help="lora, fim-lora, random-rank, filet, fw-lora, a '+' combination of ours "
-            "(fim-lora+filet+fw-lora), or a peer: dora, pissa, eva, lora-ga, corda, adalora",
+            "(fim-lora+filet+fw-lora), a peer: dora, pissa, eva, lora-ga, corda, adalora, or a "
+            "named variant (fim-lora-batch, filet-svd, ...: docs/methods.md)",
         )
         model.add_argument("--rank", type=int)
         model.add_argument("--alpha", type=float)
@@ -330,7 +331,8 @@ def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:
         args.eval_every = preset.get("eval_every", defaults.eval_every)
     methods = method_names(args.methods or preset.get("methods", ALL_METHODS))
     seeds = parse_ints(args.seeds or preset.get("seeds", "0,1,2"), "--seeds", minimum=0)
-    ranks = parse_ints(args.ranks or args.rank or str(defaults.rank), "--ranks", minimum=1)
+    given = "--ranks" if args.ranks else "--rank"  # the flag the value came from, for its error
+    ranks = parse_ints(args.ranks or args.rank or str(defaults.rank), given, minimum=1)
     args.rank = ranks[0]  # the base run's rank (each run sets its own); --rank arrives as text
     if args.val_fraction is None:  # comparisons select on validation, never on test
         args.val_fraction = COMPARE_VAL_FRACTION

@@ -34,6 +34,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from fisherlora.adapters import resolve_targets
 from fisherlora.errors import ConfigError, FisherLoraError
 
 # the settings live in their own module, which report.py imports too (report never imports
@@ -47,12 +48,13 @@ from fisherlora.experiments.distributed import (
     init_distributed,
     is_main_process,
 )
+from fisherlora.experiments.models import default_targets
 
 # the presets live in a torch-free module so that `fisherlora --help` can show them quickly
 from fisherlora.experiments.presets import ALL_METHODS as ALL_METHODS
 from fisherlora.experiments.presets import QUICK as QUICK
 from fisherlora.experiments.report import write_report
-from fisherlora.experiments.task_kinds import load_data
+from fisherlora.experiments.task_kinds import load_data, task_kind
 from fisherlora.experiments.train import (
     TrainConfig,
     carve_splits,
@@ -142,6 +144,18 @@ def check_out_dir(config: CompareConfig, process: Process | None = None) -> None
                 "ranks": config.ranks,
             },
         )
+
+
+def check_runs_can_start(config: CompareConfig, task: Any) -> None:
+    """Refuse, before anything is written, what would make every run fail: data that cannot
+    give the train size or validation share (``carve_splits``), a model that cannot be loaded,
+    and targets or a largest rank it cannot take. Loads the model once (seconds), so that such a
+    mistake is one clear error instead of an ``error.txt`` in every run directory."""
+    base = config.base
+    kind = task_kind(carve_splits(task, base), base)
+    model = kind.load_model(base.model, seed=0)
+    targets = list(base.targets) if base.targets else default_targets(model, verbose=False)
+    resolve_targets(model, targets, rank=max(config.ranks))
 
 
 def grid_extension_allowed(config: CompareConfig, before: dict[str, Any]) -> bool:
@@ -276,11 +290,12 @@ def compare(config: CompareConfig, *, progress: bool = True, command: str = "") 
     """
     process, _ = init_distributed(resolve_device(config.base.device))
     progress = progress and process.is_main
+    # the data and the model first: a mistake there must not pin OUT/compare.json with settings
+    # that a corrected rerun would then be refused for
+    task = load_data(config.base)  # text, generation or image data, as `fisherlora train` loads it
+    check_runs_can_start(config, task)
     check_out_dir(config, process)
     barrier()  # no process looks for finished runs before compare.json is checked
-    base = config.base
-    task = load_data(base)  # text, generation or image data, as `fisherlora train` loads it
-    carve_splits(task, base)  # a train size or validation share the data cannot give: refused now
     # tuning runs first (validation only), then the final seeds at the picked rates
     tuning = [
         (config.run_config(rank, m, seed, lr, "tune"), f"r={rank} {m} lr {lr:g} seed {seed} (tune)")
@@ -303,4 +318,10 @@ def compare(config: CompareConfig, *, progress: bool = True, command: str = "") 
     if process.is_main:
         report = write_report(config, command=command)
     barrier()
+    if not any(is_finished(Path(c.out)) for c, _ in finals):
+        # the report lists the failures; a comparison without one result is no success
+        raise FisherLoraError(
+            f"no run of the comparison finished: every one failed (their error.txt files under "
+            f"{config.out}, listed in {report})"
+        )
     return report

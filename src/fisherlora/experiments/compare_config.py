@@ -74,6 +74,11 @@ class CompareConfig:
                 "a language-modelling task (-lm) has no accuracy to pick learning rates by; "
                 "use select_by 'nll' (the default for -lm tasks)"
             )
+        # every run's own settings (a method that needs one the base lacks, e.g. fw-lora-decay
+        # without weight decay): refused now, not as each run's error.txt hours in
+        for rank in self.ranks:
+            for method in self.methods:
+                self.run_config(rank, method, self.seeds[0])
 
     @property
     def selection(self) -> str:

@@ -54,15 +54,15 @@ def check_resumable(suite: Suite, out: str | Path) -> None:
 
 
 def check_cell_data(suite: Suite, out: str | Path) -> None:
-    """Load every cell's data and carve its splits before the first run, so that a train size
-    or validation share a cell's data cannot give is refused now, not hours in when that cell
-    starts."""
-    from fisherlora.experiments import compare as compare_module  # its data loading, as it runs
+    """Load every cell's data and model before the first run (``compare.check_runs_can_start``),
+    so that a train size or validation share a cell's data cannot give, or a model, targets or
+    rank it cannot take, is refused now, not hours in when that cell starts."""
+    from fisherlora.experiments import compare as compare_module  # its checks, as it runs them
 
     for cell in suite.cells:
-        base = cell.compare_config(Path(out) / cell.name).base
+        config = cell.compare_config(Path(out) / cell.name)
         try:
-            compare_module.carve_splits(compare_module.load_data(base), base)
+            compare_module.check_runs_can_start(config, compare_module.load_data(config.base))
         except (FisherLoraError, OSError, ValueError) as err:  # a file it cannot read, too
             raise ConfigError(f"{cell.where}: {err}") from err
 

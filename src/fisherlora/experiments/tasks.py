@@ -342,6 +342,12 @@ def load_file_task(
     )
 
 
+def builtin_task_names() -> str:
+    """Every built-in task name, for the messages that refuse an unknown one."""
+    text = sorted(BUILTIN_TASKS)
+    return ", ".join(text + [f"{t}-gen" for t in text] + [f"{t}-lm" for t in text] + ["digits"])
+
+
 def load_hub_task(
     name: str,
     *,
@@ -360,7 +366,7 @@ def load_hub_task(
         import datasets
     except ImportError as err:
         raise ConfigError(
-            f"unknown task {name!r}: not a built-in task ({sorted(BUILTIN_TASKS)}), and loading it "
+            f"unknown task {name!r}: not a built-in task ({builtin_task_names()}), and loading it "
             "from the Hugging Face hub needs the 'datasets' package (pip install datasets); "
             "for a local file use --data FILE"
         ) from err
@@ -369,7 +375,8 @@ def load_hub_task(
         splits = datasets.load_dataset(path, config) if config else datasets.load_dataset(path)
     except Exception as err:  # the hub is unreachable or the name does not exist
         raise ConfigError(
-            f"could not load data set {name!r} from the Hugging Face hub: {err}"
+            f"unknown task {name!r}: not a built-in task ({builtin_task_names()}), and loading "
+            f"it from the Hugging Face hub failed: {err}"
         ) from err
 
     def labelled(split: str) -> bool:

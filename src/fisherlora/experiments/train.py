@@ -60,7 +60,7 @@ from fisherlora.experiments.precision import (
 )
 from fisherlora.experiments.task_kinds import Evaluation, Split, TaskKind, load_data, task_kind
 from fisherlora.experiments.tasks import MAX_DROPPED_FRACTION, Task
-from fisherlora.methods import get_method
+from fisherlora.methods import VARIANTS, get_method
 from fisherlora.stats import all_reduce_mean
 
 
@@ -166,14 +166,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (int(value) != value or value < 1):
                 raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
-        if (
-            self.fw_mode == "decay"
-            and "fw-lora" in self.method.split("+")
-            and not self.weight_decay > 0
-        ):
+        if "decay" in self._fw_modes() and not self.weight_decay > 0:
             raise ConfigError(
-                "fw_mode 'decay' multiplies the optimizer's weight decay by (1 - I_m); with "
-                "weight_decay 0 it does nothing. Set --weight-decay, or use --fw-mode loss"
+                f"{self.method}: FW-LoRA's decay form (--fw-mode decay, or the fw-lora-decay "
+                "variant) multiplies the optimizer's weight decay by (1 - I_m); with "
+                "weight_decay 0 it does nothing. Set --weight-decay, or use the loss form"
             )
         if self.targets is not None and not self.targets:
             raise ConfigError("targets must name at least one module")
@@ -194,6 +191,15 @@ class TrainConfig:
                 f"train_size must be a whole number of at least one batch ({self.batch_size}), "
                 f"got {self.train_size!r}"
             )
+
+    def _fw_modes(self) -> list[str]:
+        """The FW-LoRA form each FW-LoRA member of ``method`` runs (a variant fixes its own)."""
+        modes = []
+        for part in self.method.split("+"):
+            base, fixed = VARIANTS.get(part, (part, {}))
+            if base == "fw-lora":
+                modes.append(fixed.get("fw_mode", self.fw_mode))
+        return modes
 
 
 @dataclass
