@@ -93,6 +93,9 @@ def test_tuning_runs_come_first_and_the_finals_run_at_the_picked_rate(
     assert {"phase", "lr", "val_accuracy", "val_nll", "nll", "val_auc"} <= set(results.columns)
     assert set(results["phase"]) == {"tune", "final"}
     assert results[results["phase"] == "tune"]["accuracy"].isna().all()
+    # what they cost, for a suite's compute table (wall clock and pause-robust)
+    timing = ["total_s", "train_s", "median_step_s"]
+    assert (results[results["phase"] == "tune"][timing] > 0).all().all()
     assert results[results["phase"] == "final"]["accuracy"].notna().all()
     text = (tmp_path / "report.md").read_text()
     assert "Learning rates were picked" in text and "Δ NLL" in text and "val AUC" in text

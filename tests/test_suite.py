@@ -492,6 +492,25 @@ def test_the_report_writes_markdown_html_and_the_final_rows(report_suite):
     assert set(pooled["method"]) == {"fim-lora", "filet"}
 
 
+def test_the_compute_table_sums_wall_clock_and_pause_robust_hours_per_cell(report_suite):
+    from fisherlora.experiments.suite_report import TYPICAL_HOURS, WALL_HOURS, wall_hours
+
+    suite, out, _ = report_suite
+    steps = suite.cells[0].compare_config(out / "a").base.steps
+    runs = pd.read_csv(out / "a" / "results.csv")
+    # every run: 1 s a step, but the first was suspended for an hour in training
+    runs["median_step_s"], runs["train_s"] = 1.0, float(steps)
+    runs["total_s"] = steps + 10.0
+    runs.loc[0, ["train_s", "total_s"]] = [steps + 3600.0, steps + 3610.0]
+    runs.loc[1, ["median_step_s", "train_s"]] = math.nan  # a tuning row carries total_s only
+    runs.to_csv(out / "a" / "results.csv", index=False)
+    table = wall_hours(suite, out).set_index("cell")
+    assert table.loc["a", "runs"] == len(runs)
+    assert table.loc["a", WALL_HOURS] == round((len(runs) * (steps + 10) + 3600) / 3600, 2)
+    assert table.loc["a", TYPICAL_HOURS] == round(len(runs) * (steps + 10) / 3600, 2)
+    assert table.loc["broken", "runs"] == 0 and table.loc["broken", WALL_HOURS] == 0
+
+
 def test_report_only_from_the_command_line_trains_nothing(report_suite, monkeypatch, capsys):
     _, out, path = report_suite
 

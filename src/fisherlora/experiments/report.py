@@ -114,8 +114,11 @@ def collect_tuning(config: CompareConfig) -> pd.DataFrame:
                 {"rank": rank, "method": method, "seed": seed, "phase": "tune"}
                 | _metrics_row(m, config.base.steps, run_dir)
                 | {"lr": lr, "run_dir": str(run_dir)}
-                # the compute it cost (a suite's summary adds it up); absent from old runs
-                | {"total_s": m.get("timings", {}).get("total_s", math.nan)}
+                # the compute it cost (a suite's summary adds it up, also pause-robust)
+                | {
+                    k: m.get("timings", {}).get(k, math.nan)
+                    for k in ("total_s", "train_s", "median_step_s")
+                }
             )
     return pd.DataFrame(rows)
 

@@ -147,12 +147,14 @@ def pause_robust_seconds(timings: Mapping[str, Any], settings: Mapping[str, Any]
     run that was paused or shared the CPU for a while (a suspended suite, a test run beside it)
     keeps a typical median step, while its wall-clock ``train_s`` and ``total_s`` do not. The
     rest (loading, calibration, evaluation) is taken as measured. ``total_s`` where the
-    timings lack a part."""
+    timings lack a part (or hold NaN there: a results.csv row that does not carry it)."""
     try:
         steps = int(settings["steps"])
         typical = float(timings["median_step_s"]) * steps
         rest = float(timings["total_s"]) - float(timings["train_s"])
     except (KeyError, TypeError, ValueError):
+        return float(timings["total_s"])
+    if not (math.isfinite(typical) and math.isfinite(rest)):
         return float(timings["total_s"])
     return typical + max(rest, 0.0)
 
