@@ -141,3 +141,9 @@ def test_adalora_prunes_to_the_matched_budget(keyword_task):
     base, targets = tiny_base("bert")
     lora = count_parameters(get_peft_model(base, tiny_lora_config(targets, 4)))
     assert lora["effective_adapter_params"] == lora["adapter_params"]
+
+
+def test_lora_ga_builds_without_the_backward_hook_warning_it_cannot_act_on(recwarn):
+    # PEFT's gradient pass hooks a model whose inputs (token ids) need no gradient: expected
+    build_and_prepare("lora-ga", "bert")
+    assert not [w for w in recwarn if "Full backward hook is firing" in str(w.message)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -290,7 +291,11 @@ class LoRAGA(CalibratedPeer):
             for batch in batches:
                 base_model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
 
-        preprocess_loraga(base_model, config, train_step)
+        with warnings.catch_warnings():
+            # PEFT reads the gradients with full backward hooks, which warn that the model's
+            # inputs (token ids) need no gradient: expected here, and not the user's to fix
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            preprocess_loraga(base_model, config, train_step)
         model = get_peft_model(base_model, config)
         _record_initial_factors(model)
         return model
