@@ -590,6 +590,58 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+# the compact table benchmarks/README.md shows (the full one: results/claims/claims_table.md)
+COMPACT = {
+    "paper": "paper",
+    "claim": "claim",
+    "paper's number": "paper's number",
+    "setting": "our setting: A − B (lr A / B)",
+    "seeds": "seeds",
+    "Δ accuracy [95 % CI]": "Δ test acc [95 % CI]",
+    "Δ nll [95 % CI]": "Δ NLL [95 % CI]",
+    "verdict": "verdict",
+}
+README_START = "<!-- claims table: written by benchmarks/claims_table.py --readme -->"
+README_END = "<!-- end of the claims table -->"
+
+
+def compact_markdown(table: pd.DataFrame, calibration: pd.DataFrame) -> str:
+    """The README's claims table: one line per claim (A − B and its rates as the setting; the
+    kept-subspace rows give their own outcome), then the calibration-only claims."""
+    others = table["other outcome"] if "other outcome" in table else pd.Series("", table.index)
+    rows = table.assign(
+        setting=table["A"] + " − " + table["B"] + " (" + table["lr A / B"] + ")",
+        **{
+            "Δ accuracy [95 % CI]": [
+                f"{acc}; {other}" if isinstance(other, str) and other else acc
+                for acc, other in zip(table["Δ accuracy [95 % CI]"], others, strict=True)
+            ]
+        },
+    )
+    lines = ["| " + " | ".join(COMPACT.values()) + " |", "|" + "---|" * len(COMPACT)]
+    for _, row in rows.iterrows():
+        lines.append(
+            "| " + " | ".join("" if pd.isna(row[c]) else str(row[c]) for c in COMPACT) + " |"
+        )
+    text = "\n".join(lines) + "\n"
+    if not calibration.empty:
+        text += (
+            "\nMeasured without training (one seed, no interval; the rule is in the verdict):\n\n"
+        )
+        text += markdown_of(calibration)
+    return text
+
+
+def update_readme(readme: Path, block: str) -> None:
+    """Replace what lies between the README's two claims-table markers with ``block``."""
+    text = readme.read_text()
+    if text.count(README_START) != 1 or text.count(README_END) != 1:
+        raise SystemExit(f"{readme}: needs exactly one pair of claims-table markers")
+    head, rest = text.split(README_START)
+    _, tail = rest.split(README_END)
+    readme.write_text(f"{head}{README_START}\n{block}{README_END}{tail}")
+
+
 def markdown_of(table: pd.DataFrame) -> str:
     """Every column of ``table`` as a markdown table."""
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
@@ -804,6 +856,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, default=RUNS)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        nargs="?",
+        const=Path("benchmarks/README.md"),
+        help="also rewrite the claims table in this README (default benchmarks/README.md), "
+        "between its two claims-table markers",
+    )
     args = parser.parse_args()
     sources = load_sources(args.runs)
     table = claims_table(sources)
@@ -815,6 +875,8 @@ def main() -> None:
         markdown_of(calibration) if not calibration.empty else "None yet.\n"
     )
     (args.out / "claims_table.md").write_text(markdown(table) + calibration_md)
+    if args.readme:
+        update_readme(args.readme, compact_markdown(table, calibration))
     plot_forest(table, args.out / "claims_forest.png")
     plot_lambda_sweep(sources, args.out / "claims_fw_lambda.png")
     cost = cost_table(args.runs)

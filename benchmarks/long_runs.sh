@@ -28,4 +28,4 @@ wait "$claims" || echo "the claims runs ended with an error: see /tmp/claims.log
 # experiments that waited for the reference cell's picked rates (a re-tuned cell) run now
 OMP_NUM_THREADS=1 python benchmarks/claims_runs.py --no-progress >> /tmp/claims.log 2>&1 ||
   echo "the second claims pass ended with an error: see /tmp/claims.log"
-python benchmarks/claims_table.py
+python benchmarks/claims_table.py --readme

@@ -241,3 +241,28 @@ def test_the_weighting_row_spans_every_run_and_module(claims, tmp_path, monkeypa
     assert "normalise by sum: min 0.750, median 0.975, max 1.000" in row["measured"]
     assert "normalise by max: min 0.000, median 0.910, max 0.990" in row["measured"]
     assert "(2 runs × 37 modules)" in row["measured"] and row["verdict"] == "measured"
+
+
+def test_the_readme_block_is_replaced_between_its_markers_only(claims, tmp_path):
+    _, table = claims
+    ref = tmp_path / "ref"
+    for seed in range(3):
+        _write_run(ref, "fim-lora", seed, 0.75 + seed / 100)
+        _write_run(ref, "random-rank", seed, 0.76)
+    rows = table.claims_table({"ref": table.final_runs(ref)})
+    block = table.compact_markdown(rows, table.pd.DataFrame())
+    assert block.count("\n") == len(table.CLAIMS) + 2  # header, rule, one line per claim
+    line = next(x for x in block.splitlines() if "random-rank (rt-low-data, r=8) (" in x)
+    assert "fim-lora (rt-low-data, r=8) − random-rank (rt-low-data, r=8) (0.001 / 0.001)" in line
+    assert "| 3 |" in line and "cannot tell" in line
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{table.README_START}\nold rows\n{table.README_END}\nafter\n")
+    table.update_readme(readme, block)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{table.README_END}\nafter\n")
+    assert "old rows" not in text and block in text
+    table.update_readme(readme, "new\n")  # idempotent on its own output
+    assert readme.read_text() == f"intro\n{table.README_START}\nnew\n{table.README_END}\nafter\n"
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="claims-table markers"):
+        table.update_readme(readme, block)
