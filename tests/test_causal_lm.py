@@ -308,10 +308,14 @@ def test_task_and_model_kinds_must_match():
 
 
 @pytest.mark.integration
-def test_smollm2_is_dequantised_once_cached_and_classifies_by_generation(tmp_path, monkeypatch):
+def test_smollm2_is_dequantised_once_cached_and_classifies_by_generation(
+    tmp_path, monkeypatch, capfd
+):
     monkeypatch.setenv("FISHERLORA_CACHE", str(tmp_path))
     model, tokenizer = load_causal_lm("smollm2-135m")
     assert (tmp_path / "smollm2-135m" / "model.safetensors").exists()
+    load_causal_lm("smollm2-135m")  # from the cache: transformers' own weight-loading bar is off
+    assert "Loading weights" not in capfd.readouterr().err
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert model.dtype == torch.float32 and getattr(model, "hf_quantizer", None) is None
     again, _ = load_causal_lm("smollm2-135m")  # from the cache

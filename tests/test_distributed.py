@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from conftest import free_port, random_batches, tiny_peft_model
 
 from fisherlora.adapters import lora_layers
+from fisherlora.errors import CalibrationError
 from fisherlora.methods.filet import filet_init
 from fisherlora.methods.fim_lora import allocate_ranks, fisher_of_b
 from fisherlora.methods.fw_lora import FisherPenalty
@@ -95,3 +96,36 @@ def test_two_processes_match_one_process_on_the_union_of_their_data():
     single = compute(random_batches(3, batch_size=4, seed=7))
     assert_same(results[0], results[1], "rank0 vs rank1")
     assert_same(results[0], single, "distributed vs single")
+
+
+def unequal_worker(rank, port, queue):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        batches = halves(random_batches(3 - rank, batch_size=4, seed=7), rank)  # 3 and 2
+        try:
+            fisher_of_b(tiny_peft_model("llama"), batches, estimator="batch", progress=False)
+            queue.put((rank, "no error"))
+        except CalibrationError as err:
+            queue.put((rank, str(err)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_batch_estimator_refuses_unequal_batch_counts_on_every_process():
+    # it all-reduces every batch: before, the process with more batches waited for a partner
+    # that had finished (a crash or a hang) while the other returned its own plan
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    port = free_port()
+    processes = [
+        context.Process(target=unequal_worker, args=(rank, port, queue)) for rank in range(WORLD)
+    ]
+    for process in processes:
+        process.start()
+    messages = dict(queue.get() for _ in range(WORLD))
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    for rank in range(WORLD):
+        assert "hold 2 to 3 calibration batches" in messages[rank], messages

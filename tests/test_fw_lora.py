@@ -342,6 +342,36 @@ def test_shared_input_computes_the_kept_input_once_per_input_tensor(arch):
         torch.testing.assert_close(shared_kept[name], unshared[name])
 
 
+def test_an_input_buffer_refilled_in_place_is_kept_again_not_served_from_the_cache():
+    # one static input buffer, refilled with the next step's data: the same tensor object, so
+    # the shared-input cache (keyed by identity) reused step 1's kept input before
+    from peft import LoraConfig, get_peft_model
+
+    from fisherlora.capture import register_io_hooks
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    model = get_peft_model(net, LoraConfig(r=2, lora_alpha=4, target_modules=["0"]))
+    _, layers = lora_layers(model)
+    kept_sums = []
+    handles = register_io_hooks(
+        layers,
+        lambda name, kept, g, mask: kept_sums.append(kept.sum().item()),
+        [None],
+        lambda name, x, mask: x.clone(),
+        shared_input=True,
+    )
+    buffer = torch.zeros(4, 8)
+    try:
+        for fill in (1.0, 5.0):
+            buffer.fill_(fill)
+            model(buffer).sum().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert kept_sums == [4 * 8 * 1.0, 4 * 8 * 5.0]
+
+
 def test_runner_refuses_decay_mode_without_a_weight_decay_before_any_work(
     tmp_path, small_csv, capsys
 ):

@@ -35,6 +35,61 @@ def test_filet_refuses_a_scaling_that_is_not_positive_and_changes_nothing():
     assert_unchanged(before, snapshot(model))
 
 
+def test_filet_refuses_a_base_weight_tied_to_another_module_and_changes_nothing():
+    # a tied lm_head shares its weight with the embedding: its residual would rewrite both
+    base, targets = tiny_base("causal")
+    base.config.tie_word_embeddings = True
+    base.tie_weights()
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=[*targets, "lm_head"])
+    with pytest.warns(UserWarning, match="tie_word_embeddings"):  # PEFT's own caution
+        model = get_peft_model(base, config)
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=r"'lm_head'.*embed_tokens.*tied weights"):
+        filet_init(model, random_batches(2), n_batches=2, progress=False)
+    assert_unchanged(before, snapshot(model))
+
+
+def test_fim_lora_refuses_a_fisher_that_is_zero_everywhere_and_changes_nothing():
+    base, targets = tiny_base("bert")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=0, target_modules=targets))  # s = 0
+    before = snapshot(model)
+    with pytest.raises(CalibrationError, match="every module's Fisher score is zero"):
+        allocate_ranks(model, random_batches(2), n_batches=2, progress=False)
+    assert_unchanged(before, snapshot(model))
+
+
+def test_the_per_example_fisher_refuses_a_layer_run_twice_per_forward_pass():
+    # ALBERT shares one layer across depth: an example's gradient is the sum over the calls,
+    # whose square the per-call squares miss (the cross terms); the batch estimator is exact
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = AlbertConfig(
+        vocab_size=100,
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=2,
+    )
+    model = get_peft_model(
+        AlbertForSequenceClassification(config),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]),
+    )
+    before = snapshot(model)
+    with pytest.raises(
+        CalibrationError, match=r"attention\.(query|value)' runs more than once.*estimator='batch'"
+    ):
+        fisher_of_b(model, random_batches(2), n_batches=2, progress=False)
+    assert_unchanged(before, snapshot(model))
+    fisher, _ = fisher_of_b(
+        model, random_batches(2), n_batches=2, estimator="batch", progress=False
+    )
+    assert all(f.sum() > 0 for f in fisher.values())
+
+
 @pytest.mark.parametrize("init", ["filet", "random-rank", "fim-lora"])
 def test_inits_refuse_adapters_that_already_hold_an_update(init):
     model = with_update(tiny_peft_model(rank=4))

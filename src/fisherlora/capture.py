@@ -129,9 +129,11 @@ def register_io_hooks(
     graph (``torch.no_grad``, evaluation) are ignored. Returns the forward-hook handles; the
     per-output tensor hooks die with the autograd graph.
     """
-    # The last input seen and what was kept of it; a weak reference, so that a freed tensor
-    # whose id() is reused can never be mistaken for it.
-    last: list = [None, None]
+    # The last input seen, what was kept of it and its version counter; a weak reference, so
+    # that a freed tensor whose id() is reused can never be mistaken for it, and the version,
+    # so that the same tensor refilled in place (a static input buffer, the next step's data)
+    # is not either.
+    last: list = [None, None, None]
 
     def make_hook(name: str):
         def forward_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -139,7 +141,12 @@ def register_io_hooks(
                 return
             mask = mask_ref[0]
             raw = inputs[0]
-            if shared_input and last[0] is not None and last[0]() is raw:
+            if (
+                shared_input
+                and last[0] is not None
+                and last[0]() is raw
+                and last[2] == raw._version
+            ):
                 kept = last[1]
             else:
                 x = raw.detach().float()
@@ -148,7 +155,7 @@ def register_io_hooks(
                 with _no_autocast(raw.device.type):
                     kept = x if keep_input is None else keep_input(name, x, mask)
                 if shared_input:
-                    last[0], last[1] = weakref.ref(raw), kept
+                    last[0], last[1], last[2] = weakref.ref(raw), kept, raw._version
             output.register_hook(lambda g: backward_hook(name, kept, g, mask))
 
         return forward_hook

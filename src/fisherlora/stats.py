@@ -32,6 +32,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def min_and_max(value: int, device: torch.device | str = "cpu") -> tuple[int, int]:
+    """The smallest and largest ``value`` over all processes (``(value, value)`` for one): e.g.
+    to refuse, on every process alike, a count that per-batch collectives need equal."""
+    if not is_distributed():
+        return value, value
+    both = torch.tensor([-value, value], dtype=torch.int64, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return -int(both[0]), int(both[1])
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean of ``tensor`` over all processes (in place): the gradient of the global batch loss
     when every process holds the gradient of its own equally sized share of the batch."""

@@ -142,6 +142,7 @@ def load_causal_lm(name: str, *, seed: int = 0) -> tuple[PreTrainedModel, PreTra
     torch.manual_seed(seed)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # the "Loading weights" bar, as for classifiers
     try:
         if name in CAUSAL_REGISTRY:
             model, tokenizer = CAUSAL_REGISTRY[name]()
@@ -157,5 +158,6 @@ def load_causal_lm(name: str, *, seed: int = 0) -> tuple[PreTrainedModel, PreTra
                 ) from err
     finally:
         transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
     tokenizer.padding_side = "right"
     return model, tokenizer

@@ -473,7 +473,8 @@ def _project_statistics(
 def _check_model(model: PeftModel, adapter: str, layers: Mapping[str, LoraLayer]) -> None:
     """What FILet refuses before any work: a second init, adapters that already hold an update
     (B ≠ 0: FILet would drop it), a scaling s ≤ 0 (``√(d/s)`` is not real), non-float base
-    weights."""
+    weights, and a base weight shared with another module (tied embeddings: writing the
+    residual W − sBA would change that module too, and the outputs with it)."""
     if has_residual(model):
         # W is already W − s B₀ A₀: a second residual would change the outputs, and the export
         # (which undoes one recorded B₀ A₀ per layer) would no longer reproduce the model
@@ -488,8 +489,17 @@ def _check_model(model: PeftModel, adapter: str, layers: Mapping[str, LoraLayer]
             f"{trained[:3]} (trained, or initialised by another method), and FILet would drop "
             "that update"
         )
+    owners: dict[int, list[str]] = {}
+    for owner, parameter in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(parameter), []).append(owner)
     for name, layer in layers.items():  # cheap checks of every layer before any work
         weight = layer.get_base_layer().weight
+        if len(owners.get(id(weight), [])) > 1:
+            raise ConfigError(
+                f"FILet rewrites the base weight of {name!r} as a residual, but that weight is "
+                f"shared ({owners[id(weight)]}: tied weights), so the other module would change "
+                "too; leave that module out of the targets, or untie the weights first"
+            )
         if not weight.is_floating_point():
             raise ConfigError(
                 f"FILet needs a floating-point base weight; {name!r} is {weight.dtype} (quantised?)"

@@ -54,10 +54,16 @@ from fisherlora.capture import (
     run_passes,
     token_mask,
 )
-from fisherlora.errors import ConfigError, check_choices
+from fisherlora.errors import CalibrationError, ConfigError, check_choices
 from fisherlora.figures import Figure, ModuleValues, module_grid
 from fisherlora.methods.base import AdapterMethod
-from fisherlora.stats import all_reduce_mean, all_reduce_sum, per_example_sq_grad, reduce_score
+from fisherlora.stats import (
+    all_reduce_mean,
+    all_reduce_sum,
+    min_and_max,
+    per_example_sq_grad,
+    reduce_score,
+)
 
 BUDGETS = ("ranks", "params")
 SCORES = ("mean", "max", "l2")
@@ -235,6 +241,16 @@ def fisher_of_b(
     all_b = {name: layer.lora_B[adapter].weight for name, layer in layers.items()}
     device = next(iter(all_b.values())).device
     batches = first_batches(dataloader, n_batches)  # the same batches for every group
+    if estimator == "batch":
+        # it all-reduces every batch's gradient: a process with fewer batches would leave the
+        # others waiting in a collective (a hang or a crash), so it is refused on every process
+        fewest, most = min_and_max(len(batches), device)
+        if fewest != most:
+            raise CalibrationError(
+                f"the processes hold {fewest} to {most} calibration batches; the batch "
+                "estimator needs the same number on every process (give each the same count, "
+                "or use the per-example estimator)"
+            )
     groups = layer_groups(list(layers), layers_per_pass)
     if also_collect and len(groups) > 1:
         raise ConfigError("statistics of another method ride on ungrouped passes only")
@@ -283,11 +299,21 @@ class BFisher:
         self.mask_ref: list = [None]
         self.loss_scale: torch.Tensor | None = None
         self.next_token = predicts_next_token(model)
+        self.calls: dict[str, int] = {}  # per B module, in the current batch
 
     def _accumulate_per_example(self, name: str, u: torch.Tensor, g: torch.Tensor, mask) -> None:
         # ∂ℓ_i/∂B = c_i · G_i: c_i = N for a loss averaged over the N examples of the batch,
         # T / T_i for one averaged over T scored tokens (capture.example_loss_scale).
         # Checked for NaN/inf once per batch (end_batch), not here: one host sync per batch.
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.calls[name] > 1:
+            # a layer shared across depth (ALBERT): an example's gradient is the sum over the
+            # calls, whose square is not the sum of each call's square
+            raise CalibrationError(
+                f"{name!r} runs more than once in one forward pass (a layer shared across depth), "
+                "so its per-example Fisher would miss the cross terms between the calls; use "
+                "estimator='batch' (the gradient of each batch loss)"
+            )
         self.fisher[name] += per_example_sq_grad(apply_mask(u, mask), g, self.loss_scale)
 
     def hooks(self):
@@ -301,6 +327,7 @@ class BFisher:
         # token's g is not zero when later scored tokens attend to it).
         self.mask_ref[0] = token_mask({"attention_mask": batch.get("attention_mask")})
         self.loss_scale = example_loss_scale(batch, self.next_token)
+        self.calls = {}
 
     def end_batch(self, batch: Mapping[str, torch.Tensor]) -> None:
         if self.estimator == "batch":
@@ -401,6 +428,12 @@ def allocate_ranks(
     )
     calibration_s = time.perf_counter() - started
     scores = {name: reduce_score(f, score) for name, f in fisher.items()}
+    if not any(scores.values()):
+        # nothing to rank by: an allocation would be the uniform one, silently
+        raise CalibrationError(
+            "every module's Fisher score is zero: the loss does not depend on any LoRA B "
+            "(a scaling alpha / r of 0? labels that score no token?); the model is unchanged"
+        )
     plan = plan_ranks(
         model, scores, r_min=r_min, r_max=r_max, budget=budget, keep_scaling=keep_scaling
     )
