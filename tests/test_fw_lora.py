@@ -1,6 +1,7 @@
 import copy
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -370,6 +371,51 @@ def test_an_input_buffer_refilled_in_place_is_kept_again_not_served_from_the_cac
         for handle in handles:
             handle.remove()
     assert kept_sums == [4 * 8 * 1.0, 4 * 8 * 5.0]
+
+
+def test_the_penalty_sketch_reads_a_buffer_refilled_in_place_as_new_data():
+    # FW-LoRA's own hooks cache the kept input by tensor identity too: a static buffer refilled
+    # with step 2's (10x larger) data was served step 1's sketch (proxy 1.6e2 against 1.8e4)
+    from peft import LoraConfig, get_peft_model
+
+    proxies = {}
+    for estimator in ("exact", "sketch"):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))
+        model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+        penalty = FisherPenalty(model, warmup_steps=5, estimator=estimator, probes=4096)
+        buffer = torch.zeros(64, 32)
+        data = torch.Generator().manual_seed(1)
+        for step in range(2):
+            buffer.copy_(torch.randn(64, 32, generator=data) * (1 + 9 * step))
+            model(buffer).square().sum().backward()
+            model.zero_grad()
+            penalty.step()
+        penalty.remove_hooks()
+        proxies[estimator] = next(iter(penalty.last_proxy.values()))
+    assert proxies["sketch"] == pytest.approx(proxies["exact"], rel=0.25)
+
+
+def test_a_second_penalty_on_a_model_removes_the_warm_up_hooks_of_the_first():
+    model = tiny_peft_model("bert")
+
+    def hooks():
+        return sum(len(m._forward_hooks) for m in model.modules())
+
+    first = FisherPenalty(model, warmup_steps=5)
+    one_penalty = hooks()
+    assert one_penalty > 0
+    with pytest.warns(UserWarning, match="earlier FisherPenalty was still in its warm-up"):
+        second = FisherPenalty(model, warmup_steps=5)
+    assert hooks() == one_penalty and first._handles == [] and second._handles
+    for batch in random_batches(5):  # the second finishes its warm-up: no hook is left
+        model(**batch).loss.backward()
+        model.zero_grad()
+        second.step()
+    assert hooks() == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left to remove: no warning
+        FisherPenalty(model, warmup_steps=5).remove_hooks()
 
 
 def test_runner_refuses_decay_mode_without_a_weight_decay_before_any_work(

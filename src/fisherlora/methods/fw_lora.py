@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -197,6 +198,10 @@ class UpdatePenalty(torch.autograd.Function):
         return (None, *grads)
 
 
+# the FisherPenalty last made on each model (weakly held on both sides)
+_PENALTIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class FisherPenalty:
     """FW-LoRA's penalty for any training loop (see the module docstring for the equations).
 
@@ -296,6 +301,19 @@ class FisherPenalty:
                 "init): weight decay pulls A and B toward zero, i.e. the model toward W - s B0 A0 "
                 "instead of the pretrained weight; use mode='loss', which penalises s (B A - B0 A0)"
             )
+        # one penalty per model: the hooks of an earlier one still in its warm-up (a training run
+        # that stopped early, a second penalty made by mistake) would go on accumulating into it
+        # at every step, since its hooks keep it alive
+        earlier = _PENALTIES.get(model)
+        earlier = earlier() if earlier is not None else None
+        if earlier is not None and earlier._handles:
+            earlier.remove_hooks()
+            warnings.warn(
+                "this model's earlier FisherPenalty was still in its warm-up: its hooks were "
+                "removed (one penalty per model)",
+                stacklevel=2,
+            )
+        _PENALTIES[model] = weakref.ref(self)
         self._handles = self._register_hooks() if warmup_steps > 0 else []
 
     def _make_plan(self) -> tuple[list[ModuleGroup], list[torch.Tensor]]:
@@ -391,18 +409,20 @@ class FisherPenalty:
         forward passes that build no graph are ignored; the gradient hook is a bound
         ``partial``; autocast is switched off only where it is on.
         """
-        last: list = [None, None]  # the last input seen, and what was kept of it
+        # the last input seen, what was kept of it, and its version counter (the same tensor
+        # refilled in place, e.g. a static input buffer at the next step, is a new input)
+        last: list = [None, None, None]
 
         def make_hook(name: str):
             def forward_hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor):
                 if not output.requires_grad:
                     return
                 raw = inputs[0]
-                if last[0] is not None and last[0]() is raw:
+                if last[0] is not None and last[0]() is raw and last[2] == raw._version:
                     kept = last[1]
                 else:
                     kept = self._keep_input(raw)
-                    last[0], last[1] = weakref.ref(raw), kept
+                    last[0], last[1], last[2] = weakref.ref(raw), kept, raw._version
                 output.register_hook(partial(self._accumulate, name, kept))
 
             return forward_hook
