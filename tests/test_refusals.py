@@ -26,12 +26,23 @@ def with_update(model):
     return model
 
 
-def test_filet_refuses_a_scaling_that_is_not_positive_and_changes_nothing():
+@pytest.mark.parametrize(
+    ("init", "error", "message"),
+    [
+        (filet_init, ConfigError, "positive LoRA scaling"),  # √(d/s) is not real
+        (
+            allocate_ranks,
+            CalibrationError,
+            "every module's Fisher score is zero",
+        ),  # nothing to rank
+    ],
+)
+def test_a_scaling_of_zero_is_refused_and_changes_nothing(init, error, message):
     base, targets = tiny_base("bert")
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=0, target_modules=targets))  # s = 0
     before = snapshot(model)
-    with pytest.raises(ConfigError, match="positive LoRA scaling"):
-        filet_init(model, random_batches(2), n_batches=2, progress=False)
+    with pytest.raises(error, match=message):
+        init(model, random_batches(2), n_batches=2, progress=False)
     assert_unchanged(before, snapshot(model))
 
 
@@ -47,15 +58,6 @@ def test_filet_refuses_a_base_weight_tied_to_another_module_and_changes_nothing(
     before = snapshot(model)
     with pytest.raises(ConfigError, match=r"'lm_head'.*embed_tokens.*tied weights"):
         filet_init(model, random_batches(2), n_batches=2, progress=False)
-    assert_unchanged(before, snapshot(model))
-
-
-def test_fim_lora_refuses_a_fisher_that_is_zero_everywhere_and_changes_nothing():
-    base, targets = tiny_base("bert")
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=0, target_modules=targets))  # s = 0
-    before = snapshot(model)
-    with pytest.raises(CalibrationError, match="every module's Fisher score is zero"):
-        allocate_ranks(model, random_batches(2), n_batches=2, progress=False)
     assert_unchanged(before, snapshot(model))
 
 
