@@ -374,6 +374,30 @@ def test_one_token_choices_take_one_pass_and_score_what_full_scoring_scores(toke
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
 
 
+def test_choices_of_different_lengths_are_scored_on_the_same_prompt(tokenizer, monkeypatch):
+    # a long prompt cut to fit each choice on its own gave a longer choice less context
+    import fisherlora.experiments.generation_eval as generation_eval
+
+    seen = []
+    real = generation_eval.PromptCompletionTexts
+
+    def recording(*args, **kwargs):
+        texts = real(*args, **kwargs)
+        seen.append([ids[:n] for ids, n in texts])  # the prompt part of each pair
+        return texts
+
+    monkeypatch.setattr(generation_eval, "PromptCompletionTexts", recording)
+    model, _ = load_causal_lm("tiny-llama-lm", seed=3)
+    choices = [" good", " not good at all"]
+    assert len({len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in choices}) == 2
+    prompts = ["a very long review " * 20 + "Sentiment:"] * 2
+    scores = _choice_scores(model, choices, tokenizer, prompts, 32, 2, torch.device("cpu"), 0, 1)
+    assert scores.shape == (2, 2) and torch.isfinite(scores).all()
+    assert len(seen) == 2 and seen[0] == seen[1]  # the same prompt tokens for both choices
+    longest = len(tokenizer(choices[1], add_special_tokens=False)["input_ids"])
+    assert len(seen[0][0]) == 32 - longest
+
+
 def test_max_test_draws_a_fixed_random_subset_not_the_first_examples():
     subset = held_out_subset(1000, 100)
     assert subset == held_out_subset(1000, 100) and len(set(subset)) == 100

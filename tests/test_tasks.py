@@ -108,6 +108,19 @@ def test_jsonl_with_separate_test_file_and_numeric_label_order(tmp_path):
     assert task.sizes() == {"train": 10, "test": 3}
 
 
+def test_a_text_in_both_files_is_dropped_from_training_and_counted(tmp_path, capsys):
+    # separate files are not split by one hash: a shared text would be trained on and tested on
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    train.write_text("text,label\n" + "".join(f"train text {i},{i % 2}\n" for i in range(40)))
+    test.write_text("text,label\ntrain text 1,1\ntrain text 2,0\nonly in test,1\n")
+    task = load_task(data=train, test_data=test)
+    assert task.sizes() == {"train": 38, "test": 3}
+    assert not set(task.train_texts) & set(task.test_texts)
+    assert "dropped 2 of 40 training rows whose text is also in the test split" in (
+        capsys.readouterr().err
+    )
+
+
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_task(data=tmp_path / "nope.csv")
@@ -172,8 +185,9 @@ def test_a_hub_config_is_loaded_and_hidden_test_labels_fall_back_to_validation(m
         calls.append((path, *config))
         return {
             "train": FakeSplit([f"train text {i}" for i in range(40)], [i % 2 for i in range(40)]),
-            "validation": FakeSplit(
-                [f"val text {i}" for i in range(10)], [i % 2 for i in range(10)]
+            "validation": FakeSplit(  # two of its texts are training texts too
+                [f"val text {i}" for i in range(8)] + ["train text 0", "train text 1"],
+                [i % 2 for i in range(10)],
             ),
             "test": FakeSplit([f"test text {i}" for i in range(10)], [-1] * 10),  # hidden, as GLUE
         }
@@ -181,7 +195,8 @@ def test_a_hub_config_is_loaded_and_hidden_test_labels_fall_back_to_validation(m
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     task = load_hub_task("nyu-mll/glue:cola", text_column="sentence")
     assert calls == [("nyu-mll/glue", "cola")]
-    assert sorted(task.test_texts) == sorted(f"val text {i}" for i in range(10))
+    assert not set(task.train_texts) & set(task.test_texts)
+    assert len(task.test_texts) == 10 and len(task.train_texts) == 38
     assert set(task.test_labels) == {0, 1}
     load_hub_task("plain-name", text_column="sentence")
     assert calls[-1] == ("plain-name",)

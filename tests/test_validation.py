@@ -241,3 +241,14 @@ def test_convergence_columns_name_the_evaluation_they_read():
     # 10, 25 and 50 % (steps 5, 12.5, 25) are all nearest step 17, which is 34 % of the run
     assert accuracy_at_fractions(imdb, 50) == {"val_acc_at_34pct": 0.6, "val_acc_at_100pct": 0.8}
     assert accuracy_at_fractions(pd.DataFrame(), 100) == {}
+
+
+def test_the_validation_auc_weighs_each_evaluation_by_the_steps_it_stands_for():
+    from fisherlora.experiments.train import validation_auc
+
+    # evenly spaced: the mean of the evaluations (as every cell whose eval_every divides steps)
+    assert validation_auc([20, 40, 60], [0.5, 0.6, 0.7]) == pytest.approx(0.6)
+    # 50 steps, eval_every 17: evaluations at 17, 34, 50 stand for 17, 17 and 16 steps
+    expected = (17 * 0.6 + 17 * 0.7 + 16 * 0.9) / 50
+    assert validation_auc([17, 34, 50], [0.6, 0.7, 0.9]) == pytest.approx(expected)
+    assert expected != pytest.approx((0.6 + 0.7 + 0.9) / 3)

@@ -43,6 +43,8 @@ class PromptCompletionTexts(Dataset):
     A pair longer than ``max_length`` loses the start of its prompt (the completion is what is
     scored), and a completion longer than ``max_length - 1`` its end. ``append_eos`` ends each
     completion with the EOS token (language modelling: the model learns where a text stops).
+    ``max_prompt_length`` also keeps at most that many of a prompt's last tokens: scoring several
+    completions of one prompt, each then reads the same prompt whatever its own length.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class PromptCompletionTexts(Dataset):
         tokenizer: PreTrainedTokenizerBase,
         max_length: int,
         append_eos: bool = False,
+        max_prompt_length: int | None = None,
     ) -> None:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
@@ -68,6 +71,8 @@ class PromptCompletionTexts(Dataset):
                 raise ValueError("a completion has no tokens; nothing would be scored")
             completion = completion[: max_length - 1]
             prompt = prompt[max(0, len(prompt) + len(completion) - max_length) :]
+            if max_prompt_length is not None:
+                prompt = prompt[max(0, len(prompt) - max_prompt_length) :]
             self.input_ids.append(prompt + completion)
             self.prompt_lengths.append(len(prompt))
 

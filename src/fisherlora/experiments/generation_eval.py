@@ -170,8 +170,16 @@ def _choice_scores(
     scored as a completion, one forward pass per choice."""
     choice_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
     single_token = all(len(ids) == 1 for ids in choice_ids)
+    # every choice reads the same prompt: cut to leave room for the longest choice
+    longest = min(max(len(ids) for ids in choice_ids), max_length - 1)
     per_choice = [
-        PromptCompletionTexts(prompts, [choice] * len(prompts), tokenizer, max_length)
+        PromptCompletionTexts(
+            prompts,
+            [choice] * len(prompts),
+            tokenizer,
+            max_length,
+            max_prompt_length=max_length - longest,
+        )
         for choice in (choices[:1] if single_token else choices)
     ]
     collate = PadPromptCompletion(tokenizer.pad_token_id)

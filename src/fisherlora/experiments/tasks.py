@@ -300,6 +300,24 @@ def load_builtin_task(name: str, test_fraction: float = DEFAULT_TEST_FRACTION) -
     )
 
 
+def without_test_texts(
+    train_texts: list[str], train_labels: list, test_texts: list[str], where: str
+) -> tuple[list[str], list]:
+    """The training rows whose text is not also a test text, with one line on stderr counting
+    those dropped. Splits that come as separate files or hub splits are not carved by one hash,
+    so nothing else keeps a text from being trained on and then scored as held out."""
+    test = set(test_texts)
+    keep = [i for i, text in enumerate(train_texts) if text not in test]
+    dropped = len(train_texts) - len(keep)
+    if dropped:
+        print(
+            f"fisherlora: {where}: dropped {dropped} of {len(train_texts)} training rows whose "
+            "text is also in the test split",
+            file=sys.stderr,
+        )
+    return [train_texts[i] for i in keep], [train_labels[i] for i in keep]
+
+
 def load_file_task(
     path: str | Path,
     *,
@@ -325,12 +343,12 @@ def load_file_task(
         train_t, train_l, test_t, test_l = split_by_hash(texts, labels, test_fraction)
     else:
         test_path = Path(test_path)
-        train_t, train_l = texts, labels
         test_t, test_l = usable_rows(
             *_columns(_read_table(test_path), test_path, text_column, label_column),
             str(test_path),
             max_dropped_fraction=max_dropped_fraction,
         )
+        train_t, train_l = without_test_texts(texts, labels, test_t, str(path))
     if not train_t or not test_t:
         raise ConfigError(
             f"{path}: {len(train_t)} training and {len(test_t)} test examples after removing "
@@ -401,6 +419,9 @@ def load_hub_task(
             max_dropped_fraction=max_dropped_fraction,
         )
     )
+    train_t, train_l = without_test_texts(train_t, train_l, test_t, f"{name} (train)")
+    if not train_t:
+        raise ConfigError(f"data set {name!r}: every training text is also a test text")
     train_ids, test_ids, class_names = _label_ids(train_l, test_l, name)
     feature = splits["train"].features.get(label_column)
     if hasattr(feature, "names") and len(feature.names) == len(class_names):

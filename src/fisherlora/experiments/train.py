@@ -31,7 +31,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -494,11 +494,8 @@ def train(
     last_confusion = confusion  # the last evaluation's (validation's, where there is one)
     if has_val:
         held_out = {f"val_{k}": v for k, v in scores.items()}
-        # the mean over the evaluation points: with every eval_every steps (and the last) the
-        # normalised area under the validation-accuracy curve as a Riemann sum; an extra last
-        # point (eval_every not dividing steps) weighs as much as the others
         if "accuracy" in curve:
-            held_out["val_auc"] = float(curve["accuracy"].mean())
+            held_out["val_auc"] = validation_auc(curve["step"], curve["accuracy"])
         scores, confusion = {}, None
         if evaluate_test is not None:
             eval_start = time.perf_counter()
@@ -553,6 +550,17 @@ def train(
             file=sys.stderr,
         )
     return RunResult(metrics=metrics, curve=curve, model=model)
+
+
+def validation_auc(steps: Sequence[float], accuracy: Sequence[float]) -> float:
+    """The normalised area under the validation-accuracy curve, as a Riemann sum over the
+    evaluations: ``Σ_k a_k (t_k − t_{k−1}) / t_K`` with ``t_0 = 0``, each evaluation standing for
+    the steps since the one before. With evaluations every ``eval_every`` steps this is their mean;
+    a last evaluation after a shorter interval (``eval_every`` not dividing the steps) weighs
+    only that interval."""
+    ends = [float(t) for t in steps]
+    widths = [b - a for a, b in zip([0.0, *ends[:-1]], ends, strict=True)]
+    return sum(a * w for a, w in zip(accuracy, widths, strict=True)) / ends[-1]
 
 
 def make_optimizer(
