@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import tiny_peft_model
 from peft import LoraConfig, get_peft_model
+from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
 from fisherlora import integrations
@@ -13,6 +14,7 @@ from fisherlora.adapters import lora_layers
 from fisherlora.errors import ConfigError
 from fisherlora.experiments.models import load_model
 from fisherlora.integrations import (
+    BASE_FILE,
     STATE_FILE,
     FisherTrainer,
     FisherTrainerMixin,
@@ -104,6 +106,41 @@ def test_resume_from_checkpoint_continues_the_same_run(tmp_path, keyword_task):
     importance = whole.fisher.members[2].penalty.importance()
     resumed_importance = second.fisher.members[2].penalty.importance()
     assert resumed_importance == pytest.approx(importance)
+    # the penalty is ~1e-5 of the loss: the losses alone would not see a resume without it
+    trained = {n: p for n, p in whole.model.named_parameters() if p.requires_grad}
+    for name, parameter in second.model.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter, trained[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_resume_without_the_methods_files_or_with_another_init_is_refused(tmp_path, keyword_task):
+    method = "filet+fw-lora"  # the ranks stay r: only the init can differ
+    interrupted = make_trainer(tmp_path, keyword_task, method=method)
+    interrupted.add_callback(StopAfter(4))
+    interrupted.train()
+    checkpoint = tmp_path / "checkpoint-4"
+    assert (checkpoint / BASE_FILE).exists()
+    # FILet's init re-derived from other calibration batches: other residual base weights
+    other = make_trainer(tmp_path, keyword_task, method=method)
+    other.calibration_dataloader = DataLoader(
+        other.train_dataset,
+        batch_size=16,
+        sampler=list(range(255, -1, -1)),
+        collate_fn=other.data_collator,
+    )
+    with pytest.raises(ConfigError, match="initialisation re-derived for resuming differs"):
+        other.train(resume_from_checkpoint=str(checkpoint))
+    # a checkpoint without the method's state would redo FW-LoRA's warm-up, silently
+    (checkpoint / STATE_FILE).unlink()
+    with pytest.raises(ConfigError, match=r"lacks \['fisherlora_state.pt'\]"):
+        make_trainer(tmp_path, keyword_task, method=method).train(
+            resume_from_checkpoint=str(checkpoint)
+        )
+
+
+def test_the_decay_form_without_weight_decay_is_refused_before_calibrating(tmp_path, keyword_task):
+    with pytest.raises(ConfigError, match=r"TrainingArguments\(weight_decay=...\) is 0"):
+        make_trainer(tmp_path, keyword_task, method="fw-lora-decay")
 
 
 def test_decay_mode_resumed_during_warm_up_sets_the_decays_in_the_resumed_optimizer(
@@ -239,3 +276,17 @@ def test_fw_lora_gets_the_accelerators_grad_scaler(tmp_path, keyword_task, monke
     monkeypatch.setattr(FisherTrainer, "create_accelerator_and_postprocess", with_scaler)
     trainer = make_trainer(tmp_path, keyword_task, method="fim-lora+fw-lora")
     assert trainer.fisher.members[1].grad_scaler is scaler
+
+
+def test_under_ddp_each_process_calibrates_on_its_own_share(tmp_path, keyword_task, monkeypatch):
+    # the methods all-reduce their statistics as over the union of the processes' batches: every
+    # process reading the same batches counted them world-size times (FILet's |B| halved at 2)
+    trainer = make_trainer(tmp_path, keyword_task)
+    whole = list(trainer.calibration_batches().sampler)
+    shares = []
+    for rank in range(2):
+        monkeypatch.setattr(TrainingArguments, "process_index", property(lambda self, r=rank: r))
+        monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+        shares.append(list(trainer.calibration_batches().sampler))
+    assert shares == [whole[0::2], whole[1::2]]
+    assert sorted(shares[0] + shares[1]) == sorted(whole) == list(range(len(whole)))

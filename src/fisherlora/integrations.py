@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,7 @@ from fisherlora.methods.base import AdapterMethod, Method
 
 STATE_FILE = "fisherlora_state.pt"
 RANKS_FILE = "fisherlora_ranks.json"
+BASE_FILE = "fisherlora_base.json"  # a fingerprint of the adapted layers' frozen base weights
 TRL_HINT = 'pip install "fisherlora[trl]" (in a checkout: pip install -e ".[trl]")'
 
 
@@ -156,6 +156,15 @@ class FisherTrainerMixin:
                 "would silently train plain LoRA here: build the model with PEFT's option "
                 "(e.g. LoraConfig(init_lora_weights='pissa'), use_dora=True) instead"
             )
+        decays = [
+            m.name for m in members if getattr(m, "options", {}).get("mode") == "decay"
+        ]  # FW-LoRA's decay form scales the optimizer's weight decay: refused before calibrating
+        if decays and not self.args.weight_decay > 0:
+            raise ConfigError(
+                f"{decays[0]}: FW-LoRA's decay form multiplies the optimizer's weight decay by "
+                "(1 - I_m), and TrainingArguments(weight_decay=...) is 0: set it > 0, or use "
+                "the loss form (fw_mode='loss')"
+            )
         self.calibration_dataloader = calibration_dataloader
         self.fisher_info: dict[str, Any] | None = None
         self.add_callback(_AfterOptimizerStep(self))
@@ -209,6 +218,10 @@ class FisherTrainerMixin:
             order = None  # a stream: its first batches, in its own order
         else:
             order = torch.randperm(len(dataset), generator=generator).tolist()
+            # under torch.distributed each process calibrates on its own share of one order
+            # (the methods all-reduce their statistics as over the union, as in the runner)
+            rank, world = self.args.process_index, max(self.args.world_size, 1)
+            order = order[rank::world]
         return DataLoader(
             dataset,
             batch_size=self.args.per_device_train_batch_size,
@@ -309,28 +322,66 @@ class FisherTrainerMixin:
         return result + extra
 
     # -- checkpoints ---------------------------------------------------------------------------
+    def _base_fingerprint(self) -> dict[str, list[float]]:
+        """Per adapted layer, the sum and the sum of squares of its frozen base weight (float64):
+        after a residual init (FILet) that weight is W − s B₀ A₀, so a resume that re-derives
+        another init (other data, seed or settings) is told apart from the one checkpointed."""
+        _, layers = lora_layers(self.model)
+        out = {}
+        for name, layer in layers.items():
+            weight = layer.get_base_layer().weight.detach().double()
+            out[name] = [weight.sum().item(), weight.square().sum().item()]
+        return out
+
     def _save_checkpoint(self, model, trial) -> None:
+        # The method's files first: the Trainer's own save ends by pushing the folder to the hub
+        # (push_to_hub), and every process that saves (each node's first with
+        # save_on_each_node) writes them, so that no checkpoint lacks them.
+        if self.args.should_save:
+            run_dir = Path(self._get_output_dir(trial=trial))
+            folder = run_dir / f"checkpoint-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save(self.fisher.state_dict(), folder / STATE_FILE)
+            (folder / RANKS_FILE).write_text(json.dumps(self._ranks(), indent=1))
+            (folder / BASE_FILE).write_text(json.dumps(self._base_fingerprint(), indent=1))
         # A checkpoint is loaded back into this very model on resume, so it holds PEFT's own
         # adapter even after a residual init (whose save_pretrained writes the export for the
         # original base weights, which a resume could not load at rank r).
         with raw_adapter_saves(self.model):
             super()._save_checkpoint(model, trial)
-        if not self.is_world_process_zero():
-            return
-        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-        torch.save(self.fisher.state_dict(), folder / STATE_FILE)
-        (folder / RANKS_FILE).write_text(json.dumps(self._ranks(), indent=1))
 
     def _restore_method_state(self, checkpoint: Path) -> None:
-        ranks_file = checkpoint / RANKS_FILE
-        if ranks_file.exists() and json.loads(ranks_file.read_text()) != self._ranks():
+        ranks_file, state_file = checkpoint / RANKS_FILE, checkpoint / STATE_FILE
+        missing = [f.name for f in (ranks_file, state_file) if not f.exists()]
+        if missing:  # resuming without them would redo FW-LoRA's warm-up, silently
+            raise ConfigError(
+                f"{checkpoint} lacks {missing}, which a {type(self).__name__} writes into every "
+                "checkpoint: it was not written by one, or not completely"
+            )
+        if json.loads(ranks_file.read_text()) != self._ranks():
             raise ConfigError(
                 f"the ranks re-derived for resuming differ from those saved in {checkpoint}: the "
                 "calibration data or settings changed since the checkpoint was written"
             )
-        state_file = checkpoint / STATE_FILE
-        if os.path.exists(state_file):
-            self.fisher.load_state_dict(torch.load(state_file, weights_only=False))
+        base_file = checkpoint / BASE_FILE
+        if base_file.exists():  # checkpoints written before 2026-12-02 lack it
+            saved, now = json.loads(base_file.read_text()), self._base_fingerprint()
+            differ = [
+                n
+                for n in now
+                if n not in saved
+                or not all(
+                    math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+                    for a, b in zip(saved[n], now[n], strict=True)
+                )
+            ]
+            if differ:
+                raise ConfigError(
+                    f"the initialisation re-derived for resuming differs from the one in "
+                    f"{checkpoint} (base weights of {differ[:3]}): the calibration data, seed or "
+                    "settings changed since the checkpoint was written"
+                )
+        self.fisher.load_state_dict(torch.load(state_file, weights_only=False))
 
 
 class FisherTrainer(FisherTrainerMixin, Trainer):
