@@ -290,3 +290,17 @@ def test_under_ddp_each_process_calibrates_on_its_own_share(tmp_path, keyword_ta
         shares.append(list(trainer.calibration_batches().sampler))
     assert shares == [whole[0::2], whole[1::2]]
     assert sorted(shares[0] + shares[1]) == sorted(whole) == list(range(len(whole)))
+
+
+@pytest.mark.parametrize("plugin", ["fsdp", "deepspeed"])
+def test_fsdp_and_deepspeed_are_refused_by_name(tmp_path, keyword_task, monkeypatch, plugin):
+    real_init = Trainer.__init__
+
+    def sharded_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        setattr(self, f"is_{plugin}_enabled", True)  # as accelerate's plugin would set it
+
+    monkeypatch.setattr(Trainer, "__init__", sharded_init)
+    name = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}[plugin]
+    with pytest.raises(ConfigError, match=f"does not support {name}"):
+        make_trainer(tmp_path, keyword_task)

@@ -128,6 +128,21 @@ class FisherTrainerMixin:
         if self.optimizer is not None:
             raise own_optimizer
         lora_layers(self.model)  # a clear error now for a model without LoRA layers
+        sharded = [
+            name
+            for name, on in (
+                ("FSDP", getattr(self, "is_fsdp_enabled", False)),
+                ("DeepSpeed", getattr(self, "is_deepspeed_enabled", False)),
+            )
+            if on
+        ]
+        if sharded:  # not tested, and likely wrong in silence: refused by name
+            raise ConfigError(
+                f"{type(self).__name__} does not support {sharded[0]}: the methods hold the "
+                "adapter parameters they were given before the model is wrapped (a sharded "
+                "parameter would be read empty, and DeepSpeed's own optimizer would bypass "
+                "FW-LoRA's groups); use DDP (torchrun / accelerate launch) or one device"
+            )
         options = dict(fisher_options or {})
         steps = self._planned_steps()
         if steps is not None:  # FW-LoRA's default warm-up is a share of the run
