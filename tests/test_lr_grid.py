@@ -116,6 +116,25 @@ def test_a_resumed_grid_keeps_its_picks_and_reruns_nothing(tmp_path, patched_tas
     }
 
 
+def test_a_method_added_after_the_picks_were_pinned_gets_its_own(
+    tmp_path, patched_task, monkeypatch
+):
+    # before: the pinned file was the whole answer, so the new method had "no rate" and its
+    # final seeds were skipped without a word
+    compare(grid_comparison(tmp_path, methods=["lora"], seeds=[0]), progress=False)
+    before = json.loads((tmp_path / "picked_lr.json").read_text())["picked"]
+    calls = record_runs(monkeypatch)
+    wider = grid_comparison(tmp_path, methods=["lora", "fw-lora"], seeds=[0])
+    compare(wider, progress=False)
+    assert {(c.method, c.phase) for c in calls} == {("fw-lora", "tune"), ("fw-lora", "final")}
+    picks = pick_learning_rates(wider)
+    assert picks[(2, "lora")] == before[0]["lr"] and (2, "fw-lora") in picks
+    final = next(c for c in calls if c.phase == "final")
+    assert final.lr == picks[(2, "fw-lora")]
+    after = json.loads((tmp_path / "picked_lr.json").read_text())["picked"]
+    assert after[0] == before[0] and [p["method"] for p in after] == ["lora", "fw-lora"]
+
+
 def test_a_grid_widens_before_any_final_run_and_not_after(tmp_path):
     def fake_tuning(config, accuracy_by_lr):
         for lr, accuracy in accuracy_by_lr.items():

@@ -248,18 +248,25 @@ def pick_learning_rates(config: CompareConfig) -> dict[tuple[int, str], float]:
     ``select_by="nll"`` (an -lm task's default) the rate with the lowest mean validation NLL.
 
     The picks are pinned in ``OUT/picked_lr.json`` as soon as every tuning run is finished or
-    failed, so that a resumed comparison runs its remaining seeds at the same rates."""
+    failed, so that a resumed comparison runs its remaining seeds at the same rates. A method
+    added to the comparison afterwards gets its own pick once its tuning runs are done; the
+    pinned picks stay as they are."""
     pinned = Path(config.out) / "picked_lr.json"
-    if pinned.exists():
-        saved = json.loads(pinned.read_text())
-        return {(p["rank"], p["method"]): p["lr"] for p in saved["picked"]}
+    saved = json.loads(pinned.read_text())["picked"] if pinned.exists() else []
+    kept = {(p["rank"], p["method"]): p for p in saved}
+    wanted = {(rank, method) for rank, method, _, _ in config.tuning_runs()}
+    if saved and wanted <= kept.keys():
+        return {key: p["lr"] for key, p in kept.items()}
     by_key: dict[tuple[int, str], dict[float, list[tuple[float, float]]]] = {}
     for row in tuning_scores(config):
         per_lr = by_key.setdefault((row["rank"], row["method"]), {})
         per_lr.setdefault(row["lr"], []).append((row["val_accuracy"], row["val_nll"]))
-    picked, table = {}, []
+    picked = {key: p["lr"] for key, p in kept.items()}
+    table = list(saved)
     by = config.selection
     for key, per_lr in by_key.items():
+        if key in kept:  # pinned: its final runs may have run at it
+            continue
         scores = {lr: _grid_score(values, by) for lr, values in per_lr.items()}
         best = max(sorted(scores), key=scores.__getitem__)
         if scores[best][0] == -math.inf:
