@@ -147,6 +147,9 @@ def test_a_language_modelling_task_picks_by_nll_and_is_refused_where_a_cell_rank
         ({"val_fraction": "0.1"}, "val_fraction must be"),
         ({"steps": 0}, "steps must be a positive number"),  # TrainConfig's own check
         ({"name": "a/b"}, "a cell name is a directory name"),
+        ({"name": "suite.json"}, "starting with 'suite' are the suite's own files"),
+        ({"name": "Suite_plots"}, "starting with 'suite' are the suite's own files"),
+        ({"methods": []}, "methods names nothing"),  # was: every method, silently
     ],
 )
 def test_bad_cells_are_refused_naming_the_cell(keys, message):
@@ -157,6 +160,8 @@ def test_bad_cells_are_refused_naming_the_cell(keys, message):
 def test_two_cells_with_one_name_and_a_suite_without_cells_are_refused():
     with pytest.raises(ConfigError, match="two cells are named 'c'"):
         parse_suite('[[cell]]\nname = "c"\n[[cell]]\nname = "c"\n', "s.toml")
+    with pytest.raises(ConfigError, match=r"two cells are named 'C' \(case ignored\)"):
+        parse_suite('[[cell]]\nname = "c"\n[[cell]]\nname = "C"\n', "s.toml")
     with pytest.raises(ConfigError, match="no \\[\\[cell\\]\\] entries"):
         parse_suite("[defaults]\nsteps = 3\n", "s.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
@@ -370,6 +375,20 @@ def test_a_cell_where_a_method_failed_every_seed_counts_its_seeds_unpaired():
     lost = lost[lost["method"] == "lora"]  # m failed on every seed of cell b
     row = pooled_differences(pd.concat([both, lost]), {"accuracy": ("acc", True)}).iloc[0]
     assert (row["cells"], row["cell_names"], row["unpaired"]) == (1, "a", 2)
+
+
+def test_a_cell_that_leaves_a_method_out_by_design_adds_no_unpaired_seeds():
+    both = paired_rows({"a": np.array([0.01, 0.02, 0.03])})
+    only_lora = paired_rows({"b": np.array([0.0, 0.0])})
+    only_lora = only_lora[only_lora["method"] == "lora"]  # cell b does not plan m
+    results = pd.concat([both, only_lora])
+    outcomes = {"accuracy": ("acc", True)}
+    planned = {"a": ["lora", "m"], "b": ["lora"]}
+    row = pooled_differences(results, outcomes, planned=planned).iloc[0]
+    assert row["unpaired"] == 0
+    # where b plans m and m has no run there, its two seeds are unpaired (it failed)
+    row = pooled_differences(results, outcomes, planned=planned | {"b": ["lora", "m"]}).iloc[0]
+    assert row["unpaired"] == 2
 
 
 def test_a_failed_run_is_counted_as_an_unpaired_seed():
@@ -613,3 +632,28 @@ def test_a_non_finite_outcome_is_no_pair():
     assert nll["pairs"] == 3 and nll["delta"] == pytest.approx(0.02)
     pooled = pooled_row(pooled_differences(results), "m", "nll")
     assert pooled["pairs"] == 3 and math.isfinite(pooled["ci_high"])
+
+
+def test_picks_at_an_end_of_a_cells_grid_are_named_in_the_summary(tmp_path):
+    from fisherlora.experiments.suite_report import picked_rates, summary_tables
+
+    suite = parse_suite(cell_toml(lr_grid=[3e-4, 1e-3, 3e-3]), "s.toml")
+    out = tmp_path / "out"
+    (out / "c").mkdir(parents=True)
+    picks = {"lora": 1e-3, "fim-lora": 3e-3, "filet": 3e-4}
+    pd.DataFrame(
+        [
+            {"rank": 8, "method": m, "lr": lr, "val_accuracy": 0.8, "val_nll": 0.4}
+            for m, lr in picks.items()
+        ]
+    ).to_csv(out / "c" / "picked_lr.csv", index=False)
+    picked = picked_rates(suite, out)
+    assert dict(zip(picked["method"], picked["edge"], strict=True)) == {
+        "lora": "",
+        "fim-lora": "top",
+        "filet": "bottom",
+    }
+    tables = dict(summary_tables(suite, out, pd.DataFrame(), pd.DataFrame(), picked))
+    (grid,) = [t for title, t in tables.items() if title.startswith("Picked learning rate")]
+    shown = dict(zip(grid["method"], grid.iloc[:, 1], strict=True))
+    assert shown == {"lora": "0.001", "fim-lora": "0.003 (top)", "filet": "0.0003 (bottom)"}

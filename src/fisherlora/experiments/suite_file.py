@@ -351,9 +351,13 @@ def parse_suite(text: str, source: str = "suite") -> Suite:
             raise ConfigError(
                 f"{where}: a cell name is a directory name: letters, digits, '.', '_', '-'"
             )
-        if name in seen:
-            raise ConfigError(f"{source}: two cells are named {name!r}")
-        seen.add(name)
+        if name.lower().startswith("suite"):  # OUT/suite.json, suite_report.*, suite_plots/
+            raise ConfigError(
+                f"{where}: cell names starting with 'suite' are the suite's own files in OUT"
+            )
+        if name.lower() in seen:  # one folder on a case-insensitive file system
+            raise ConfigError(f"{source}: two cells are named {name!r} (case ignored)")
+        seen.add(name.lower())
         built.append(_build_cell(name, defaults, table, source))
     suite = Suite(
         name=header.get("name", Path(source).stem),
@@ -394,6 +398,8 @@ def _build_cell(
             if not all(isinstance(m, str) for m in methods):
                 raise ConfigError(f"methods must be names, got {methods!r}")
             methods = ",".join(methods)
+        if methods is not None and not methods.strip():  # not "every method", silently
+            raise ConfigError("methods names nothing; leave it out to run every method")
         merged["methods"] = method_names(methods or ALL_METHODS)
         merged["seeds"] = _int_list(merged["seeds"], "seeds", minimum=0)
         merged["tune_seeds"] = _int_list(merged["tune_seeds"], "tune_seeds", minimum=0)

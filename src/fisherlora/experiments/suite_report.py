@@ -64,13 +64,20 @@ def collect_suite_results(
 
 
 def picked_rates(suite: Suite, out: str | Path) -> pd.DataFrame:
-    """The learning rate each (cell, rank, method) was run at after tuning (``picked_lr.csv``)."""
+    """The learning rate each (cell, rank, method) was run at after tuning (``picked_lr.csv``),
+    and ``edge``: "top" or "bottom" where that is an end of the cell's grid (the best rate may
+    lie beyond it), else ""."""
     frames = []
     for cell in suite.cells:
         path = Path(out) / cell.name / "picked_lr.csv"
         if path.exists():
             frame = pd.read_csv(path)
             frame.insert(0, "cell", cell.name)
+            grid = cell.compare_config(Path(out) / cell.name).lr_grid or []
+            frame["edge"] = [
+                "top" if grid and lr >= max(grid) else "bottom" if grid and lr <= min(grid) else ""
+                for lr in frame["lr"]
+            ]
             frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -209,11 +216,27 @@ def summary_tables(
         )
     ]
     if not picked.empty:
-        rates = picked.assign(lr=picked["lr"].map(lambda v: f"{v:g}"), rank=picked["rank"])
+        rates = picked.assign(
+            lr=[
+                f"{v:g}" + (f" ({edge})" if isinstance(edge, str) and edge else "")
+                for v, edge in zip(
+                    picked["lr"],
+                    picked["edge"] if "edge" in picked else [""] * len(picked),
+                    strict=True,
+                )
+            ],
+            rank=picked["rank"],
+        )
         rates["cell"] = rates["cell"] + " r" + rates["rank"].astype(int).astype(str)
         grid = rates.pivot_table(index="method", columns="cell", values="lr", aggfunc="first")
         grid = grid.reindex(columns=list(dict.fromkeys(rates["cell"])))
-        tables.append(("Picked learning rate per method and cell", grid.fillna("–").reset_index()))
+        tables.append(
+            (
+                "Picked learning rate per method and cell (top / bottom: an end of the cell's "
+                "grid, where the best rate may lie beyond it)",
+                grid.fillna("–").reset_index(),
+            )
+        )
     if not pooled.empty:
         main = {"accuracy": "accuracy", "nll": "NLL", "val_auc": "val AUC"}
         rows = {}
@@ -277,7 +300,8 @@ def write_suite_report(suite: Suite, out: str | Path, command: str = "") -> Path
         per_cell, pooled = pd.DataFrame(), pd.DataFrame()
     else:
         per_cell = cell_differences(results)
-        pooled = pooled_differences(results)
+        planned = {c.name: c.compare_config(out / c.name).methods for c in suite.cells}
+        pooled = pooled_differences(results, planned=planned)
     pooled.to_csv(out / "suite_pooled.csv", index=False)
     picked = picked_rates(suite, out)
     figures: list[tuple[str, Path]] = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -102,6 +102,7 @@ def pooled_differences(
     results: pd.DataFrame,
     outcomes: Mapping[str, tuple[str, bool]] = OUTCOMES,
     confidence: float = CONFIDENCE,
+    planned: Mapping[str, Iterable[str]] | None = None,
 ) -> pd.DataFrame:
     """Per method ≠ LoRA and outcome, the difference to LoRA pooled over cells and seeds.
 
@@ -122,8 +123,10 @@ def pooled_differences(
       (``no_interval`` counts it); a method with no stratum of two or more pairs has no row.
     - ``cell_names``: the strata pooled (methods need not share cells); ``unpaired``: seeds
       where one arm has the outcome and the other has not (a failed run, an infinite NLL), which
-      the pairs leave out; ``wins``/``ties``/``losses``/``no_interval``: the cells' verdicts
-      from :func:`cell_differences`.
+      the pairs leave out, in the cells that plan the method (``planned``: cell → its methods;
+      without it, every cell where either arm ran: LoRA's seeds in a cell that leaves the
+      method out by design would then count too); ``wins``/``ties``/``losses``/``no_interval``:
+      the cells' verdicts from :func:`cell_differences`.
     """
     from scipy import stats as scipy_stats
 
@@ -157,7 +160,9 @@ def pooled_differences(
             # every (cell, rank) where either arm ran: a method that failed every seed of a
             # cell has no pair there, and its seeds still count as unpaired
             unpaired = 0
-            for _, group in finals.groupby(["cell", "rank"], sort=False):
+            for (cell, _), group in finals.groupby(["cell", "rank"], sort=False):
+                if planned is not None and method not in set(planned.get(cell, ())):
+                    continue  # left out of this cell by design, not failed
                 if outcome in group and {method, BASELINE} & set(group["method"]):
                     ours, base = (_seeds_with(group, m, outcome) for m in (method, BASELINE))
                     unpaired += len(ours ^ base)
