@@ -211,3 +211,39 @@ def test_compare_runs_under_torchrun_and_pins_the_world_size(small_csv, tmp_path
     # one process cannot resume a two-process comparison: its batches would differ
     assert main(flags) == 2
     assert "world_size" in capsys.readouterr().err
+
+
+def nan_worker(rank: int, port: int, queue) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        from fisherlora.methods.base import AdapterMethod
+
+        if rank == 1:  # a non-finite loss on one process's share only, from step 2 on
+            AdapterMethod.loss = lambda self, model, step: (
+                torch.tensor(float("nan")) if step >= 2 else None
+            )
+        try:
+            train(config("lora", WORLD), task=task(), progress=False)
+            queue.put((rank, "finished"))
+        except FloatingPointError as err:
+            queue.put((rank, str(err)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_nan_loss_on_one_process_stops_every_process_at_the_same_step():
+    # before: that process raised alone, and the other waited in DDP's gradient all-reduce
+    # (a crash when its partner exited, a hang until the timeout otherwise)
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    port = free_port()
+    processes = [context.Process(target=nan_worker, args=(r, port, queue)) for r in range(WORLD)]
+    for process in processes:
+        process.start()
+    messages = dict(queue.get() for _ in range(WORLD))
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    assert "the training loss became nan at step 2" in messages[1]
+    assert "became nan at step 2" in messages[0] and "in another process" in messages[0]

@@ -188,3 +188,32 @@ def test_a_comparison_pinned_before_precision_existed_still_resumes(tmp_path):
     pinned.write_text(json.dumps(older))
     with pytest.raises(ConfigError, match="precision"):
         check_out_dir(comparison("bf16"))
+
+
+def test_steps_the_fp16_scaler_skips_are_counted_and_warned_about(
+    keyword_task, monkeypatch, capsys
+):
+    # a scale so large that every scaled gradient overflows: every optimizer step is skipped,
+    # which before left no trace (the collapse warning then blamed the steps or the rate)
+    import fisherlora.experiments.train as train_module
+
+    monkeypatch.setattr(
+        train_module,
+        "grad_scaler",
+        lambda precision, device: torch.amp.GradScaler(device.type, init_scale=2.0**127),
+    )
+    config = TrainConfig(
+        model="tiny-bert",
+        method="lora",
+        steps=6,
+        batch_size=16,
+        eval_every=3,
+        max_length=16,
+        device="cpu",
+        precision="fp16",
+    )
+    result = train(config, task=keyword_task, progress=False)
+    assert result.metrics["skipped_steps"] == 6
+    assert "skipped 6 of 6 optimizer steps" in capsys.readouterr().err
+    fp32 = train(dataclasses.replace(config, precision="fp32"), task=keyword_task, progress=False)
+    assert fp32.metrics["skipped_steps"] == 0

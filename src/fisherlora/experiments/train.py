@@ -61,7 +61,7 @@ from fisherlora.experiments.precision import (
 from fisherlora.experiments.task_kinds import Evaluation, Split, TaskKind, load_data, task_kind
 from fisherlora.experiments.tasks import MAX_DROPPED_FRACTION, Task
 from fisherlora.methods import VARIANTS, get_method
-from fisherlora.stats import all_reduce_mean
+from fisherlora.stats import all_reduce_mean, all_reduce_sum
 
 
 @dataclass
@@ -434,6 +434,7 @@ def train(
     step_times: list[float] = []
     losses_since_eval: list[tuple[float, float]] = []  # (loss, method term) per step
     eval_time = 0.0
+    skipped_steps = 0  # fp16: optimizer steps the GradScaler skipped (a gradient overflowed)
     loop_start = time.perf_counter()
     bar = tqdm(
         range(1, config.steps + 1),
@@ -455,11 +456,13 @@ def train(
         if scaler is None:
             optimizer.step()
         else:
+            scale = scaler.get_scale()
             scaler.step(optimizer)  # skipped where a gradient overflowed
         scheduler.step()
         method.after_backward(model, step)
         if scaler is not None:
             scaler.update()  # after after_backward: FW-LoRA reads this step's scale
+            skipped_steps += scaler.get_scale() < scale  # the scale backs off after a skip
         optimizer.zero_grad(set_to_none=True)
         step_times.append(time.perf_counter() - step_start)
         losses_since_eval.append((step_loss, step_extra))
@@ -527,6 +530,7 @@ def train(
             "peak_memory_mb": peak_memory_mb(device),
         },
         "prepare": prepare_info,
+        "skipped_steps": skipped_steps,
     }
     if initial_a is not None:
         kept = row_space_kept(initial_a, model)
@@ -544,6 +548,13 @@ def train(
         metrics["timings"]["total_s"] = time.perf_counter() - run_start
         write_json_atomic(out / "metrics.json", metrics)
     barrier()  # every process sees the finished run directory before it goes on
+    if skipped_steps > config.steps // 4 and process.is_main:  # scale warm-up skips a few
+        print(
+            f"fisherlora: warning: fp16's gradient scaler skipped {skipped_steps} of "
+            f"{config.steps} optimizer steps (a gradient overflowed); the run trained on the "
+            "others only. Try --precision bf16 (same speed where supported) or fp32",
+            file=sys.stderr,
+        )
     if metrics["collapsed"] and process.is_main:
         print(
             collapse_warning(collapse_seen, task.class_names, steps=config.steps, lr=config.lr),
@@ -604,9 +615,16 @@ def accumulate_gradients(
             if extra is not None:
                 loss = loss + extra
                 step_extra += extra.item() / config.grad_accum
-            if not torch.isfinite(loss):
+            # one flag over every process: a process whose loss turned NaN must not raise
+            # alone while the others wait for it in DDP's gradient all-reduce
+            nonfinite = all_reduce_sum((~torch.isfinite(loss.detach())).float())
+            if nonfinite.item() > 0:
+                here = not bool(torch.isfinite(loss))
                 raise FloatingPointError(
-                    nonfinite_loss_message(loss.item(), step, config.precision)
+                    nonfinite_loss_message(
+                        loss.item() if here else math.nan, step, config.precision
+                    )
+                    + ("" if here else " (in another process)")
                 )
             loss_share = loss / config.grad_accum
             (loss_share if scaler is None else scaler.scale(loss_share)).backward()
