@@ -183,6 +183,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_processes(target, world: int = 2) -> dict:
+    """Run ``target(rank, port, queue)`` in ``world`` spawned processes (a gloo group on a free
+    port); what each put on the queue as ``(rank, value)``, by rank, once every process has
+    exited with code 0."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    port = free_port()
+    processes = [context.Process(target=target, args=(r, port, queue)) for r in range(world)]
+    for process in processes:
+        process.start()
+    results = dict(queue.get() for _ in range(world))
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    return results
+
+
 def train_a_few_steps(model, seed: int = 5, steps: int = 3) -> None:
     """A few AdamW steps on random batches, so that adapters move away from their init."""
     model.train()

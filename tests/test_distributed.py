@@ -7,8 +7,7 @@ import pickle
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port, random_batches, tiny_peft_model
+from conftest import random_batches, run_processes, tiny_peft_model
 
 from fisherlora.adapters import lora_layers
 from fisherlora.errors import CalibrationError
@@ -83,16 +82,7 @@ def assert_same(a, b, path=""):
 
 
 def test_two_processes_match_one_process_on_the_union_of_their_data():
-    context = mp.get_context("spawn")
-    queue = context.SimpleQueue()
-    port = free_port()
-    processes = [context.Process(target=worker, args=(rank, port, queue)) for rank in range(WORLD)]
-    for process in processes:
-        process.start()
-    results = {rank: pickle.loads(data) for rank, data in (queue.get() for _ in range(WORLD))}
-    for process in processes:
-        process.join(timeout=120)
-        assert process.exitcode == 0
+    results = {rank: pickle.loads(data) for rank, data in run_processes(worker, WORLD).items()}
     single = compute(random_batches(3, batch_size=4, seed=7))
     assert_same(results[0], results[1], "rank0 vs rank1")
     assert_same(results[0], single, "distributed vs single")
@@ -115,17 +105,6 @@ def unequal_worker(rank, port, queue):
 def test_the_batch_estimator_refuses_unequal_batch_counts_on_every_process():
     # it all-reduces every batch: before, the process with more batches waited for a partner
     # that had finished (a crash or a hang) while the other returned its own plan
-    context = mp.get_context("spawn")
-    queue = context.SimpleQueue()
-    port = free_port()
-    processes = [
-        context.Process(target=unequal_worker, args=(rank, port, queue)) for rank in range(WORLD)
-    ]
-    for process in processes:
-        process.start()
-    messages = dict(queue.get() for _ in range(WORLD))
-    for process in processes:
-        process.join(timeout=120)
-        assert process.exitcode == 0
+    messages = run_processes(unequal_worker, WORLD)
     for rank in range(WORLD):
         assert "hold 2 to 3 calibration batches" in messages[rank], messages

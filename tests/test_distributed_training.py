@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port, keyword_texts
+from conftest import free_port, keyword_texts, run_processes
 
 from fisherlora.cli import main
 from fisherlora.experiments.tasks import Task
@@ -235,15 +235,6 @@ def nan_worker(rank: int, port: int, queue) -> None:
 def test_a_nan_loss_on_one_process_stops_every_process_at_the_same_step():
     # before: that process raised alone, and the other waited in DDP's gradient all-reduce
     # (a crash when its partner exited, a hang until the timeout otherwise)
-    context = mp.get_context("spawn")
-    queue = context.SimpleQueue()
-    port = free_port()
-    processes = [context.Process(target=nan_worker, args=(r, port, queue)) for r in range(WORLD)]
-    for process in processes:
-        process.start()
-    messages = dict(queue.get() for _ in range(WORLD))
-    for process in processes:
-        process.join(timeout=120)
-        assert process.exitcode == 0
+    messages = run_processes(nan_worker, WORLD)
     assert "the training loss became nan at step 2" in messages[1]
     assert "became nan at step 2" in messages[0] and "in another process" in messages[0]
