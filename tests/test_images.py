@@ -111,13 +111,42 @@ def test_bad_image_data_is_refused_with_a_clear_error(tmp_path, make, message):
         load_image_task(data=source)
 
 
-def test_an_unreadable_image_names_its_file(tmp_path):
+def test_an_unreadable_image_is_refused_by_name_when_the_data_loads(tmp_path):
+    # before: found only when its batch came up, hours into a run on a large folder
     root = write_folder(tmp_path / "pets", per_class=6)
-    broken = root / "cat" / "000.png"
-    broken.write_bytes(b"not an image")
-    task = load_image_task(data=root)
-    with pytest.raises(ConfigError, match=r"000\.png"):
-        task.image("cat/000.png")
+    (root / "cat" / "000.png").write_bytes(b"not an image")
+    (root / "dog" / "003.png").write_bytes(b"")
+    with pytest.raises(
+        ConfigError, match=r"2 image\(s\) cannot be read: cat/000\.png.*dog/003\.png"
+    ):
+        load_image_task(data=root)
+
+
+def test_an_empty_class_folder_is_refused_not_dropped(tmp_path):
+    root = write_folder(tmp_path / "pets", per_class=6)
+    (root / "bird").mkdir()
+    with pytest.raises(ConfigError, match=r"\['bird'\] hold no images"):
+        load_image_task(data=root)
+
+
+def test_a_file_listed_under_two_spellings_is_one_image_and_test_images_leave_training(
+    tmp_path, capsys
+):
+    root = write_folder(tmp_path / "pets", per_class=6)
+    files = sorted(root.rglob("*.png"))
+    rows = [f"{p.parent.name}/{p.name},{p.parent.name}" for p in files]
+    rows += [f"./{p.parent.name}/{p.name},{p.parent.name}" for p in files]  # each again
+    rows += [f"{p},{p.parent.name}" for p in files[:3]]  # and absolute
+    (root / "index.csv").write_text("image,label\n" + "\n".join(rows) + "\n")
+    task = load_image_task(data=root / "index.csv", max_dropped_fraction=None)
+    assert task.sizes()["train"] + task.sizes()["test"] == len(files)
+    assert not set(task.train_texts) & set(task.test_texts)
+    # a test folder that holds the training images: they leave training (none is left here)
+    with pytest.raises(ConfigError, match="0 training and 18 test images"):
+        load_image_task(data=root, test_data=root)
+    assert "dropped 18 of 18 training rows whose text or image is also in the test split" in (
+        capsys.readouterr().err
+    )
 
 
 def test_tiny_vit_batches_and_default_targets(digits):

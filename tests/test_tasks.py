@@ -116,7 +116,7 @@ def test_a_text_in_both_files_is_dropped_from_training_and_counted(tmp_path, cap
     task = load_task(data=train, test_data=test)
     assert task.sizes() == {"train": 38, "test": 3}
     assert not set(task.train_texts) & set(task.test_texts)
-    assert "dropped 2 of 40 training rows whose text is also in the test split" in (
+    assert "dropped 2 of 40 training rows whose text or image is also in the test split" in (
         capsys.readouterr().err
     )
 

@@ -39,6 +39,7 @@ from fisherlora.experiments.tasks import (
     in_hash_order,
     split_by_hash,
     usable_rows,
+    without_test_texts,
 )
 
 IMAGE_TASKS = ("digits",)
@@ -109,7 +110,8 @@ def load_image_task(
         test_root = Path(test_data) if Path(test_data).is_dir() else Path(test_data).parent
         # one root for both: the test keys become relative to the training data's root
         test_k = [_relative(test_root / k, root) for k in test_k]
-        train_k, train_l = keys, labels
+        # an image in both: trained on, then scored as held out
+        train_k, train_l = without_test_texts(keys, labels, test_k, where)
     if not train_k or not test_k:
         raise ConfigError(
             f"{where}: {len(train_k)} training and {len(test_k)} test images; both splits need "
@@ -155,18 +157,38 @@ def _labelled_images(
         return _folder(path)
     if not path.is_file():
         raise ConfigError(f"image data {path} is neither a folder nor a file")
-    keys, labels = usable_rows(
-        *_columns(_read_table(path), path, IMAGE_COLUMN, label_column),
-        str(path),
-        max_dropped_fraction=max_dropped_fraction,
-    )
+    images, labels = _columns(_read_table(path), path, IMAGE_COLUMN, label_column)
+    # one key per file however the CSV writes its path (a.png, ./a.png, an absolute path), so
+    # that a file listed twice is a repeat, and the split does not depend on where the folder is
+    images = [
+        _relative(path.parent / str(k), path.parent) if isinstance(k, str) and k.strip() else k
+        for k in images
+    ]
+    keys, labels = usable_rows(images, labels, str(path), max_dropped_fraction=max_dropped_fraction)
     missing = [k for k in keys if not (path.parent / k).is_file()]
     if missing:
         raise ConfigError(
             f"{path}: {len(missing)} of {len(keys)} image paths do not exist (relative to "
             f"{path.parent}), e.g. {missing[:3]}"
         )
+    _check_readable(path.parent, keys)
     return keys, labels
+
+
+def _check_readable(root: Path, keys: list[str]) -> None:
+    """Every image opened once (its header checked) before training, and every one that cannot
+    be read named together, rather than the first one failing a run when its batch comes up."""
+    from PIL import Image
+
+    bad = []
+    for key in keys:
+        try:
+            with Image.open(root / key) as image:
+                image.verify()
+        except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+            bad.append(f"{key} ({type(err).__name__})")
+    if bad:
+        raise ConfigError(f"{root}: {len(bad)} image(s) cannot be read: {', '.join(bad[:5])}")
 
 
 def _folder(root: Path) -> tuple[list[str], list[str]]:
@@ -182,4 +204,10 @@ def _folder(root: Path) -> tuple[list[str], list[str]]:
             f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in class sub-folders; expected "
             f"{root}/CLASS/IMAGE, one sub-folder per class"
         )
+    empty = [folder.name for folder in classes if folder.name not in set(labels)]
+    if empty:  # a class without examples would silently leave the label set
+        raise ConfigError(
+            f"{root}: class folder(s) {empty} hold no images ({', '.join(IMAGE_SUFFIXES)})"
+        )
+    _check_readable(root, keys)
     return keys, labels

@@ -312,7 +312,7 @@ def without_test_texts(
     if dropped:
         print(
             f"fisherlora: {where}: dropped {dropped} of {len(train_texts)} training rows whose "
-            "text is also in the test split",
+            "text or image is also in the test split",
             file=sys.stderr,
         )
     return [train_texts[i] for i in keep], [train_labels[i] for i in keep]
