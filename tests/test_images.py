@@ -251,3 +251,14 @@ def test_a_model_of_the_other_modality_is_refused_by_name(digits):
         load_image_model("minilm", 10)
     with pytest.raises(ConfigError, match="is an image classifier"):
         load_model("tiny-vit", 2)
+
+
+def test_a_model_whose_head_is_not_named_classifier_is_refused(digits, monkeypatch):
+    import fisherlora.experiments.task_kinds.images as image_kind
+
+    monkeypatch.setattr(
+        image_kind, "load_image_model", lambda *a, **k: (torch.nn.Linear(2, 2), None)
+    )
+    kind = task_kind(digits, TrainConfig(task="digits"))
+    with pytest.raises(ConfigError, match="no module named 'classifier'"):
+        kind.load_model("some-vit", seed=0)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from fisherlora.errors import ConfigError
 from fisherlora.experiments.batching import ShardedBatches
 from fisherlora.experiments.image_models import load_image_model
 from fisherlora.experiments.images import ImageTask
@@ -73,6 +74,13 @@ class ImageClassification(LabelledSplits):
 
     def load_model(self, name: str, *, seed: int) -> torch.nn.Module:
         model, self._processor = load_image_model(name, self.data.num_labels, seed=seed)
+        heads = [n for n in self.modules_to_save if not hasattr(model, n)]
+        if heads:  # PEFT would train no head, without a word
+            raise ConfigError(
+                f"{name!r} has no module named {heads[0]!r}, the classification head this runner "
+                "trains (ViT's and most image classifiers'); a model whose head is named "
+                "otherwise is not supported"
+            )
         return model
 
     def train_batches(
