@@ -108,6 +108,27 @@ def _no_autocast(device_type: str):
     return nullcontext()
 
 
+class LastInput:
+    """What was kept of the last input tensor a forward hook saw, for the next module called on
+    the very same input (query/key/value, gate/up) to reuse. Held by a weak reference, so that a
+    freed tensor whose id() is reused is never mistaken for it, and with its version counter, so
+    that the same tensor refilled in place (a static buffer, the next step's data) is not
+    either."""
+
+    __slots__ = ("_ref", "_version", "kept")
+
+    def __init__(self) -> None:
+        self._ref: weakref.ref | None = None
+        self._version = -1
+        self.kept: Any = None
+
+    def holds(self, raw: torch.Tensor) -> bool:
+        return self._ref is not None and self._ref() is raw and self._version == raw._version
+
+    def keep(self, raw: torch.Tensor, kept: Any) -> None:
+        self._ref, self._version, self.kept = weakref.ref(raw), raw._version, kept
+
+
 def register_io_hooks(
     modules: Mapping[str, nn.Module],
     callback: IOCallback,
@@ -129,11 +150,7 @@ def register_io_hooks(
     graph (``torch.no_grad``, evaluation) are ignored. Returns the forward-hook handles; the
     per-output tensor hooks die with the autograd graph.
     """
-    # The last input seen, what was kept of it and its version counter; a weak reference, so
-    # that a freed tensor whose id() is reused can never be mistaken for it, and the version,
-    # so that the same tensor refilled in place (a static input buffer, the next step's data)
-    # is not either.
-    last: list = [None, None, None]
+    last = LastInput()
 
     def make_hook(name: str):
         def forward_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -141,13 +158,8 @@ def register_io_hooks(
                 return
             mask = mask_ref[0]
             raw = inputs[0]
-            if (
-                shared_input
-                and last[0] is not None
-                and last[0]() is raw
-                and last[2] == raw._version
-            ):
-                kept = last[1]
+            if shared_input and last.holds(raw):
+                kept = last.kept
             else:
                 x = raw.detach().float()
                 # float32 also under a training loop's autocast (bf16/fp16), which would run
@@ -155,7 +167,7 @@ def register_io_hooks(
                 with _no_autocast(raw.device.type):
                     kept = x if keep_input is None else keep_input(name, x, mask)
                 if shared_input:
-                    last[0], last[1], last[2] = weakref.ref(raw), kept, raw._version
+                    last.keep(raw, kept)
             output.register_hook(lambda g: backward_hook(name, kept, g, mask))
 
         return forward_hook

@@ -52,7 +52,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import pad_sequence
 
 from fisherlora.adapters import lora_layers
-from fisherlora.capture import check_finite
+from fisherlora.capture import LastInput, check_finite
 from fisherlora.errors import ConfigError, check_choices
 from fisherlora.figures import Figure, ModuleValues
 from fisherlora.methods.base import AdapterMethod
@@ -405,24 +405,22 @@ class FisherPenalty:
         What ``capture.register_io_hooks(..., shared_input=True)`` does, pared down to the
         per-module work this runs at every training step of the warm-up: layers called one after
         another on the very same input tensor (query/key/value, gate/up) share one ``(X Ω)ᵀ``
-        (a weak reference, so a freed tensor whose id() is reused is never mistaken for it);
+        (``capture.LastInput``);
         forward passes that build no graph are ignored; the gradient hook is a bound
         ``partial``; autocast is switched off only where it is on.
         """
-        # the last input seen, what was kept of it, and its version counter (the same tensor
-        # refilled in place, e.g. a static input buffer at the next step, is a new input)
-        last: list = [None, None, None]
+        last = LastInput()
 
         def make_hook(name: str):
             def forward_hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor):
                 if not output.requires_grad:
                     return
                 raw = inputs[0]
-                if last[0] is not None and last[0]() is raw and last[2] == raw._version:
-                    kept = last[1]
+                if last.holds(raw):
+                    kept = last.kept
                 else:
                     kept = self._keep_input(raw)
-                    last[0], last[1], last[2] = weakref.ref(raw), kept, raw._version
+                    last.keep(raw, kept)
                 output.register_hook(partial(self._accumulate, name, kept))
 
             return forward_hook
