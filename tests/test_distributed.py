@@ -1,13 +1,11 @@
 """Two CPU processes (gloo), each holding half of every batch, must compute what one process computes
 on the whole batches: Fisher scores and rank plans, FILet energies and inits, FW-LoRA importances."""
 
-import os
 import pickle
 
 import pytest
 import torch
-import torch.distributed as dist
-from conftest import random_batches, run_processes, tiny_peft_model
+from conftest import gloo_group, random_batches, run_processes, tiny_peft_model
 
 from fisherlora.adapters import lora_layers
 from fisherlora.errors import CalibrationError
@@ -59,13 +57,9 @@ def compute(batches):
 
 
 def worker(rank, port, queue):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, port, WORLD):
         result = compute(halves(random_batches(3, batch_size=4, seed=7), rank))
         queue.put((rank, pickle.dumps(result)))  # bytes: no shared-memory tensors to outlive us
-    finally:
-        dist.destroy_process_group()
 
 
 def assert_same(a, b, path=""):
@@ -89,17 +83,13 @@ def test_two_processes_match_one_process_on_the_union_of_their_data():
 
 
 def unequal_worker(rank, port, queue):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, port, WORLD):
         batches = halves(random_batches(3 - rank, batch_size=4, seed=7), rank)  # 3 and 2
         try:
             fisher_of_b(tiny_peft_model("llama"), batches, estimator="batch", progress=False)
             queue.put((rank, "no error"))
         except CalibrationError as err:
             queue.put((rank, str(err)))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_the_batch_estimator_refuses_unequal_batch_counts_on_every_process():

@@ -12,9 +12,8 @@ import sys
 import pandas as pd
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port, keyword_texts, run_processes
+from conftest import free_port, gloo_group, keyword_texts, run_processes
 
 from fisherlora.cli import main
 from fisherlora.experiments.tasks import Task
@@ -68,9 +67,7 @@ def summary(result) -> dict:
 
 
 def worker(rank: int, port: int, out: str, queue) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, port, WORLD):
         results = {
             method: summary(
                 train(config(method, WORLD, os.path.join(out, method)), task=task(), progress=False)
@@ -78,8 +75,6 @@ def worker(rank: int, port: int, out: str, queue) -> None:
             for method in METHODS
         }
         queue.put((rank, pickle.dumps(results)))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_processes_train_what_one_process_trains_on_their_union(tmp_path):
@@ -214,9 +209,7 @@ def test_compare_runs_under_torchrun_and_pins_the_world_size(small_csv, tmp_path
 
 
 def nan_worker(rank: int, port: int, queue) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, port, WORLD):
         from fisherlora.methods.base import AdapterMethod
 
         if rank == 1:  # a non-finite loss on one process's share only, from step 2 on
@@ -228,8 +221,6 @@ def nan_worker(rank: int, port: int, queue) -> None:
             queue.put((rank, "finished"))
         except FloatingPointError as err:
             queue.put((rank, str(err)))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_nan_loss_on_one_process_stops_every_process_at_the_same_step():
