@@ -238,7 +238,7 @@ def test_a_variant_that_needs_a_setting_the_base_lacks_is_refused_up_front(tmp_p
     with pytest.raises(ConfigError, match="decay form"):
         TrainConfig(method="fim-lora+fw-lora-decay")
     assert TrainConfig(method="fw-lora-decay", weight_decay=0.01).weight_decay == 0.01
-    assert TrainConfig(method="fw-lora", fw_mode="decay", weight_decay=0.01)
+    assert TrainConfig(method="fw-lora", fw_mode="decay", weight_decay=0.01).fw_mode == "decay"
 
 
 def per_seed_results(accuracies: dict[str, list[float]], rank: int = 8) -> pd.DataFrame:
