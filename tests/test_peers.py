@@ -143,6 +143,25 @@ def test_adalora_prunes_to_the_matched_budget(keyword_task):
     assert lora["effective_adapter_params"] == lora["adapter_params"]
 
 
+def test_adalora_adapter_with_modules_pruned_to_rank_zero_reloads(tmp_path):
+    """At r = 1 (init_r = 2) the final budget leaves some modules with no rank at all; stock
+    PEFT's reload resizes every module by the saved rank pattern, rank 0 included."""
+    original, model, method, batches = build_and_prepare("adalora", "bert", rank=1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(1, 21):  # the runner's order: backward, step, then AdaLoRA's allocation
+        model(**batches[(step - 1) % len(batches)]).loss.backward()
+        optimizer.step()
+        method.after_backward(model, step)
+        optimizer.zero_grad()
+    kept = {k: sum(mask) for k, mask in model.peft_config["default"].rank_pattern.items()}
+    assert 0 in kept.values() and sum(kept.values()) == len(kept)
+    trained = logits(model, batches)
+    method.export(model, tmp_path)
+    reloaded = PeftModel.from_pretrained(original, tmp_path)
+    torch.testing.assert_close(logits(reloaded, batches), trained, atol=1e-5, rtol=0)
+
+
 def test_lora_ga_builds_without_the_backward_hook_warning_it_cannot_act_on(recwarn):
     # PEFT's gradient pass hooks a model whose inputs (token ids) need no gradient: expected
     build_and_prepare("lora-ga", "bert")
