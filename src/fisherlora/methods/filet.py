@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -406,7 +406,7 @@ class CandidateEnergies:
             self.sides[name][1].add(self._keep(g, rows))
 
     @contextmanager
-    def hooks(self):
+    def hooks(self) -> Iterator[None]:
         with (
             self._base_output_hooks(),
             capture_io(self.layers, self._add_grad, self.mask_ref, self._add_input),
@@ -806,7 +806,7 @@ class Filet(AdapterMethod):
     def prepare(
         self,
         model: PeftModel,
-        calibration_loader,
+        calibration_loader: Iterable[dict[str, torch.Tensor]],
         collected: CandidateEnergies | None = None,
         collected_by: str = "",
     ) -> dict[str, Any]:

@@ -32,9 +32,10 @@ import json
 import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import PeftModel
@@ -64,6 +65,9 @@ from fisherlora.stats import (
     per_example_sq_grad,
     reduce_score,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 BUDGETS = ("ranks", "params")
 SCORES = ("mean", "max", "l2")
@@ -102,7 +106,7 @@ class RankPlan:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"spent": self.spent()}
 
-    def rank_table(self):
+    def rank_table(self) -> pd.DataFrame:
         """Ranks as a ``pandas.DataFrame``: one row per layer, one column per module type."""
         return module_grid(self.ranks)
 
@@ -316,7 +320,7 @@ class BFisher:
             )
         self.fisher[name] += per_example_sq_grad(apply_mask(u, mask), g, self.loss_scale)
 
-    def hooks(self):
+    def hooks(self) -> AbstractContextManager[None]:
         per_example = self.estimator == "per_example"
         return capture_io(
             self.b_modules if per_example else {}, self._accumulate_per_example, self.mask_ref
@@ -501,7 +505,10 @@ class FimLoRA(AdapterMethod):
         self.plan: RankPlan | None = None
 
     def prepare(
-        self, model: PeftModel, calibration_loader, also_collect: Sequence[PassStatistic] = ()
+        self,
+        model: PeftModel,
+        calibration_loader: Iterable[dict[str, torch.Tensor]],
+        also_collect: Sequence[PassStatistic] = (),
     ) -> dict[str, Any]:
         """``also_collect``: statistics of another method to accumulate in the same passes (a
         composition's one calibration; see :mod:`fisherlora.methods.compose`)."""
