@@ -426,25 +426,54 @@ def test_the_table_shows_the_adapter_parameters_still_in_effect_after_pruning():
     assert list(shown["adapter params"]) == ["8"]
 
 
-def test_steps_to_loras_final_accuracy_count_the_seeds_that_never_got_there():
-    import numpy as np
-    import pandas as pd
+def test_steps_to_loras_final_accuracy_count_the_seeds_that_never_got_there(tmp_path):
+    from fisherlora.experiments.report import display_table, steps_to_lora_final
 
-    from fisherlora.experiments.report import _steps_to_lora
+    def runs_with_curves(curves: dict[str, list[list[float]]]) -> pd.DataFrame:
+        """One run per method and seed whose validation curve (at steps 10, 20, 30, 40) is
+        given; its final validation accuracy is the curve's last point."""
+        runs = per_seed_results({m: [0.8] * len(c) for m, c in curves.items()})
+        dirs, finals = [], []
+        for method, seed in zip(runs["method"], runs["seed"], strict=True):
+            curve = curves[method][seed]
+            run_dir = tmp_path / f"{method}-{seed}-{len(curve)}-{sum(curve)}"
+            run_dir.mkdir(exist_ok=True)
+            steps = [10 * (k + 1) for k in range(len(curve))]
+            frame = pd.DataFrame({"step": steps, "split": "validation", "accuracy": curve})
+            # an evaluation of another split is not read
+            frame.loc[len(frame)] = {"step": 10, "split": "test", "accuracy": 1.0}
+            frame.to_csv(run_dir / "curve.csv", index=False)
+            dirs.append(str(run_dir))
+            finals.append(curve[-1])
+        return runs.assign(run_dir=dirs, val_accuracy=finals, val_auc=0.7)
 
-    def shown(steps):
-        values = pd.Series(steps, dtype=float).dropna()
-        row = pd.Series(
-            {
-                "steps_to_lora_final": values.median() if len(values) else math.nan,
-                "reached_lora_final": int(np.isfinite(values).sum()),
-                "paired_for_steps": len(values),
-            }
-        )
-        return _steps_to_lora(row)
+    def shown(runs: pd.DataFrame) -> str:
+        runs = runs.assign(steps_to_lora_final=steps_to_lora_final(runs))
+        config = SimpleNamespace(ranks=[8], methods=["lora", "other"])
+        table = display_table(summarize(runs, config, n_test=2000)).set_index("method")
+        return table.loc["other", "steps to LoRA's final val acc"]
 
-    assert shown([20, 40, 40, math.inf, math.inf]) == "40 (3/5)"
+    lora = [[0.5, 0.6, 0.7, 0.8]] * 5
+    # LoRA ends at 0.8: seeds 0-2 reach it at steps 20, 40, 40; seeds 3-4 never do
+    other = [
+        [0.6, 0.8, 0.9, 0.9],
+        [0.5, 0.6, 0.7, 0.8],
+        [0.5, 0.6, 0.7, 0.85],
+        [0.7, 0.7, 0.7, 0.7],
+        [0.6, 0.79, 0.79, 0.79],
+    ]
+    runs = runs_with_curves({"lora": lora, "other": other})
+    assert steps_to_lora_final(runs)[5:] == [20, 40, 40, math.inf, math.inf]
+    assert steps_to_lora_final(runs)[:5] == [40] * 5  # LoRA reaches its own final at its end
+    assert shown(runs) == "40 (3/5)"
     # one seed got there at step 10, four never did: not "10", which would read as fast
-    assert shown([10, math.inf, math.inf, math.inf, math.inf]) == "never for half or more (1/5)"
-    assert shown([math.inf, math.inf]) == "never"
-    assert shown([math.nan, math.nan]) == "–"  # no LoRA run to compare with
+    early_then_never = [[0.9, 0.9, 0.9, 0.9]] + [[0.5, 0.5, 0.5, 0.5]] * 4
+    assert shown(runs_with_curves({"lora": lora, "other": early_then_never})) == (
+        "never for half or more (1/5)"
+    )
+    never = [[0.5, 0.5, 0.5, 0.5]] * 2
+    assert shown(runs_with_curves({"lora": lora[:2], "other": never})) == "never"
+    # no LoRA run with a validation curve for these seeds: nothing to compare with
+    unpaired = runs_with_curves({"lora": lora[:2], "other": other[:2]})
+    unpaired.loc[unpaired["method"] == "lora", "val_accuracy"] = math.nan
+    assert shown(unpaired) == "–"

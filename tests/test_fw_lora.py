@@ -273,9 +273,10 @@ def test_bad_options_and_models_are_rejected():
         FisherPenalty(model, estimator="dense")
     with pytest.raises(ConfigError, match="probes >= 1"):
         FisherPenalty(model, probes=0)
-    with pytest.raises(ConfigError, match="PeftModel"):
-        FisherPenalty(model.unload())
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0  # nothing registered
+    # a model without LoRA layers (its own copy: unload strips the layers, hooks and all)
+    with pytest.raises(ConfigError, match="PeftModel"):
+        FisherPenalty(no_dropout_model().unload())
 
 
 def test_runner_reports_importance_spread_and_penalty_share(tmp_path, small_csv, capsys):
