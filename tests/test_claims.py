@@ -39,6 +39,9 @@ def test_experiments_change_only_what_they_state(claims, tmp_path, monkeypatch):
         changed = {k for k in settings if settings[k] != ref_settings[k]}
         allowed = set(experiment.settings) | ({"lr"} if experiment.lr != "tune" else set())
         assert changed <= allowed, (experiment.name, changed - allowed)
+        # and what it states did change: its settings, methods and rank reach the config
+        assert all(settings[k] == v for k, v in experiment.settings.items()), experiment.name
+        assert config.methods == experiment.methods
         assert config.seeds == reference.seeds
         assert config.ranks == [experiment.rank or reference.ranks[0]]
         if experiment.lr == "picked":
@@ -261,7 +264,9 @@ def test_the_readme_block_is_replaced_between_its_markers_only(claims, tmp_path)
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith(f"{table.README_END}\nafter\n")
     assert "old rows" not in text and block in text
-    table.update_readme(readme, "new\n")  # idempotent on its own output
+    table.update_readme(readme, block)  # idempotent on its own output
+    assert readme.read_text() == text
+    table.update_readme(readme, "new\n")  # a new block replaces the old one
     assert readme.read_text() == f"intro\n{table.README_START}\nnew\n{table.README_END}\nafter\n"
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="claims-table markers"):

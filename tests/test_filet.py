@@ -18,6 +18,8 @@ from fisherlora.adapters import export_lora, lora_layers, subspace_overlap
 from fisherlora.capture import apply_mask, calibration_mode, capture_io, padding_mask
 from fisherlora.directions import candidate_directions
 from fisherlora.errors import CalibrationError, ConfigError
+from fisherlora.experiments.models import load_model
+from fisherlora.experiments.train import TrainConfig, train
 from fisherlora.methods import get_method
 from fisherlora.methods.filet import filet_init, lowrank_spectral_norm
 from fisherlora.methods.fim_lora import allocate_ranks
@@ -328,6 +330,33 @@ def test_runner_writes_spectrum_and_a_reloadable_adapter(tmp_path, small_csv, ca
     assert metrics["a_row_space_kept"] == pytest.approx(training["subspace_overlap_mean"])
     saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert set(saved["rank_pattern"].values()) == {16}
+
+
+@pytest.mark.parametrize("method", ["filet", "fim-lora+filet+fw-lora"])
+def test_the_runners_adapter_reloads_on_the_untouched_base(method, tmp_path, keyword_task):
+    """The runner trains on residual base weights; its export is for the original ones."""
+    config = TrainConfig(
+        model="tiny-bert",
+        method=method,
+        rank=4,
+        steps=4,
+        batch_size=8,
+        lr=1e-2,
+        eval_every=0,
+        max_length=16,
+        calib_batches=2,
+        seed=0,
+        device="cpu",
+        out=str(tmp_path),
+    )
+    trained = train(config, task=keyword_task, progress=False).model.eval()
+    base, tokenizer = load_model("tiny-bert", 2, seed=0)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    batch = tokenizer(keyword_task.test_texts[:8], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(**batch).logits, trained(**batch).logits, rtol=0, atol=1e-5
+        )
 
 
 def test_lowrank_spectral_norm_matches_the_dense_one():

@@ -10,6 +10,7 @@ from conftest import logits, random_batches, run_tiny, tiny_peft_model
 from fisherlora.adapters import lora_layers
 from fisherlora.methods import VARIANTS, base_method, get_method, method_names
 from fisherlora.methods.filet import filet_init
+from fisherlora.methods.fim_lora import fisher_of_b
 
 # the option each variant fixes, as its method object stores it
 STORED = {
@@ -111,6 +112,25 @@ def test_fim_lora_rmin1_allows_rank_one_and_keeps_the_budget():
         assert 0 <= plan["budget"] - plan["spent"] < min(plan["costs"].values())
         assert min(plan["ranks"].values()) == plan["r_min"]  # the floor binds on this data
     assert 1 in plans["fim-lora-rmin1"]["ranks"].values()
+
+
+@pytest.mark.parametrize(
+    ("name", "reduce"),
+    [
+        ("fim-lora", torch.mean),
+        ("fim-lora-max", torch.max),
+        ("fim-lora-l2", torch.linalg.vector_norm),
+    ],
+)
+def test_fim_lora_score_variants_reduce_each_modules_fisher_as_named(name, reduce):
+    batches = random_batches(2)
+    fisher, _ = fisher_of_b(tiny_peft_model(rank=4), batches, n_batches=2, progress=False)
+    plan = get_method(name, {**RUNNER, "calib_batches": 2}).prepare(
+        tiny_peft_model(rank=4), batches
+    )["rank_plan"]
+    assert plan["scores"].keys() == fisher.keys()
+    for module, f in fisher.items():
+        assert plan["scores"][module] == pytest.approx(reduce(f).item(), rel=1e-6), module
 
 
 def test_fw_lora_uniform_is_the_unweighted_penalty_in_a_run(tmp_path, small_csv, capsys):
