@@ -32,7 +32,7 @@ from trl import SFTConfig
 
 from fisherlora.adapters import lora_layers
 from fisherlora.experiments.causal_models import load_causal_lm
-from fisherlora.experiments.generation_eval import evaluate_generation
+from fisherlora.experiments.generation_eval import evaluate_choices
 from fisherlora.experiments.generation_tasks import load_generation_task
 from fisherlora.experiments.models import DEFAULT_TARGETS
 from fisherlora.integrations import FisherSFTTrainer
@@ -88,7 +88,7 @@ def make_trainer(args: argparse.Namespace, train_set: Dataset, out: Path) -> Fis
 
 
 def held_out(model, task, tokenizer, args, device) -> str:
-    metrics, _ = evaluate_generation(
+    metrics, _ = evaluate_choices(
         model,
         task,
         tokenizer,

@@ -183,3 +183,17 @@ def test_every_docs_page_is_linked_from_the_index():
     for page in (ROOT / "docs").glob("*.md"):
         if page.name != "README.md":
             assert f"({page.name}" in index, f"docs/README.md does not link {page.name}"
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.name)
+def test_examples_import_what_they_use(example):
+    """An example's ``--help`` runs its imports: a name the package no longer has fails here,
+    not on the user's first run (the examples train for minutes, so they are run by hand)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, str(example), "--help"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("usage:")
