@@ -46,6 +46,7 @@ from common import (
     child_peak_memory,
     default_setup,
     peak_memory_mb,
+    run_setting,
     sync,
     training_steps,
 )
@@ -230,14 +231,7 @@ def main() -> None:
     step, steps = median["lora_step"], median["lora_steps"]
     inits_only = {k: v for k, v in median.items() if not k.startswith("lora_step")}
     result = {
-        "setting": vars(args)
-        | {
-            "model": "minilm",
-            "task": "rotten-tomatoes",
-            "device": args.device,
-            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-            "threads": torch.get_num_threads(),
-        },
+        "setting": run_setting(args),
         "times_s": times,
         "median_s": median,
         # multiples of the median LoRA step, and of the n_batches steps on the same batches

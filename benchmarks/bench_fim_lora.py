@@ -29,6 +29,7 @@ from common import (
     default_setup,
     peak_memory_mb,
     reset_peak_memory,
+    run_setting,
     sync,
     training_steps,
 )
@@ -111,14 +112,7 @@ def main() -> None:
     )
     median = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        "setting": vars(args)
-        | {
-            "model": "minilm",
-            "task": "rotten-tomatoes",
-            "device": args.device,
-            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-            "threads": torch.get_num_threads(),
-        },
+        "setting": run_setting(args),
         "times_s": times,
         "median_s": median,
         "ratios": {

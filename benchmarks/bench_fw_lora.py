@@ -44,6 +44,7 @@ from common import (
     child_peak_memory,
     default_setup,
     peak_memory_mb,
+    run_setting,
     sync,
 )
 from peft import get_peft_model
@@ -228,15 +229,9 @@ def main() -> None:
         else {}
     )
     result = {
-        "setting": vars(args)
-        | {
-            "model": "minilm",
-            "task": "rotten-tomatoes",
-            "tokens_per_batch": [int(b["input_ids"].numel()) for b in batches],
-            "device": args.device,
-            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-            "threads": torch.get_num_threads(),
-        },
+        "setting": run_setting(
+            args, tokens_per_batch=[int(b["input_ids"].numel()) for b in batches]
+        ),
         "step_times_s": step_times,
         "median_step_s": median,
         "step_time_over_lora": {m: median[m] / median["lora"] for m in modes if m != "lora"},

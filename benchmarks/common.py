@@ -40,6 +40,21 @@ def check_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def run_setting(args: argparse.Namespace, **more: object) -> dict:
+    """What a result file records of its run: the command-line options, the model and task
+    (MiniLM on Rotten Tomatoes, the benchmarks' default), ``more``, the device (with the GPU's
+    name) and torch's CPU threads."""
+    device = getattr(args, "device", "cpu")
+    return vars(args) | {
+        "model": "minilm",
+        "task": "rotten-tomatoes",
+        **more,
+        "device": device,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def sync(device: str | torch.device) -> None:
     """Wait for the queued GPU work (nothing to wait for on CPU); call on both ends of a timing."""
     if torch.device(device).type == "cuda":
