@@ -65,17 +65,12 @@ def test_one_calibration_equals_fim_lora_then_filet_apart(arch, allocator, basis
     torch.testing.assert_close(logits(shared, probe), logits(apart, probe), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        {"layers_per_pass": 4},  # grouped calibration: each method runs its own passes
-        {"share_calibration": False},
-    ],
-)
-def test_without_one_calibration_each_runs_its_own_passes_with_the_same_result(options):
+# grouped calibration (each method runs its own passes), or sharing turned off on the object
+@pytest.mark.parametrize("grouped", [True, False])
+def test_without_one_calibration_each_runs_its_own_passes_with_the_same_result(grouped):
     batches = random_batches(3, seed=4)
     common = {"calib_batches": 3, "progress": False}
-    grouped = "layers_per_pass" in options
+    options = {"layers_per_pass": 4} if grouped else {}
     apart, _, _ = prepared("fim-lora,filet", "bert", batches, common | options)
     model = tiny_peft_model("bert", rank=4, seed=2)
     calls = count_passes(model)

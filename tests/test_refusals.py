@@ -231,3 +231,70 @@ def test_a_composition_refuses_ranks_its_filet_candidates_cannot_cover_before_al
     with pytest.raises(ConfigError, match=rf"{name} has 2 usable FILet candidates"):
         method.prepare(model, random_batches(2))
     assert_unchanged(before, snapshot(model))
+
+
+def _rank_deficient_model():
+    """A tiny BERT whose first LoRA layer's base weight has rank 2 (FILet: 2 usable candidates)."""
+    model = tiny_peft_model(rank=4)
+    _, layers = lora_layers(model)
+    with torch.no_grad():
+        next(iter(layers.values())).get_base_layer().weight[:, 2:] = 0
+    return model
+
+
+def _model_with_an_unreached_layer():
+    """LoRA on a layer the loss never reaches: zero Fisher energies, which FILet refuses."""
+    base, _ = tiny_base("bert")
+    return get_peft_model(
+        WithUnusedLayer(base), LoraConfig(r=4, target_modules=["query", "unused"])
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "make_model", "error"),
+    [
+        ("random-rank+filet", {}, _rank_deficient_model, ConfigError),
+        ("fim-lora+filet", {"layers_per_pass": 1, "r_min": 3}, _rank_deficient_model, ConfigError),
+        ("fim-lora+filet+fw-lora", {}, _model_with_an_unreached_layer, CalibrationError),
+        ("random-rank+filet", {}, _model_with_an_unreached_layer, CalibrationError),
+    ],
+)
+def test_a_composition_whose_filet_refuses_puts_the_allocators_sizes_back(
+    name, options, make_model, error
+):
+    model = make_model()
+    adapter, layers = lora_layers(model)
+    before = snapshot(model)
+    ranks = {n: layer.r[adapter] for n, layer in layers.items()}
+    config = model.peft_config[adapter]
+    patterns = (dict(config.rank_pattern), dict(config.alpha_pattern))
+    method = get_method(name, {"calib_batches": 2, "progress": False, **options})
+    with pytest.raises(error):
+        method.prepare(model, random_batches(2))
+    assert_unchanged(before, snapshot(model))  # shapes and values of every parameter
+    assert {n: layer.r[adapter] for n, layer in lora_layers(model)[1].items()} == ranks
+    assert (config.rank_pattern, config.alpha_pattern) == patterns
+
+
+def test_misspelt_method_options_are_refused_with_the_likely_name():
+    with pytest.raises(ConfigError, match=r"'r_mni' \(did you mean 'r_min'\?\)"):
+        get_method("fim-lora", {"r_mni": 2})
+    with pytest.raises(ConfigError, match=r"'fw_lamda' \(did you mean 'fw_lambda'\?\)"):
+        get_method("fim-lora+fw-lora", {"fw_lamda": 5.0})
+    assert get_method("fim-lora", {"r_min": 2}).options["r_min"] == 2
+
+
+@pytest.mark.parametrize("basis", ["gram", "svd"])
+def test_filet_names_a_non_finite_base_weight(basis):
+    model = tiny_peft_model()
+    _, layers = lora_layers(model)
+    name, layer = list(layers.items())[-1]
+    with torch.no_grad():
+        layer.get_base_layer().weight[0, 0] = float("nan")
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=rf"base weight of '{name}' holds NaN or inf"):
+        filet_init(model, random_batches(2), basis=basis, progress=False)
+    before["params"] = {k: v.nan_to_num(7.0) for k, v in before["params"].items()}
+    after = snapshot(model)
+    after["params"] = {k: v.nan_to_num(7.0) for k, v in after["params"].items()}
+    assert_unchanged(before, after)

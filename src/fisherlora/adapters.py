@@ -252,6 +252,40 @@ def apply_ranks(
     return alphas
 
 
+@contextmanager
+def adapter_sizes_restored_on_error(model: PeftModel) -> Iterator[None]:
+    """Put every LoRA layer's factor modules, rank, alpha and scaling, and the adapter config's
+    ``rank_pattern`` / ``alpha_pattern``, back as they were if the block raises.
+
+    For a composition, whose later member (FILet) may refuse after the rank allocator resized
+    the adapters: :func:`resize_lora_layer` replaces the factor modules rather than writing into
+    them, so keeping the old modules is enough. Base weights are not kept: the initialisations
+    write them only after every check has passed."""
+    adapter, layers = lora_layers(model)
+    config = model.peft_config[adapter]
+    kept = {
+        name: (
+            layer.lora_A[adapter],
+            layer.lora_B[adapter],
+            layer.r[adapter],
+            layer.lora_alpha[adapter],
+            layer.scaling[adapter],
+        )
+        for name, layer in layers.items()
+    }
+    patterns = copy.deepcopy((config.rank_pattern, config.alpha_pattern))
+    try:
+        yield
+    except BaseException:
+        for name, (a, b, rank, alpha, scaling) in kept.items():
+            layer = layers[name]
+            layer.lora_A[adapter], layer.lora_B[adapter] = a, b
+            layer.r[adapter], layer.lora_alpha[adapter] = rank, alpha
+            layer.scaling[adapter] = scaling
+        config.rank_pattern, config.alpha_pattern = patterns
+        raise
+
+
 def check_pattern_keys(names: Sequence[str]) -> None:
     """Every name, used as a PEFT pattern key, must match its own module and no other."""
     for key in names:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
+from difflib import get_close_matches
 from typing import Any
 
 from fisherlora.errors import ConfigError
@@ -70,6 +71,27 @@ def base_method(name: str) -> str:
     return VARIANTS[name][0] if name in VARIANTS else name
 
 
+def option_names() -> set[str]:
+    """Every option some method's constructor accepts (what ``get_method`` may be given)."""
+    return {p for factory in METHODS.values() for p in inspect.signature(factory).parameters}
+
+
+def _check_option_names(options: Mapping[str, Any]) -> None:
+    """A misspelt option would otherwise be dropped without a word and the default run."""
+    known = option_names()
+    unknown = sorted(set(options) - known)
+    if unknown:
+        hints = [
+            f"{k!r} (did you mean {close[0]!r}?)"
+            if (close := get_close_matches(k, known, 1))
+            else repr(k)
+            for k in unknown
+        ]
+        raise ConfigError(
+            f"unknown method option(s) {', '.join(hints)}; the methods take {sorted(known)}"
+        )
+
+
 def _single(name: str, options: Mapping[str, Any]) -> Method:
     if name in VARIANTS:
         base, fixed = VARIANTS[name]
@@ -88,9 +110,11 @@ def _single(name: str, options: Mapping[str, Any]) -> Method:
 
 def get_method(name: str, options: Mapping[str, Any] | None = None) -> Method:
     """A fresh method object for ``name``, built from the ``options`` its constructor accepts
-    (the runner passes all of its method settings; each method takes the ones it knows).
+    (the runner passes all of its method settings; each method takes the ones it knows). An
+    option no method takes (a misspelling) is refused with ``ConfigError``, not dropped.
     ``a+b+c`` composes our methods (see :mod:`fisherlora.methods.compose`)."""
     options = options or {}
+    _check_option_names(options)
     parts = [p.strip() for p in name.split("+")]
     if len(parts) == 1:
         return _single(parts[0], options)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 
+from fisherlora.adapters import adapter_sizes_restored_on_error
 from fisherlora.errors import ConfigError
 from fisherlora.figures import Figure
 from fisherlora.methods.base import AdapterMethod, Method
@@ -121,6 +122,9 @@ class Composed(AdapterMethod):
     def prepare(
         self, model: PeftModel, calibration_loader: Iterable[dict[str, torch.Tensor]]
     ) -> dict[str, Any]:
+        """Each member's ``prepare`` in phase order. If one refuses after the allocator resized
+        the adapters (FILet on a layer with fewer usable candidates than its new rank, or with
+        zero energies), the sizes are put back: the model is left as it was given."""
         info: dict[str, Any] = {}
         pair = self._calibration_pair()
         collected: CandidateEnergies | None = None
@@ -129,18 +133,19 @@ class Composed(AdapterMethod):
             collected = pair[1].calibration_statistic(model, calibration_loader)
             if collected is not None:  # before the allocator resizes anything
                 _check_candidates_cover_ranks(model, pair[0], collected)
-        for member in self.members:
-            if collected is not None and member is pair[0]:
-                info[member.name] = member.prepare(
-                    model, calibration_loader, also_collect=[collected]
-                )
-                collected.calibration_s = member.plan.calibration_s
-            elif collected is not None and member is pair[1]:
-                info[member.name] = member.prepare(
-                    model, calibration_loader, collected=collected, collected_by=pair[0].name
-                )
-            else:
-                info[member.name] = member.prepare(model, calibration_loader)
+        with adapter_sizes_restored_on_error(model):
+            for member in self.members:
+                if collected is not None and member is pair[0]:
+                    info[member.name] = member.prepare(
+                        model, calibration_loader, also_collect=[collected]
+                    )
+                    collected.calibration_s = member.plan.calibration_s
+                elif collected is not None and member is pair[1]:
+                    info[member.name] = member.prepare(
+                        model, calibration_loader, collected=collected, collected_by=pair[0].name
+                    )
+                else:
+                    info[member.name] = member.prepare(model, calibration_loader)
         return info
 
     def param_groups(self, model: PeftModel, weight_decay: float) -> list[dict[str, Any]]:

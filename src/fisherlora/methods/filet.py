@@ -472,8 +472,8 @@ def _project_statistics(
 
 def _check_model(model: PeftModel, adapter: str, layers: Mapping[str, LoraLayer]) -> None:
     """What FILet refuses before any work: a second init, adapters that already hold an update
-    (B ≠ 0: FILet would drop it), a scaling s ≤ 0 (``√(d/s)`` is not real), non-float base
-    weights, and a base weight shared with another module (tied embeddings: writing the
+    (B ≠ 0: FILet would drop it), a scaling s ≤ 0 (``√(d/s)`` is not real), non-float or
+    non-finite base weights, and a base weight shared with another module (tied embeddings: writing the
     residual W − sBA would change that module too, and the outputs with it)."""
     if has_residual(model):
         # W is already W − s B₀ A₀: a second residual would change the outputs, and the export
@@ -509,6 +509,8 @@ def _check_model(model: PeftModel, adapter: str, layers: Mapping[str, LoraLayer]
                 f"FILet needs a positive LoRA scaling s = alpha / r; {name!r} has "
                 f"s = {layer.scaling[adapter]} (set lora_alpha > 0)"
             )
+        if not bool(torch.isfinite(weight).all()):  # its decomposition would be NaN or fail
+            raise ConfigError(f"the base weight of {name!r} holds NaN or inf values")
 
 
 def _candidate_bytes(layers: Mapping[str, LoraLayer], basis: str) -> int:
