@@ -53,9 +53,9 @@ def test_bad_group_size_is_refused_before_anything_changes():
     a_before = {
         n: layer.lora_A["default"].weight.clone() for n, layer in lora_layers(model)[1].items()
     }
-    with pytest.raises(ConfigError, match="layers_per_pass must be at least 1"):
+    with pytest.raises(ConfigError, match="layers_per_pass must be a whole number >= 1"):
         filet_init(model, random_batches(1), progress=False, layers_per_pass=0)
-    with pytest.raises(ConfigError, match="layers_per_pass must be at least 1"):
+    with pytest.raises(ConfigError, match="layers_per_pass must be a whole number >= 1"):
         allocate_ranks(model, random_batches(1), progress=False, layers_per_pass=0)
     for n, layer in lora_layers(model)[1].items():
         assert torch.equal(layer.lora_A["default"].weight, a_before[n])

@@ -6,7 +6,7 @@ import torch
 from conftest import assert_unchanged, random_batches, snapshot, tiny_base, tiny_peft_model
 from peft import LoraConfig, get_peft_model
 
-from fisherlora.adapters import lora_layers
+from fisherlora.adapters import export_lora, lora_layers
 from fisherlora.capture import first_batches
 from fisherlora.errors import CalibrationError, ConfigError
 from fisherlora.methods import get_method
@@ -298,3 +298,68 @@ def test_filet_names_a_non_finite_base_weight(basis):
     after = snapshot(model)
     after["params"] = {k: v.nan_to_num(7.0) for k, v in after["params"].items()}
     assert_unchanged(before, after)
+
+
+def _with(change):
+    batches = random_batches(2)
+    for batch in batches:
+        change(batch)
+    return batches
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda b: b.update(attention_mask=b["attention_mask"][:, :5]), "attention_mask has shape"),
+        (lambda b: b["attention_mask"].zero_(), "all padding"),
+        (lambda b: b.update(labels=b["labels"][:2]), "labels of shape"),
+        (lambda b: b.update(input_ids=b["input_ids"].float()), "integer token ids"),
+        (lambda b: b.update(input_ids=b["input_ids"][0]), "integer token ids"),
+    ],
+)
+@pytest.mark.parametrize("method", ["fim-lora", "filet"])
+def test_malformed_token_batches_are_refused_by_name_before_any_change(change, message, method):
+    model = tiny_peft_model()
+    before = snapshot(model)
+    with pytest.raises(CalibrationError, match=rf"calibration batch 0.*{message}"):
+        get_method(method, {"calib_batches": 2, "progress": False}).prepare(model, _with(change))
+    assert_unchanged(before, snapshot(model))
+
+
+def test_option_types_that_would_fail_later_or_silently_are_refused_up_front(tmp_path):
+    model = tiny_peft_model()
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=r"layers_per_pass must be a whole number >= 1, got 2\.5"):
+        allocate_ranks(model, random_batches(1), layers_per_pass=2.5, progress=False)
+    with pytest.raises(ConfigError, match=r"layers_per_pass must be a whole number >= 1, got 1\.5"):
+        filet_init(model, random_batches(1), layers_per_pass=1.5, progress=False)
+    with pytest.raises(ConfigError, match="whole numbers for seed='a'"):
+        FisherPenalty(model, seed="a")  # else a raw TypeError at the first warm-up backward
+    with pytest.raises(ConfigError, match=r"whole numbers for seed=1\.5"):
+        FwLoRA(seed=1.5)
+    with pytest.raises(ConfigError, match="whole-number seed, got None"):
+        random_ranks(model, seed=None)  # unseeded: not reproducible
+    assert_unchanged(before, snapshot(model))
+    base, _ = tiny_base("bert")
+    with pytest.raises(ConfigError, match=r"expected a peft\.PeftModel, got BertFor"):
+        export_lora(base, tmp_path / "adapter")  # would write the whole model as a checkpoint
+    assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize("init", ["allocate_ranks", "filet_init"])
+def test_a_penalty_made_before_an_init_refuses_to_penalise_stale_factors(init):
+    model = tiny_peft_model(rank=4)
+    penalty = FisherPenalty(model, warmup_steps=0, lam=1.0)
+    assert penalty.penalty().item() == 0.0  # B = 0: nothing to penalise yet
+    if init == "allocate_ranks":  # new factor modules of the allocated ranks
+        allocate_ranks(model, random_batches(2), n_batches=2, progress=False)
+        match = "the LoRA factors of .* were replaced after this FisherPenalty was made"
+    else:  # the same modules, rewritten as a residual init (B0 != 0)
+        filet_init(model, random_batches(2), n_batches=2, progress=False)
+        match = "FILet rewrote the adapters as a residual init after this FisherPenalty"
+    with pytest.raises(ConfigError, match=match):
+        penalty.penalty()
+    with pytest.raises(ConfigError, match=match):
+        penalty.step()
+    made_after = FisherPenalty(model, warmup_steps=0, lam=1.0)
+    assert made_after.penalty().item() == pytest.approx(0.0, abs=1e-6)  # ΔW from this init: 0

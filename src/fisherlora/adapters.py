@@ -406,6 +406,11 @@ def export_lora(
     A residual-initialised model's own ``model.save_pretrained(out_dir)`` calls this (see
     :func:`save_for_original_base`).
     """
+    if not isinstance(model, PeftModel):  # a plain model would be saved whole, as a checkpoint
+        raise ConfigError(
+            f"export_lora writes a PEFT adapter: expected a peft.PeftModel, got "
+            f"{type(model).__name__}"
+        )
     residuals = _RESIDUALS.get(model)
     if not residuals:
         type(model).save_pretrained(model, str(out_dir), state_dict=state_dict)

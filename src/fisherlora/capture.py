@@ -268,6 +268,37 @@ def check_batch(batch: Any, index: int, *, labels: bool = True) -> None:
             f"calibration batch {index}: {loose} should be torch tensors; expected {BATCH_FORMAT} "
             "(a tokenizer gives tensors with return_tensors='pt')"
         )
+    _check_token_shapes(batch, index)
+
+
+def _check_token_shapes(batch: Mapping[str, Any], index: int) -> None:
+    """Token batches: ``input_ids`` integer ``[batch, seq]``, a mask of the same shape with at
+    least one token, labels with a row per sequence. A mismatched mask would otherwise be
+    skipped by the masking (padding counted in the statistics) without an error."""
+    ids = batch.get("input_ids")
+    if ids is None:
+        return
+    if ids.ndim != 2 or ids.is_floating_point():
+        raise CalibrationError(
+            f"calibration batch {index}: input_ids should be integer token ids of shape "
+            f"[batch, seq], not {ids.dtype} of shape {list(ids.shape)}"
+        )
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.shape != ids.shape:
+        raise CalibrationError(
+            f"calibration batch {index}: attention_mask has shape {list(mask.shape)}, input_ids "
+            f"{list(ids.shape)}; they should be the same"
+        )
+    if mask is not None and not bool(mask.any()):
+        raise CalibrationError(
+            f"calibration batch {index} is all padding (its attention_mask is zero everywhere)"
+        )
+    labels = batch.get("labels")
+    if labels is not None and (labels.ndim == 0 or labels.shape[0] != ids.shape[0]):
+        raise CalibrationError(
+            f"calibration batch {index}: labels of shape {list(labels.shape)} for "
+            f"{ids.shape[0]} sequences; expected one label (or label row) per sequence"
+        )
 
 
 def first_batches(
@@ -398,6 +429,7 @@ def layer_groups(names: list[str], layers_per_pass: int | None) -> list[list[str
     """Consecutive groups of ``layers_per_pass`` module names (one group of all when None)."""
     if layers_per_pass is None:
         return [names]
-    if layers_per_pass < 1:
-        raise ConfigError(f"layers_per_pass must be at least 1, got {layers_per_pass}")
+    whole = isinstance(layers_per_pass, int) and not isinstance(layers_per_pass, bool)
+    if not whole or layers_per_pass < 1:
+        raise ConfigError(f"layers_per_pass must be a whole number >= 1, got {layers_per_pass!r}")
     return [names[i : i + layers_per_pass] for i in range(0, len(names), layers_per_pass)]

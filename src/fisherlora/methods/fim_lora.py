@@ -458,6 +458,8 @@ def random_ranks(
     """The random-rank control: :func:`allocate_ranks` with seeded uniform scores, no calibration."""
     _check_options(budget, "mean", "batch")
     layers = _check_fresh(model, "random_ranks")
+    if isinstance(seed, bool) or not isinstance(seed, int):  # random.Random(None) is unseeded
+        raise ConfigError(f"random_ranks needs a whole-number seed, got {seed!r}")
     rng = random.Random(seed)
     scores = {name: rng.random() for name in sorted(layers)}
     plan = plan_ranks(

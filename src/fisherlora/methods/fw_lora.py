@@ -51,7 +51,7 @@ from peft import PeftModel
 from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import pad_sequence
 
-from fisherlora.adapters import lora_layers
+from fisherlora.adapters import has_residual, lora_layers
 from fisherlora.capture import LastInput, check_finite
 from fisherlora.errors import ConfigError, check_choices
 from fisherlora.figures import Figure, ModuleValues
@@ -73,6 +73,7 @@ def check_options(
     probes: int,
     normalize: str,
     mode: str,
+    seed: int = 0,
 ) -> None:
     """Raise ``ConfigError`` for FW-LoRA options that cannot run, naming them (before a model is
     touched: :class:`FwLoRA` checks them when it is made, ahead of a composition's other inits)."""
@@ -86,7 +87,7 @@ def check_options(
     )
     whole = [
         f"{label}={value!r}"
-        for label, value in (("warmup_steps", warmup_steps), ("probes", probes))
+        for label, value in (("warmup_steps", warmup_steps), ("probes", probes), ("seed", seed))
         if isinstance(value, bool) or not isinstance(value, int)
     ]
     if whole:  # a fractional warm-up would never end (the step count never equals it)
@@ -257,8 +258,10 @@ class FisherPenalty:
             probes=probes,
             normalize=normalize,
             mode=mode,
+            seed=seed,
         )
         self.adapter, self.layers = lora_layers(model)
+        self._model = weakref.ref(model)  # to notice an init that comes after the penalty
         self.names = list(self.layers)
         self.warmup_steps, self.decay, self.lam = warmup_steps, decay, lam
         self.estimator, self.probes, self.normalize, self.mode, self.seed = (
@@ -486,8 +489,33 @@ class FisherPenalty:
         # position in buffer order of each module (in self.names order)
         self._inverse = torch.argsort(torch.tensor(order)).to(self._buffer.device)
 
+    def _check_factors_current(self) -> None:
+        """Refuse to go on with factors that are no longer the model's: the penalty holds the A, B
+        (and A₀, B₀) it was made with, so a rank allocation (new factor modules) or a FILet init
+        (B₀ ≠ 0, residual base weights) after it would leave it penalising stale tensors."""
+        replaced = [
+            name
+            for name, layer, a, b in zip(
+                self.names, self.layers.values(), self._a, self._b, strict=True
+            )
+            if layer.lora_A[self.adapter].weight is not a
+            or layer.lora_B[self.adapter].weight is not b
+        ]
+        model = self._model()
+        if replaced or (model is not None and has_residual(model) and not self.residual_init):
+            what = (
+                f"the LoRA factors of {replaced[:3]} were replaced"
+                if replaced
+                else ("FILet rewrote the adapters as a residual init")
+            )
+            raise ConfigError(
+                f"{what} after this FisherPenalty was made; make the penalty after every "
+                "initialisation (rank allocation, FILet), as the methods' prepare does"
+            )
+
     def step(self) -> None:
         """Advance the schedule by one optimizer step (call after ``optimizer.step()``)."""
+        self._check_factors_current()
         if self.warming_up:
             proxy = self._frozen_grad_sq_norms().cpu()  # one device sync per step
             finite = bool(torch.isfinite(proxy).all())
@@ -564,6 +592,7 @@ class FisherPenalty:
         One :class:`UpdatePenalty` node: its value from r×r products, its gradient (added to A
         and B by the backward pass like any other term of the loss) from the analytic formula,
         a few batched products per group of modules of one width."""
+        self._check_factors_current()
         if self.mode == "decay" or self.lam == 0:
             return torch.zeros((), device=self._a[0].device, dtype=torch.float32)
         if self._coefficients is None:  # λ (1 − I_m) s_m², refreshed when I changes
@@ -696,7 +725,7 @@ class FwLoRA(AdapterMethod):
             seed=seed,
         )
         # refused here, before a composition's earlier members have changed the model
-        check_options(decay=DEFAULT_DECAY, **{k: v for k, v in self.options.items() if k != "seed"})
+        check_options(decay=DEFAULT_DECAY, **self.options)
         self.penalty: FisherPenalty | None = None
         self.penalty_history: list[float] = []
 
