@@ -9,7 +9,7 @@ from conftest import random_batches, run_tiny, tiny_peft_model
 
 from fisherlora.adapters import lora_layers
 from fisherlora.errors import ConfigError
-from fisherlora.methods.fw_lora import FisherPenalty
+from fisherlora.methods.fw_lora import FisherPenalty, FwLoRA
 
 
 def reference_grad_sq_norms(model, batches):
@@ -596,3 +596,31 @@ def test_warm_up_buffer_ignores_what_an_overflowed_step_left():
     reference = reference_grad_sq_norms(model, batches)
     for name, value in reference.items():
         assert penalty.last_proxy[name] == pytest.approx(value, rel=1e-5), name
+
+
+def test_a_warm_up_not_shorter_than_the_run_is_warned_about():
+    with pytest.warns(UserWarning, match=r"warm-up \(100 steps\) is not shorter than the run"):
+        FwLoRA(steps=100, fw_warmup_steps=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FwLoRA(steps=100)  # the default warm-up: a fifth of the run
+
+
+def test_a_state_restored_into_the_warm_up_puts_the_hooks_back():
+    model = no_dropout_model()
+    penalty = FisherPenalty(model, warmup_steps=2)
+    batches = random_batches(3)
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+    model(**batches[0]).loss.backward()
+    penalty.step()
+    inside = copy.deepcopy(penalty.state_dict())  # after step 1 of 2
+    model(**batches[1]).loss.backward()
+    penalty.step()  # the warm-up ends: hooks removed
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+    penalty.load_state_dict(inside)  # e.g. the same trainer resumed from an earlier checkpoint
+    assert penalty.warming_up
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks > 0
+    model.zero_grad()
+    model(**batches[1]).loss.backward()
+    penalty.step()
+    assert not penalty.warming_up and penalty.fisher.sum() > 0

@@ -130,12 +130,43 @@ def test_a_resume_without_the_methods_files_or_with_another_init_is_refused(tmp_
     )
     with pytest.raises(ConfigError, match="initialisation re-derived for resuming differs"):
         other.train(resume_from_checkpoint=str(checkpoint))
-    # a checkpoint without the method's state would redo FW-LoRA's warm-up, silently
+    assert sum(len(m._forward_hooks) for m in other.model.modules()) == 0  # FW-LoRA's went too
+    # refused before the method changes the model: another method, a folder not there, a
+    # checkpoint without the method's state (its warm-up would be redone, silently)
+    for name, folder, message in [
+        ("filet+fw-lora-max", checkpoint, "written by a run of 'filet\\+fw-lora'"),
+        (method, tmp_path / "checkpoint-99", "no checkpoint folder at"),
+    ]:
+        refused = make_trainer(tmp_path, keyword_task, method=name)
+        before = {n: p.detach().clone() for n, p in refused.model.named_parameters()}
+        with pytest.raises(ConfigError, match=message):
+            refused.train(resume_from_checkpoint=str(folder))
+        for n, p in refused.model.named_parameters():
+            assert torch.equal(p, before[n]), n
+        assert refused.fisher_info is None  # nothing calibrated
     (checkpoint / STATE_FILE).unlink()
     with pytest.raises(ConfigError, match=r"lacks \['fisherlora_state.pt'\]"):
         make_trainer(tmp_path, keyword_task, method=method).train(
             resume_from_checkpoint=str(checkpoint)
         )
+
+
+def test_a_method_object_needs_the_method_steps_and_brings_its_own_options(tmp_path):
+    from fisherlora.methods import get_method
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    with pytest.raises(ConfigError, match=r"int has no \['prepare'"):
+        FisherTrainer(model=tiny_peft_model(), args=args, fisher_method=42)
+    method = get_method("fw-lora", {"fw_warmup_steps": 2})
+    with pytest.raises(ConfigError, match=r"\['fw_lambda'\] would be ignored"):
+        FisherTrainer(
+            model=tiny_peft_model(),
+            args=args,
+            fisher_method=method,
+            fisher_options={"fw_lambda": 1.0},
+        )
+    trainer = FisherTrainer(model=tiny_peft_model(), args=args, fisher_method=method)
+    assert trainer.fisher is method
 
 
 def test_the_decay_form_without_weight_decay_is_refused_before_calibrating(tmp_path, keyword_task):

@@ -57,6 +57,7 @@ from fisherlora.methods.base import AdapterMethod, Method
 STATE_FILE = "fisherlora_state.pt"
 RANKS_FILE = "fisherlora_ranks.json"
 BASE_FILE = "fisherlora_base.json"  # a fingerprint of the adapted layers' frozen base weights
+METHOD_FILE = "fisherlora_method.json"  # the name of the method that wrote the checkpoint
 TRL_HINT = 'pip install "fisherlora[trl]" (in a checkout: pip install -e ".[trl]")'
 
 
@@ -75,6 +76,36 @@ class _AfterOptimizerStep(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.fisher.after_backward(self.trainer.model, state.global_step + 1)
+
+
+# what the Trainer calls on a Method object of one's own (AdapterMethod gives them all)
+METHOD_STEPS = (
+    "prepare",
+    "loss",
+    "after_backward",
+    "param_groups",
+    "state_dict",
+    "load_state_dict",
+)
+
+
+def _check_method_object(method: Any, fisher_options: dict[str, Any] | None) -> None:
+    """A ``fisher_method`` given as an object: it must have the Method steps the Trainer calls,
+    and it was made with its own options (``fisher_options`` would be dropped without a word,
+    and with them the Trainer's steps, seed and GradScaler)."""
+    missing = [step for step in METHOD_STEPS if not callable(getattr(method, step, None))]
+    if missing:
+        raise ConfigError(
+            f"fisher_method should be a method name or a Method object; {type(method).__name__} "
+            f"has no {missing} (subclass fisherlora.methods.AdapterMethod for the plain steps)"
+        )
+    if fisher_options:
+        raise ConfigError(
+            "fisher_options apply to a fisher_method given by name; this Method object was made "
+            f"with its own options, and {sorted(fisher_options)} would be ignored: pass the name "
+            "(e.g. fisher_method='fim-lora+filet+fw-lora') with the options, or make the object "
+            "with them (get_method(name, options), with 'steps' and 'seed' as the Trainer's)"
+        )
 
 
 class FisherTrainerMixin:
@@ -155,6 +186,8 @@ class FisherTrainerMixin:
         if scaler is not None:
             options.setdefault("grad_scaler", scaler)
         options.setdefault("progress", not self.args.disable_tqdm)
+        if not isinstance(fisher_method, str):
+            _check_method_object(fisher_method, fisher_options)
         self.fisher: Method = (
             get_method(fisher_method, options) if isinstance(fisher_method, str) else fisher_method
         )
@@ -256,11 +289,20 @@ class FisherTrainerMixin:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ConfigError(f"no checkpoint to resume from in {self.args.output_dir}")
+        if resume_from_checkpoint:  # before the method changes the model: its files, its name
+            self._check_checkpoint(Path(resume_from_checkpoint))
         if self.fisher_info is None:  # once per trainer: the adapters change only here
             self.model.train()
             self.fisher_info = self.fisher.prepare(self.model, self.calibration_batches())
         if resume_from_checkpoint:
-            self._restore_method_state(Path(resume_from_checkpoint))
+            try:
+                self._restore_method_state(Path(resume_from_checkpoint))
+            except ConfigError:  # the re-derived init differs: FW-LoRA's hooks go with it
+                for member in getattr(self.fisher, "members", [self.fisher]):
+                    penalty = getattr(member, "penalty", None)
+                    if penalty is not None:
+                        penalty.remove_hooks()
+                raise
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def create_optimizer(self, model=None):
@@ -359,20 +401,39 @@ class FisherTrainerMixin:
             torch.save(self.fisher.state_dict(), folder / STATE_FILE)
             (folder / RANKS_FILE).write_text(json.dumps(self._ranks(), indent=1))
             (folder / BASE_FILE).write_text(json.dumps(self._base_fingerprint(), indent=1))
+            (folder / METHOD_FILE).write_text(json.dumps({"method": self._method_name()}))
         # A checkpoint is loaded back into this very model on resume, so it holds PEFT's own
         # adapter even after a residual init (whose save_pretrained writes the export for the
         # original base weights, which a resume could not load at rank r).
         with raw_adapter_saves(self.model):
             super()._save_checkpoint(model, trial)
 
-    def _restore_method_state(self, checkpoint: Path) -> None:
-        ranks_file, state_file = checkpoint / RANKS_FILE, checkpoint / STATE_FILE
-        missing = [f.name for f in (ranks_file, state_file) if not f.exists()]
+    def _method_name(self) -> str:
+        return str(getattr(self.fisher, "name", type(self.fisher).__name__))
+
+    def _check_checkpoint(self, checkpoint: Path) -> None:
+        """What a resume can be refused for before the method changes the model: a folder that
+        is not there, lacks the method's files, or was written by another method."""
+        if not checkpoint.is_dir():
+            raise ConfigError(f"no checkpoint folder at {checkpoint} to resume from")
+        missing = [f for f in (RANKS_FILE, STATE_FILE) if not (checkpoint / f).exists()]
         if missing:  # resuming without them would redo FW-LoRA's warm-up, silently
             raise ConfigError(
                 f"{checkpoint} lacks {missing}, which a {type(self).__name__} writes into every "
                 "checkpoint: it was not written by one, or not completely"
             )
+        method_file = checkpoint / METHOD_FILE
+        if method_file.exists():  # checkpoints written before 2026-12-02 lack it
+            saved = json.loads(method_file.read_text())["method"]
+            if saved != self._method_name():
+                raise ConfigError(
+                    f"{checkpoint} was written by a run of {saved!r}, and this trainer runs "
+                    f"{self._method_name()!r}: resume with the same fisher_method (its saved state "
+                    "would otherwise be dropped or its warm-up redone)"
+                )
+
+    def _restore_method_state(self, checkpoint: Path) -> None:
+        ranks_file, state_file = checkpoint / RANKS_FILE, checkpoint / STATE_FILE
         if json.loads(ranks_file.read_text()) != self._ranks():
             raise ConfigError(
                 f"the ranks re-derived for resuming differ from those saved in {checkpoint}: the "

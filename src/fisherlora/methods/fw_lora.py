@@ -694,6 +694,8 @@ class FisherPenalty:
             self.remove_hooks()
             self._buffer, self._views = None, {}
             self._apply_decay()
+        elif not self._handles:  # back into the warm-up after it had ended here: hooks again
+            self._handles = self._register_hooks()
 
 
 class FwLoRA(AdapterMethod):
@@ -714,6 +716,13 @@ class FwLoRA(AdapterMethod):
         grad_scaler: torch.amp.GradScaler | None = None,  # the runner's, under --precision fp16
     ) -> None:
         warmup = default_warmup(steps) if fw_warmup_steps is None else fw_warmup_steps
+        if isinstance(warmup, int) and warmup >= steps > 0:
+            warnings.warn(
+                f"FW-LoRA's warm-up ({warmup} steps) is not shorter than the run ({steps} steps): "
+                "the Fisher weights are never used, and the whole run has the unweighted penalty "
+                "of the warm-up (I = 0)",
+                stacklevel=2,
+            )
         self.grad_scaler = grad_scaler
         self.options = dict(
             warmup_steps=warmup,
