@@ -329,3 +329,94 @@ def test_a_name_the_hub_does_not_have_says_so(no_hub_loading, monkeypatch):
     monkeypatch.setattr(HfApi, "model_info", missing)
     with pytest.raises(ConfigError, match="the hub has no model of that name"):
         load_model("no-such-org/no-such-model", 2)
+
+
+# --- refused before anything is written (a probe of the command line) --------------------------
+
+
+def test_a_refused_train_leaves_the_finished_run_in_its_folder(small_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_cli(["train", *TINY, "--data", str(small_csv), "--out", str(out)], capsys)
+    assert code == 0, err
+    finished = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert "metrics.json" in finished
+    for bad in (["--r-max", "1000"], ["--r-min", "3", "--r-max", "2"]):
+        code, err = run_cli(
+            [
+                "train",
+                *TINY,
+                "--data",
+                str(small_csv),
+                "--out",
+                str(out),
+                "--method",
+                "fim-lora",
+                *bad,
+            ],
+            capsys,
+        )
+        assert code == 2 and "r_m" in one_error_line(err)
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == finished
+    fresh = tmp_path / "fresh"
+    code, err = run_cli(
+        [
+            "train",
+            *TINY,
+            "--data",
+            str(small_csv),
+            "--out",
+            str(fresh),
+            "--method",
+            "fim-lora",
+            "--r-max",
+            "1000",
+        ],
+        capsys,
+    )
+    assert code == 2 and not (fresh / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--weight-decay", "nan"], "weight_decay, max_grad_norm and eval_every must be numbers"),
+        (["--max-grad-norm", "nan"], "weight_decay, max_grad_norm and eval_every must be numbers"),
+        (["--seeds", ""], "--seeds names nothing"),
+        (["--methods", ""], "no method named"),
+        (["--methods", "lora,fw-lora", "--fw-lambda", "nan"], "finite lam"),
+        (["--methods", "lora,fim-lora", "--r-max", "1000"], "1000"),
+        (["--methods", "lora,fim-lora", "--r-min", "3", "--r-max", "2"], "must not exceed r_max"),
+    ],
+)
+def test_compare_refuses_settings_every_run_would_fail_on_up_front(
+    extra, message, small_csv, tmp_path, capsys
+):
+    out = tmp_path / "cmp"
+    args = ["compare", *TINY, "--data", str(small_csv), "--out", str(out), "--seeds", "0"]
+    code, err = run_cli(args + extra, capsys)
+    assert code == 2 and message in one_error_line(err)
+    assert not (out / "compare.json").exists()
+
+
+def test_report_only_without_a_comparison_or_suite_is_refused(small_csv, tmp_path, capsys):
+    out = tmp_path / "nothing"
+    code, err = run_cli(
+        ["compare", *TINY, "--data", str(small_csv), "--out", str(out), "--report-only"], capsys
+    )
+    assert code == 2 and "no comparison in" in one_error_line(err)
+    code, err = run_cli(["suite", "cpu", "--out", str(out), "--report-only"], capsys)
+    assert code == 2 and "no suite in" in one_error_line(err)
+    assert not out.exists()
+
+
+def test_an_empty_data_file_and_a_suite_file_not_in_utf8_are_named(tmp_path, capsys):
+    empty = tmp_path / "empty.csv"
+    empty.write_bytes(b"")
+    code, err = run_cli(
+        ["train", *TINY, "--data", str(empty), "--out", str(tmp_path / "r")], capsys
+    )
+    assert code == 2 and "empty.csv" in one_error_line(err)
+    suite = tmp_path / "latin1.toml"
+    suite.write_bytes(b"[suite]\nname = 'caf\xe9'\n")
+    code, err = run_cli(["suite", str(suite), "--out", str(tmp_path / "s"), "--dry-run"], capsys)
+    assert code == 2 and "not UTF-8" in one_error_line(err)

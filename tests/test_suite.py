@@ -528,6 +528,10 @@ def test_the_compute_table_sums_wall_clock_and_pause_robust_hours_per_cell(repor
     assert table.loc["a", WALL_HOURS] == round((len(runs) * (steps + 10) + 3600) / 3600, 2)
     assert table.loc["a", TYPICAL_HOURS] == round(len(runs) * (steps + 10) / 3600, 2)
     assert table.loc["broken", "runs"] == 0 and table.loc["broken", WALL_HOURS] == 0
+    # a cell whose every run failed writes a results.csv with no columns (one newline)
+    (out / "broken").mkdir(exist_ok=True)
+    (out / "broken" / "results.csv").write_text("\n")
+    assert wall_hours(suite, out).set_index("cell").loc["broken", "runs"] == 0
 
 
 def test_report_only_from_the_command_line_trains_nothing(report_suite, monkeypatch, capsys):

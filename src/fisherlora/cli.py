@@ -318,6 +318,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in settings.items() if v is not None})
 
 
+def given_or(value: str | None, default: str) -> str:
+    """A flag's text where it was given (also when given empty), else the default."""
+    return default if value is None else value
+
+
 def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:
     """The comparison from the flags; ``--quick`` fills in what the user did not set."""
     from fisherlora.experiments.compare import TUNE_SEED, CompareConfig, parse_floats, parse_ints
@@ -329,17 +334,20 @@ def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:
     args.steps = args.steps if args.steps is not None else preset.get("steps", defaults.steps)
     if args.eval_every is None:
         args.eval_every = preset.get("eval_every", defaults.eval_every)
-    methods = method_names(args.methods or preset.get("methods", ALL_METHODS))
-    seeds = parse_ints(args.seeds or preset.get("seeds", "0,1,2"), "--seeds", minimum=0)
-    given = "--ranks" if args.ranks else "--rank"  # the flag the value came from, for its error
-    ranks = parse_ints(args.ranks or args.rank or str(defaults.rank), given, minimum=1)
+    # a flag given empty (--seeds "") names nothing: refused by the parsers, not the default
+    methods = method_names(given_or(args.methods, preset.get("methods", ALL_METHODS)))
+    seeds = parse_ints(given_or(args.seeds, preset.get("seeds", "0,1,2")), "--seeds", minimum=0)
+    given = "--ranks" if args.ranks is not None else "--rank"  # the flag the value came from
+    ranks = parse_ints(
+        given_or(args.ranks, given_or(args.rank, str(defaults.rank))), given, minimum=1
+    )
     args.rank = ranks[0]  # the base run's rank (each run sets its own); --rank arrives as text
     if args.val_fraction is None:  # comparisons select on validation, never on test
         args.val_fraction = COMPARE_VAL_FRACTION
     if args.quick and args.lr_grid:
         raise ConfigError("--quick runs at one learning rate; leave out --lr-grid (or --quick)")
-    lr_grid = parse_floats(args.lr_grid, "--lr-grid") if args.lr_grid else None
-    tune_seeds = parse_ints(args.tune_seeds or str(TUNE_SEED), "--tune-seeds", minimum=0)
+    lr_grid = parse_floats(args.lr_grid, "--lr-grid") if args.lr_grid is not None else None
+    tune_seeds = parse_ints(given_or(args.tune_seeds, str(TUNE_SEED)), "--tune-seeds", minimum=0)
     return CompareConfig(
         methods=methods,
         seeds=seeds,
@@ -426,6 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             given = [a for a in (argv or sys.argv[1:]) if a != "--report-only"]
             command = "fisherlora " + " ".join(shlex.quote(a) for a in given)
             if args.report_only:
+                if not (Path(config.out) / "compare.json").exists():
+                    raise ConfigError(f"--report-only: no comparison in {config.out} to report on")
                 report = write_report(config, command=command)
             else:
                 report = compare(config, progress=not args.no_progress, command=command)

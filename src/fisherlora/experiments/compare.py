@@ -58,10 +58,12 @@ from fisherlora.experiments.task_kinds import load_data, task_kind
 from fisherlora.experiments.train import (
     TrainConfig,
     carve_splits,
+    method_options,
     resolve_device,
     train,
     write_json_atomic,
 )
+from fisherlora.methods import base_method, get_method
 
 # Settings added after comparisons were first pinned, with the value that older comparisons
 # ran with: a compare.json without the key matches exactly that value (so they still resume).
@@ -152,10 +154,19 @@ def check_runs_can_start(config: CompareConfig, task: Any) -> None:
     and targets or a largest rank it cannot take. Loads the model once (seconds), so that such a
     mistake is one clear error instead of an ``error.txt`` in every run directory."""
     base = config.base
+    for method in config.methods:  # their options (a NaN λ, ...), as each run would build them
+        get_method(method, method_options(base, progress=False))
     kind = task_kind(carve_splits(task, base), base)
     model = kind.load_model(base.model, seed=0)
     targets = list(base.targets) if base.targets else default_targets(model, verbose=False)
     resolve_targets(model, targets, rank=max(config.ranks))
+    allocators = [
+        m
+        for m in config.methods
+        if {base_method(p) for p in m.split("+")} & {"fim-lora", "random-rank"}
+    ]
+    if base.r_max is not None and allocators:  # an r_max some layer could not take
+        resolve_targets(model, targets, rank=base.r_max)
 
 
 def grid_extension_allowed(config: CompareConfig, before: dict[str, Any]) -> bool:

@@ -78,7 +78,10 @@ def is_image_data(task: str, data: str | Path | None) -> bool:
     if path.suffix.lower() == ".csv" and path.is_file():
         import pandas as pd
 
-        return IMAGE_COLUMN in pd.read_csv(path, nrows=0).columns
+        try:
+            return IMAGE_COLUMN in pd.read_csv(path, nrows=0).columns
+        except pd.errors.EmptyDataError:  # an empty file: the text loader names the problem
+            return False
     return False
 
 

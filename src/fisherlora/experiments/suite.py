@@ -87,6 +87,9 @@ def run_suite(
     from fisherlora.experiments.report import write_report
 
     out = Path(out)
+    ran = [out / "suite.json", *(out / cell.name for cell in suite.cells)]
+    if report_only and not any(path.exists() for path in ran):
+        raise ConfigError(f"--report-only: no suite in {out} to report on")
     check_resumable(suite, out)
     if not report_only:
         check_cell_data(suite, out)

@@ -301,7 +301,12 @@ def resolve_suite(spec: str) -> tuple[str, str]:
             f"unknown suite {spec!r}: not a built-in suite ({', '.join(BUILTIN_SUITES)}) and "
             "no such file"
         )
-    return path.read_text(encoding="utf-8"), str(path)
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"suite file {path}: not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from err
 
 
 def load_suite(spec: str) -> Suite:

@@ -44,13 +44,7 @@ def collect_suite_results(
                     f"run r = {f.get('rank')} {f.get('method')} seed {f.get('seed')} failed: "
                     f"{f.get('error')}"
                 )
-        csv = cell_dir / "results.csv"
-        runs = pd.DataFrame()
-        if csv.exists() and csv.stat().st_size > 0:
-            try:
-                runs = pd.read_csv(csv)
-            except pd.errors.EmptyDataError:
-                runs = pd.DataFrame()
+        runs = read_results(cell_dir / "results.csv")
         if runs.empty:
             notes.append("no finished runs yet")
         else:
@@ -61,6 +55,17 @@ def collect_suite_results(
             problems[cell.name] = notes
     results = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return results, problems
+
+
+def read_results(csv: Path) -> pd.DataFrame:
+    """A cell's ``results.csv``; empty where there is none yet, or it holds no row (a cell
+    whose every run failed writes a file with no columns)."""
+    if not csv.exists():
+        return pd.DataFrame()
+    try:
+        return pd.read_csv(csv)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
 
 
 def picked_rates(suite: Suite, out: str | Path) -> pd.DataFrame:
@@ -179,7 +184,7 @@ def wall_hours(suite: Suite, out: str | Path) -> pd.DataFrame:
     rows = []
     for cell in suite.cells:
         csv = Path(out) / cell.name / "results.csv"
-        runs = pd.read_csv(csv) if csv.exists() and csv.stat().st_size > 0 else pd.DataFrame()
+        runs = read_results(csv)
         steps = {"steps": cell.compare_config(Path(out) / cell.name).base.steps}
         wall = typical = 0.0
         for _, run in runs.iterrows():

@@ -160,12 +160,17 @@ class TrainConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0 or self.eval_every < 0:
-            raise ConfigError("weight_decay, max_grad_norm and eval_every must not be negative")
+        if not (self.weight_decay >= 0 and self.max_grad_norm >= 0 and self.eval_every >= 0):
+            raise ConfigError(  # `>= 0` is False for NaN too
+                "weight_decay, max_grad_norm and eval_every must be numbers >= 0; got "
+                f"{self.weight_decay}, {self.max_grad_norm} and {self.eval_every}"
+            )
         for name in ("r_min", "r_max", "layers_per_pass"):
             value = getattr(self, name)
             if value is not None and (int(value) != value or value < 1):
                 raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+        if self.r_min is not None and self.r_max is not None and self.r_min > self.r_max:
+            raise ConfigError(f"r_min ({self.r_min}) must not exceed r_max ({self.r_max})")
         if "decay" in self._fw_modes() and not self.weight_decay > 0:
             raise ConfigError(
                 f"{self.method}: FW-LoRA's decay form (--fw-mode decay, or the fw-lora-decay "
@@ -399,8 +404,6 @@ def train(
         target_modules=targets,
         use_rslora=config.rslora,
     )
-    out = start_run_directory(config, task, targets, device, process)
-
     has_val = config.val_fraction > 0
     evaluate_during, evaluate_test = held_out_evaluators(task, config, device, process)
     batches = forever(
@@ -417,6 +420,9 @@ def train(
     started = time.perf_counter()
     prepare_info = method.prepare(model, calibration_loader)
     prepare_time = time.perf_counter() - started
+    # only now: a method's refusal (rank bounds, calibration data) leaves a finished run in
+    # config.out as it was, and a new folder unwritten
+    out = start_run_directory(config, task, targets, device, process)
     # the input directions each adapter starts from (A after any init), to report at the end how
     # much of them training kept: FILet's "stays in the Fisher subspace" needs LoRA's figure
     # beside it to mean anything. None where the adapters are not plain LoRA (AdaLoRA).
