@@ -51,7 +51,7 @@ from peft import PeftModel
 from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import pad_sequence
 
-from fisherlora.adapters import has_residual, lora_layers
+from fisherlora.adapters import adapter_generation, has_residual, lora_layers
 from fisherlora.capture import LastInput, check_finite
 from fisherlora.errors import ConfigError, check_choices
 from fisherlora.figures import Figure, ModuleValues
@@ -262,6 +262,7 @@ class FisherPenalty:
         )
         self.adapter, self.layers = lora_layers(model)
         self._model = weakref.ref(model)  # to notice an init that comes after the penalty
+        self._generation = adapter_generation(model)
         self.names = list(self.layers)
         self.warmup_steps, self.decay, self.lam = warmup_steps, decay, lam
         self.estimator, self.probes, self.normalize, self.mode, self.seed = (
@@ -492,7 +493,11 @@ class FisherPenalty:
     def _check_factors_current(self) -> None:
         """Refuse to go on with factors that are no longer the model's: the penalty holds the A, B
         (and A₀, B₀) it was made with, so a rank allocation (new factor modules) or a FILet init
-        (B₀ ≠ 0, residual base weights) after it would leave it penalising stale tensors."""
+        (B₀ ≠ 0, residual base weights) after it would leave it penalising stale tensors. One
+        number compared per call; the modules are looked at only when it changed."""
+        model = self._model()
+        if model is None or adapter_generation(model) == self._generation:
+            return
         replaced = [
             name
             for name, layer, a, b in zip(
@@ -501,17 +506,17 @@ class FisherPenalty:
             if layer.lora_A[self.adapter].weight is not a
             or layer.lora_B[self.adapter].weight is not b
         ]
-        model = self._model()
-        if replaced or (model is not None and has_residual(model) and not self.residual_init):
+        if replaced or (has_residual(model) and not self.residual_init):
             what = (
                 f"the LoRA factors of {replaced[:3]} were replaced"
                 if replaced
-                else ("FILet rewrote the adapters as a residual init")
+                else "FILet rewrote the adapters as a residual init"
             )
             raise ConfigError(
                 f"{what} after this FisherPenalty was made; make the penalty after every "
                 "initialisation (rank allocation, FILet), as the methods' prepare does"
             )
+        self._generation = adapter_generation(model)  # changed, and put back as it was
 
     def step(self) -> None:
         """Advance the schedule by one optimizer step (call after ``optimizer.step()``)."""
