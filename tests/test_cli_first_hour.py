@@ -384,7 +384,7 @@ def test_a_refused_train_leaves_the_finished_run_in_its_folder(small_csv, tmp_pa
         (["--seeds", ""], "--seeds names nothing"),
         (["--methods", ""], "no method named"),
         (["--methods", "lora,fw-lora", "--fw-lambda", "nan"], "finite lam"),
-        (["--methods", "lora,fim-lora", "--r-max", "1000"], "1000"),
+        (["--methods", "lora,fim-lora", "--r-max", "1000"], "r_max 1000"),
         (["--methods", "lora,fim-lora", "--r-min", "3", "--r-max", "2"], "must not exceed r_max"),
     ],
 )

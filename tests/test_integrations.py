@@ -167,6 +167,9 @@ def test_a_method_object_needs_the_method_steps_and_brings_its_own_options(tmp_p
         )
     trainer = FisherTrainer(model=tiny_peft_model(), args=args, fisher_method=method)
     assert trainer.fisher is method
+    # a checkpoint records a composition by its members in phase order: one name per method
+    spelled = FisherTrainer(model=tiny_peft_model(), args=args, fisher_method="fw-lora + filet")
+    assert spelled._method_name() == "filet+fw-lora"
 
 
 def test_the_decay_form_without_weight_decay_is_refused_before_calibrating(tmp_path, keyword_task):

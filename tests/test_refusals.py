@@ -6,7 +6,7 @@ import torch
 from conftest import assert_unchanged, random_batches, snapshot, tiny_base, tiny_peft_model
 from peft import LoraConfig, get_peft_model
 
-from fisherlora.adapters import export_lora, lora_layers
+from fisherlora.adapters import export_lora, lora_layers, resize_lora_layer
 from fisherlora.capture import first_batches
 from fisherlora.errors import CalibrationError, ConfigError
 from fisherlora.methods import get_method
@@ -346,14 +346,17 @@ def test_option_types_that_would_fail_later_or_silently_are_refused_up_front(tmp
     assert not (tmp_path / "adapter").exists()
 
 
-@pytest.mark.parametrize("init", ["allocate_ranks", "filet_init"])
+@pytest.mark.parametrize("init", ["allocate_ranks", "resize_lora_layer", "filet_init"])
 def test_a_penalty_made_before_an_init_refuses_to_penalise_stale_factors(init):
     model = tiny_peft_model(rank=4)
     penalty = FisherPenalty(model, warmup_steps=0, lam=1.0)
     assert penalty.penalty().item() == 0.0  # B = 0: nothing to penalise yet
+    match = "the LoRA factors of .* were replaced after this FisherPenalty was made"
     if init == "allocate_ranks":  # new factor modules of the allocated ranks
         allocate_ranks(model, random_batches(2), n_batches=2, progress=False)
-        match = "the LoRA factors of .* were replaced after this FisherPenalty was made"
+    elif init == "resize_lora_layer":  # one module replaced outside fisherlora's inits
+        adapter, layers = lora_layers(model)
+        resize_lora_layer(next(iter(layers.values())), adapter, 4, 8.0)
     else:  # the same modules, rewritten as a residual init (B0 != 0)
         filet_init(model, random_batches(2), n_batches=2, progress=False)
         match = "FILet rewrote the adapters as a residual init after this FisherPenalty"
@@ -363,3 +366,18 @@ def test_a_penalty_made_before_an_init_refuses_to_penalise_stale_factors(init):
         penalty.step()
     made_after = FisherPenalty(model, warmup_steps=0, lam=1.0)
     assert made_after.penalty().item() == pytest.approx(0.0, abs=1e-6)  # ΔW from this init: 0
+
+
+def test_token_batches_of_other_valid_shapes_pass_the_batch_check():
+    from fisherlora.capture import check_batch
+
+    ids = torch.ones(4, 3, 12, dtype=torch.long)  # multiple choice: [batch, choices, seq]
+    check_batch(
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[:, 0, 0]}, 0
+    )
+    flat = torch.ones(4, 12, dtype=torch.long)  # a custom 4-D attention mask is no padding mask
+    check_batch({"input_ids": flat, "attention_mask": torch.ones(4, 1, 12, 12), "labels": flat}, 0)
+    with pytest.raises(CalibrationError, match="attention_mask has shape"):
+        check_batch(
+            {"input_ids": ids, "attention_mask": torch.ones(4, 3, 5), "labels": flat[:, 0]}, 0
+        )

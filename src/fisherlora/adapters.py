@@ -249,23 +249,7 @@ def apply_ranks(
         resize_lora_layer(layer, adapter, int(ranks[name]), alphas[name], gaussian=gaussian)
     config.rank_pattern = {name: int(ranks[name]) for name in layers}
     config.alpha_pattern = dict(alphas)
-    _adapters_changed(model)
     return alphas
-
-
-# Models whose adapters an init reshaped or rewrote, and how many times: a FisherPenalty made
-# before such a change compares one number per step to notice it. Weak keys, as below.
-_GENERATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def adapter_generation(model: PeftModel) -> int:
-    """How many times :func:`apply_ranks`, a residual init or a restore changed ``model``'s
-    adapters (0 for a model no init has touched)."""
-    return _GENERATIONS.get(model, 0)
-
-
-def _adapters_changed(model: PeftModel) -> None:
-    _GENERATIONS[model] = adapter_generation(model) + 1
 
 
 @contextmanager
@@ -299,7 +283,6 @@ def adapter_sizes_restored_on_error(model: PeftModel) -> Iterator[None]:
             layer.r[adapter], layer.lora_alpha[adapter] = rank, alpha
             layer.scaling[adapter] = scaling
         config.rank_pattern, config.alpha_pattern = patterns
-        _adapters_changed(model)
         raise
 
 
@@ -334,7 +317,6 @@ def record_residual(model: PeftModel, name: str, a0: torch.Tensor, b0: torch.Ten
     route the model's ``save_pretrained`` through :func:`export_lora` (see
     :func:`save_for_original_base`)."""
     _RESIDUALS.setdefault(model, {})[name] = ResidualInit(a0.detach().clone(), b0.detach().clone())
-    _adapters_changed(model)
     if "save_pretrained" not in vars(model):
         model.save_pretrained = types.MethodType(save_for_original_base, model)
 

@@ -272,19 +272,23 @@ def check_batch(batch: Any, index: int, *, labels: bool = True) -> None:
 
 
 def _check_token_shapes(batch: Mapping[str, Any], index: int) -> None:
-    """Token batches: ``input_ids`` integer ``[batch, seq]``, a mask of the same shape with at
-    least one token, labels with a row per sequence. A mismatched mask would otherwise be
-    skipped by the masking (padding counted in the statistics) without an error."""
+    """Token batches: integer ``input_ids`` ``[batch, (choices,) seq]``, a padding mask of the
+    same shape with at least one token, labels with a row per example. A mismatched mask would
+    otherwise be skipped by the masking (padding counted in the statistics) without an error. A
+    mask of another rank (a custom 4-D ``[batch, 1, seq, seq]`` attention mask) is no padding
+    mask and is left to the model."""
     ids = batch.get("input_ids")
     if ids is None:
         return
-    if ids.ndim != 2 or ids.is_floating_point():
+    if ids.ndim < 2 or ids.is_floating_point():
         raise CalibrationError(
             f"calibration batch {index}: input_ids should be integer token ids of shape "
             f"[batch, seq], not {ids.dtype} of shape {list(ids.shape)}"
         )
     mask = batch.get("attention_mask")
-    if mask is not None and mask.shape != ids.shape:
+    if mask is None or mask.ndim != ids.ndim:
+        mask = None
+    elif mask.shape != ids.shape:
         raise CalibrationError(
             f"calibration batch {index}: attention_mask has shape {list(mask.shape)}, input_ids "
             f"{list(ids.shape)}; they should be the same"

@@ -396,7 +396,10 @@ def _interrupted(args: argparse.Namespace) -> str:
             f"fisherlora: interrupted: the comparison in {args.out} stopped; its finished runs "
             "are kept and re-running the same command resumes it"
         )
-    kept = f" ({args.out} holds no finished run)" if args.out else ""
+    # the folder is rewritten only once the method's calibration has passed: an earlier stop
+    # leaves a finished run there as it was
+    finished = args.out and (Path(args.out) / "metrics.json").exists()
+    kept = f" ({args.out} holds no finished run)" if args.out and not finished else ""
     return (
         f"fisherlora: interrupted: the train run stopped before it finished{kept}; re-running "
         "the same command restarts it from the beginning"

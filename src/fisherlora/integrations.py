@@ -409,6 +409,11 @@ class FisherTrainerMixin:
             super()._save_checkpoint(model, trial)
 
     def _method_name(self) -> str:
+        """The method's name as a checkpoint records it: a composition by its members in phase
+        order (``fw-lora+filet+fim-lora`` and ``fim-lora+filet+fw-lora`` are one method)."""
+        members = getattr(self.fisher, "members", None)
+        if members:
+            return "+".join(str(m.name) for m in members)
         return str(getattr(self.fisher, "name", type(self.fisher).__name__))
 
     def _check_checkpoint(self, checkpoint: Path) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from fisherlora.adapters import resolve_targets
+from fisherlora.adapters import check_rank_fits, resolve_targets
 from fisherlora.errors import ConfigError, FisherLoraError
 
 # the settings live in their own module, which report.py imports too (report never imports
@@ -166,7 +166,9 @@ def check_runs_can_start(config: CompareConfig, task: Any) -> None:
         if {base_method(p) for p in m.split("+")} & {"fim-lora", "random-rank"}
     ]
     if base.r_max is not None and allocators:  # an r_max some layer could not take
-        resolve_targets(model, targets, rank=base.r_max)
+        named = dict(model.named_modules())
+        chosen = resolve_targets(model, targets)
+        check_rank_fits({name: named[name] for name in chosen}, base.r_max, what="r_max")
 
 
 def grid_extension_allowed(config: CompareConfig, before: dict[str, Any]) -> bool:

@@ -51,7 +51,7 @@ from peft import PeftModel
 from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import pad_sequence
 
-from fisherlora.adapters import adapter_generation, has_residual, lora_layers
+from fisherlora.adapters import has_residual, lora_layers
 from fisherlora.capture import LastInput, check_finite
 from fisherlora.errors import ConfigError, check_choices
 from fisherlora.figures import Figure, ModuleValues
@@ -262,7 +262,6 @@ class FisherPenalty:
         )
         self.adapter, self.layers = lora_layers(model)
         self._model = weakref.ref(model)  # to notice an init that comes after the penalty
-        self._generation = adapter_generation(model)
         self.names = list(self.layers)
         self.warmup_steps, self.decay, self.lam = warmup_steps, decay, lam
         self.estimator, self.probes, self.normalize, self.mode, self.seed = (
@@ -291,6 +290,8 @@ class FisherPenalty:
         layers = list(self.layers.values())
         self._a = [layer.lora_A[self.adapter].weight for layer in layers]
         self._b = [layer.lora_B[self.adapter].weight for layer in layers]
+        # where the model keeps each layer's factor modules (to notice one replaced later)
+        self._slots = [(layer.lora_A._modules, layer.lora_B._modules) for layer in layers]
         self._plan, self._factors = self._make_plan()
         self._set_initial(
             {
@@ -492,21 +493,22 @@ class FisherPenalty:
 
     def _check_factors_current(self) -> None:
         """Refuse to go on with factors that are no longer the model's: the penalty holds the A, B
-        (and A₀, B₀) it was made with, so a rank allocation (new factor modules) or a FILet init
-        (B₀ ≠ 0, residual base weights) after it would leave it penalising stale tensors. One
-        number compared per call; the modules are looked at only when it changed."""
-        model = self._model()
-        if model is None or adapter_generation(model) == self._generation:
-            return
+        (and A₀, B₀) it was made with, so a rank allocation or another init that replaces the
+        factor modules (FIM-LoRA, EVA, PEFT's ``update_layer``), or a FILet init (B₀ ≠ 0,
+        residual base weights), after it would leave it penalising stale tensors. Plain dict
+        lookups, about 1 µs per module (``nn.Module.__getattr__`` would cost ten times that)."""
+        adapter = self.adapter
         replaced = [
             name
-            for name, layer, a, b in zip(
-                self.names, self.layers.values(), self._a, self._b, strict=True
+            for name, (a_slots, b_slots), a, b in zip(
+                self.names, self._slots, self._a, self._b, strict=True
             )
-            if layer.lora_A[self.adapter].weight is not a
-            or layer.lora_B[self.adapter].weight is not b
+            if a_slots[adapter]._parameters["weight"] is not a
+            or b_slots[adapter]._parameters["weight"] is not b
         ]
-        if replaced or (has_residual(model) and not self.residual_init):
+        model = self._model()
+        residual_after = model is not None and has_residual(model) and not self.residual_init
+        if replaced or residual_after:
             what = (
                 f"the LoRA factors of {replaced[:3]} were replaced"
                 if replaced
@@ -516,7 +518,6 @@ class FisherPenalty:
                 f"{what} after this FisherPenalty was made; make the penalty after every "
                 "initialisation (rank allocation, FILet), as the methods' prepare does"
             )
-        self._generation = adapter_generation(model)  # changed, and put back as it was
 
     def step(self) -> None:
         """Advance the schedule by one optimizer step (call after ``optimizer.step()``)."""
