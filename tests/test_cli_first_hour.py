@@ -386,6 +386,8 @@ def test_a_refused_train_leaves_the_finished_run_in_its_folder(small_csv, tmp_pa
         (["--methods", "lora,fw-lora", "--fw-lambda", "nan"], "finite lam"),
         (["--methods", "lora,fim-lora", "--r-max", "1000"], "r_max 1000"),
         (["--methods", "lora,fim-lora", "--r-min", "3", "--r-max", "2"], "must not exceed r_max"),
+        (["--select-by", "nll"], "--select-by apply to the --lr-grid tuning"),
+        (["--tune-seeds", "5"], "--tune-seeds apply to the --lr-grid tuning"),
     ],
 )
 def test_compare_refuses_settings_every_run_would_fail_on_up_front(

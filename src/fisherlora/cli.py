@@ -347,6 +347,15 @@ def compare_config_from_args(args: argparse.Namespace) -> CompareConfig:
     if args.quick and args.lr_grid:
         raise ConfigError("--quick runs at one learning rate; leave out --lr-grid (or --quick)")
     lr_grid = parse_floats(args.lr_grid, "--lr-grid") if args.lr_grid is not None else None
+    tuning_only = [
+        f
+        for f, v in (("--select-by", args.select_by), ("--tune-seeds", args.tune_seeds))
+        if v is not None
+    ]
+    if tuning_only and lr_grid is None:  # they would be ignored without a word
+        raise ConfigError(
+            f"{' and '.join(tuning_only)} apply to the --lr-grid tuning; give --lr-grid or leave them out"
+        )
     tune_seeds = parse_ints(given_or(args.tune_seeds, str(TUNE_SEED)), "--tune-seeds", minimum=0)
     return CompareConfig(
         methods=methods,
