@@ -159,15 +159,14 @@ def check_runs_can_start(config: CompareConfig, task: Any) -> None:
     kind = task_kind(carve_splits(task, base), base)
     model = kind.load_model(base.model, seed=0)
     targets = list(base.targets) if base.targets else default_targets(model, verbose=False)
-    resolve_targets(model, targets, rank=max(config.ranks))
+    chosen = resolve_targets(model, targets, rank=max(config.ranks))
     allocators = [
         m
         for m in config.methods
-        if {base_method(p) for p in m.split("+")} & {"fim-lora", "random-rank"}
+        if {base_method(p.strip()) for p in m.split("+")} & {"fim-lora", "random-rank"}
     ]
     if base.r_max is not None and allocators:  # an r_max some layer could not take
         named = dict(model.named_modules())
-        chosen = resolve_targets(model, targets)
         check_rank_fits({name: named[name] for name in chosen}, base.r_max, what="r_max")
 
 
