@@ -40,7 +40,7 @@ import pandas as pd
 from claims_runs import OUT as RUNS
 from claims_runs import REFERENCE_CELL, SUITE_OUT
 
-from fisherlora.experiments.report import paired_t
+from fisherlora.experiments.report import ZERO_SPREAD_MIN_PAIRS, paired_t
 from fisherlora.experiments.suite_estimate import pause_robust_seconds
 
 REF = "ref"  # the suite's reference cell
@@ -432,11 +432,6 @@ def arm_runs(sources: dict[str, pd.DataFrame], arm: Arm) -> pd.DataFrame:
     if runs.empty:
         return runs
     return runs[(runs["method"] == arm.method) & (runs["rank"] == arm.rank)].set_index("seed")
-
-
-# below this many pairs, differences that are all equal (an interval of zero width: accuracy moves
-# in steps of one example) are no evidence for or against anything
-ZERO_SPREAD_MIN_PAIRS = 5
 
 
 def verdict(claim: Claim, low: float, high: float, pairs: int) -> str:

@@ -7,14 +7,14 @@ import math
 
 import pytest
 import torch
-from conftest import keyword_texts, tiny_base
+from conftest import assert_unchanged, keyword_texts, snapshot, tiny_base
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
 from fisherlora.adapters import lora_layers
 from fisherlora.capture import example_loss_scale, predicts_next_token, token_mask
 from fisherlora.directions import candidate_directions
-from fisherlora.errors import ConfigError
+from fisherlora.errors import CalibrationError, ConfigError
 from fisherlora.experiments.batching import PadPromptCompletion, PromptCompletionTexts
 from fisherlora.experiments.causal_models import load_causal_lm
 from fisherlora.experiments.generation_eval import _choice_scores, completion_log_probs
@@ -84,6 +84,24 @@ def test_labels_cover_the_completion_only_and_long_pairs_lose_the_prompt_start(t
         assert batch["attention_mask"][row].sum() == len(ids)
 
 
+def test_a_short_prompt_is_kept_whole_and_a_long_completion_loses_its_end(tokenizer):
+    # an -lm pair: a short instruction holding the label, then a long review
+    prompt = "Write a positive movie review.\nReview:"
+    review = " " + " ".join(f"word{i}" for i in range(60))
+    prompt_ids = tokenizer([prompt])["input_ids"][0]
+    review_ids = tokenizer([review], add_special_tokens=False)["input_ids"][0]
+    assert len(prompt_ids) < 16 < len(review_ids)
+    ids, prompt_length = PromptCompletionTexts([prompt], [review], tokenizer, max_length=32)[0]
+    assert len(ids) == 32 and prompt_length == len(prompt_ids)
+    assert ids[:prompt_length] == prompt_ids  # the label survives
+    assert ids[prompt_length:] == review_ids[: 32 - len(prompt_ids)]  # the review's start
+    # a prompt longer than half the length keeps its last half, the rest goes to the completion
+    long_prompt = " ".join(f"p{i}" for i in range(40))
+    ids, prompt_length = PromptCompletionTexts([long_prompt], [review], tokenizer, 32)[0]
+    assert prompt_length == 16 and len(ids) == 32
+    assert ids[:16] == tokenizer([long_prompt])["input_ids"][0][-16:]
+
+
 def test_the_lm_task_appends_eos_and_bad_pairs_are_refused(tokenizer):
     with_eos = copy.deepcopy(tokenizer)
     with_eos.eos_token = "[SEP]"
@@ -94,6 +112,28 @@ def test_the_lm_task_appends_eos_and_bad_pairs_are_refused(tokenizer):
         PromptCompletionTexts(["Write:"], [""], tokenizer, 32)
     with pytest.raises(ValueError, match="prompts but"):
         PromptCompletionTexts(["a", "b"], ["c"], tokenizer, 32)
+
+
+@pytest.mark.parametrize("method", ["fim-lora", "filet", "lora-ga"])
+def test_class_id_labels_on_a_causal_lm_are_refused_by_name_before_any_change(method):
+    # a classification loader's [batch] class ids reused for a causal LM: transformers would fail
+    # with "Expected input batch_size (40) to match target batch_size (4)"
+    batches = prompt_completion_batches(2)
+    for batch in batches:
+        batch["labels"] = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
+    refused = pytest.raises(CalibrationError, match=r"batch 0: labels of shape \[4\].*class ids")
+    if method == "lora-ga":  # a peer builds its adapter from the base model
+        model, targets = tiny_base("causal")
+        lora = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=targets)
+        before = snapshot(model)
+        with refused:
+            get_method(method, {"calib_batches": 2}).build(model, lora, batches)
+    else:
+        model = tiny_causal_peft()
+        before = snapshot(model)
+        with refused:
+            get_method(method, {"calib_batches": 2, "progress": False}).prepare(model, batches)
+    assert_unchanged(before, snapshot(model))
 
 
 # -- which tokens count -------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import json
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -339,6 +340,29 @@ def test_the_interval_is_mean_plus_minus_t_sd_over_root_n_and_agrees_with_the_pa
     assert with_gap.pairs == 4 and with_gap.p_value == pytest.approx(result.p_value)
 
 
+def test_equal_differences_from_few_seeds_are_no_evidence_but_from_five_they_are():
+    from fisherlora.experiments.report import ZERO_SPREAD_MIN_PAIRS, paired_t
+
+    # two seeds each one test sentence better: a zero-width interval that excludes 0
+    few = paired_t([0.0005] * 2)
+    assert few.ci_low == few.ci_high == pytest.approx(0.0005)
+    assert few.no_spread and not few.significant
+    assert few.verdict == "cannot tell: 2 seeds, all the same difference"
+    enough = paired_t([0.0005] * ZERO_SPREAD_MIN_PAIRS)
+    assert not enough.no_spread and enough.significant
+    assert enough.verdict == "significant: better than LoRA"
+    # a spread is judged by its interval whatever the count
+    assert paired_t([0.0005, 0.0010]).no_spread is False
+
+
+def test_results_json_is_strict_json_and_keeps_never_reached_apart_from_not_recorded():
+    from fisherlora.experiments.report import json_safe
+
+    records = [{"steps": math.inf, "nll": math.nan, "low": -math.inf, "seed": np.int64(3)}]
+    text = json.dumps(json_safe(records), allow_nan=False)
+    assert json.loads(text) == [{"steps": "inf", "nll": None, "low": "-inf", "seed": 3}]
+
+
 def test_one_seed_has_no_interval():
     summary = summary_of({"lora": [0.80], "other": [0.85]})
     row = summary.loc["other"]
@@ -355,10 +379,11 @@ def test_one_seed_has_no_interval():
 
 
 def test_equal_differences_on_every_seed_make_a_point_interval():
-    from fisherlora.experiments.report import paired_t
+    from fisherlora.experiments.report import ZERO_SPREAD_MIN_PAIRS, paired_t
 
-    assert paired_t([0.002] * 3).significant and paired_t([0.002] * 3).p_value == 0
-    same = paired_t([0.0] * 3)
+    five = paired_t([0.002] * ZERO_SPREAD_MIN_PAIRS)
+    assert five.significant and five.p_value == 0 and five.ci_low == five.ci_high
+    same = paired_t([0.0] * ZERO_SPREAD_MIN_PAIRS)
     assert not same.significant and same.p_value == 1 and same.verdict == "not significant"
     # float noise in accuracies that are equal counts does not pass for a difference
     assert not paired_t([0.8 - 0.7 - 0.1, 0.0, 0.1 + 0.2 - 0.3]).significant

@@ -313,6 +313,21 @@ def test_a_method_equal_to_lora_gets_a_ci_containing_zero_and_ties():
     assert pooled_row(pooled, "noisy", "accuracy")["ci_high"] > 0.001  # a real interval
 
 
+def test_equal_differences_from_too_few_seeds_tie_and_pool_to_no_interval():
+    # 2 seeds in 1 cell, each one example better: no spread, no evidence
+    results = synthetic_results({"lucky": {"accuracy": [0.0005] * 2}}, cells=("a",), seeds=2)
+    per_cell = cell_differences(results)
+    row = per_cell[(per_cell["method"] == "lucky") & (per_cell["outcome"] == "accuracy")]
+    assert list(row["verdict"]) == ["tie"]
+    pooled = pooled_row(pooled_differences(results), "lucky", "accuracy")
+    assert pooled["delta"] == pytest.approx(0.0005)
+    assert math.isnan(pooled["ci_low"]) and math.isnan(pooled["ci_high"])
+    # from 5 seeds the same agreement is a win with the point as its interval
+    results = synthetic_results({"lucky": {"accuracy": [0.0005] * 5}}, cells=("a",), seeds=5)
+    pooled = pooled_row(pooled_differences(results), "lucky", "accuracy")
+    assert pooled["ci_low"] == pytest.approx(0.0005) and pooled["wins"] == 1
+
+
 def test_worse_accuracy_and_higher_nll_are_losses():
     results = synthetic_results({"worse": {"accuracy": [-0.03] * 5, "nll": [0.1] * 5}})
     per_cell = cell_differences(results)

@@ -238,12 +238,13 @@ TENSOR_KEYS = (
 )
 
 
-def check_batch(batch: Any, index: int, *, labels: bool = True) -> None:
+def check_batch(batch: Any, index: int, *, labels: bool = True, next_token: bool = False) -> None:
     """Refuse a calibration batch that is not :data:`BATCH_FORMAT`, naming what it is instead.
 
     A plain list or a default-collated tuple ``(input_ids, attention_mask, labels)`` would
     otherwise fail deep inside torch (``Boolean value of Tensor with more than one value is
-    ambiguous``). Raises :class:`CalibrationError` (``labels=False``: labels are not required).
+    ambiguous``). Raises :class:`CalibrationError` (``labels=False``: labels are not required;
+    ``next_token``: the model is a causal LM, whose labels are token ids shaped like input_ids).
     """
     if not isinstance(batch, Mapping):
         shape = (
@@ -268,15 +269,16 @@ def check_batch(batch: Any, index: int, *, labels: bool = True) -> None:
             f"calibration batch {index}: {loose} should be torch tensors; expected {BATCH_FORMAT} "
             "(a tokenizer gives tensors with return_tensors='pt')"
         )
-    _check_token_shapes(batch, index)
+    _check_token_shapes(batch, index, next_token)
 
 
-def _check_token_shapes(batch: Mapping[str, Any], index: int) -> None:
+def _check_token_shapes(batch: Mapping[str, Any], index: int, next_token: bool = False) -> None:
     """Token batches: integer ``input_ids`` ``[batch, (choices,) seq]``, a padding mask of the
     same shape with at least one token, labels with a row per example. A mismatched mask would
     otherwise be skipped by the masking (padding counted in the statistics) without an error. A
     mask of another rank (a custom 4-D ``[batch, 1, seq, seq]`` attention mask) is no padding
-    mask and is left to the model."""
+    mask and is left to the model. A causal LM (``next_token``) needs a label per token: class
+    ids from a classification loader would reach the loss as a batch-size mismatch."""
     ids = batch.get("input_ids")
     if ids is None:
         return
@@ -303,10 +305,16 @@ def _check_token_shapes(batch: Mapping[str, Any], index: int) -> None:
             f"calibration batch {index}: labels of shape {list(labels.shape)} for "
             f"{ids.shape[0]} sequences; expected one label (or label row) per sequence"
         )
+    if next_token and labels is not None and labels.shape != ids.shape:
+        raise CalibrationError(
+            f"calibration batch {index}: labels of shape {list(labels.shape)} for input_ids of "
+            f"shape {list(ids.shape)}; a causal LM's labels are token ids of the same shape "
+            "(-100 where a position is not scored), not class ids"
+        )
 
 
 def first_batches(
-    loader: Iterable[Any], n_batches: int, *, labels: bool = True
+    loader: Iterable[Any], n_batches: int, *, labels: bool = True, next_token: bool = False
 ) -> list[Mapping[str, torch.Tensor]]:
     """The first ``n_batches`` batches of ``loader``, read once and each checked
     (:func:`check_batch`), before a method changes anything: a method that passes over the
@@ -319,7 +327,7 @@ def first_batches(
     if not batches:
         raise CalibrationError("the calibration loader yielded no batch")
     for index, batch in enumerate(batches):
-        check_batch(batch, index, labels=labels)
+        check_batch(batch, index, labels=labels, next_token=next_token)
     return batches
 
 

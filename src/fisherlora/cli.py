@@ -122,7 +122,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
         "--r-min", type=int, help="smallest rank a module may get (default: max(1, rank // 2))"
     )
     calib.add_argument(
-        "--r-max", type=int, help="largest rank a module may get (default: 2 x rank)"
+        "--r-max",
+        type=int,
+        help=(
+            "largest rank a module may get (default: 2 x rank, capped at the narrowest target's "
+            "min(in, out) but never below rank)"
+        ),
     )
     calib.add_argument(
         "--budget",

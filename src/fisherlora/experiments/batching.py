@@ -40,8 +40,12 @@ class PromptCompletionTexts(Dataset):
     """Prompt + completion token ids of each pair, with label ids ``-100`` on the prompt, so that a
     causal LM's loss is on the completion's tokens only.
 
-    A pair longer than ``max_length`` loses the start of its prompt (the completion is what is
-    scored), and a completion longer than ``max_length - 1`` its end. ``append_eos`` ends each
+    A pair longer than ``max_length`` keeps the last ``min(len(prompt), max_length // 2)`` (at
+    least one) of its prompt's tokens, which hold the conditioning (a label, an instruction), and
+    cuts the completion's end to fit; the prompt's start goes only where the completion leaves
+    more room. So a long prompt with a short completion (classification by generation) loses the
+    start of its prompt and a short prompt with a long completion (language modelling a review)
+    keeps its prompt whole and loses the end of the completion. ``append_eos`` ends each
     completion with the EOS token (language modelling: the model learns where a text stops).
     ``max_prompt_length`` also keeps at most that many of a prompt's last tokens: scoring several
     completions of one prompt, each then reads the same prompt whatever its own length.
@@ -69,7 +73,9 @@ class PromptCompletionTexts(Dataset):
                 completion = [*completion, tokenizer.eos_token_id]
             if not completion:
                 raise ValueError("a completion has no tokens; nothing would be scored")
-            completion = completion[: max_length - 1]
+            # the prompt's end is the conditioning: never cut below half the length for the
+            # completion's sake (before, a long review left an -lm pair one prompt token: ":")
+            completion = completion[: max_length - max(1, min(len(prompt), max_length // 2))]
             prompt = prompt[max(0, len(prompt) + len(completion) - max_length) :]
             if max_prompt_length is not None:
                 prompt = prompt[max(0, len(prompt) - max_prompt_length) :]

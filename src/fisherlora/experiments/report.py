@@ -4,7 +4,8 @@ Writes into the comparison directory:
 
 - ``results.csv``: one row per finished run (``phase`` "final", and "tune" for the tuning runs
   of a learning-rate grid, which carry validation scores only); ``results.json``: the runs, the
-  summary, the picked learning rates, the settings, the harness workarounds and the failed runs;
+  summary, the picked learning rates, the settings, the harness workarounds and the failed runs
+  (strict JSON: a value not recorded is ``null``, an infinite one ``"inf"``);
 - ``report.md`` (PNGs beside it in ``plots/``) and ``report.html`` (the same, PNGs embedded, one
   self-contained file).
 
@@ -12,14 +13,15 @@ Uncertainty, honestly: accuracy is given as mean ± std over seeds; each method'
 LoRA (accuracy, MCC and macro-F1) is the mean Δ of the per-seed differences (same seed = same
 data order and head init), with its paired 95 % confidence interval, Δ ± t(0.975, n−1)·sd/√n
 over the n seeds both finished, and the two-sided paired t-test's p from the same t statistic.
-The verdict is "significant" exactly when the interval excludes 0 (then p < 0.05; no other rule
-can overrule it); one seed has no interval. The same paired interval is given for the held-out
-NLL (the cross-entropy of the true class: lower is better, so "better" means Δ < 0) and, where
-the runs evaluated a validation split during training, for the area under the validation
-accuracy curve (the mean over its evaluation points: faster convergence scores higher).
-Separately, the report says whether |Δ accuracy| is
-below the standard error of one run's accuracy, sqrt(acc (1 − acc) / n_test): the interval
-covers the seeds' spread on this one test set, not the sampling of the test set itself.
+The verdict is "significant" exactly when the interval excludes 0 (then p < 0.05), except that
+fewer than ``ZERO_SPREAD_MIN_PAIRS`` seeds that all differ by the same amount (a zero-width
+interval) are no evidence ("cannot tell"); one seed has no interval. The same paired interval is
+given for the held-out NLL (the cross-entropy of the true class: lower is better, so "better"
+means Δ < 0) and, where the runs evaluated a validation split during training, for the area
+under the validation accuracy curve (the mean over its evaluation points: faster convergence
+scores higher). Separately, the report says whether |Δ accuracy| is below the standard error of
+one run's accuracy, sqrt(acc (1 − acc) / n_test): the interval covers the seeds' spread on this
+one test set, not the sampling of the test set itself.
 """
 
 from __future__ import annotations
@@ -199,6 +201,10 @@ def steps_to_lora_final(runs: pd.DataFrame) -> list[float]:
 
 # The confidence of the paired interval; "significant" means the interval excludes 0.
 CONFIDENCE = 0.95
+# below this many pairs, differences that are all equal (an interval of zero width: accuracy
+# moves in steps of one test example, so two seeds can agree exactly by chance) are no evidence
+# for or against anything; every report (compare, suite, claims table) reads them so
+ZERO_SPREAD_MIN_PAIRS = 5
 # Each outcome compared with LoRA, and the prefix of its columns in the summary (accuracy's keep
 # the historical names: delta_vs_lora, ci_low, ci_high, p_value, verdict).
 OUTCOMES = {
@@ -230,9 +236,15 @@ class PairedDifference:
     lower_is_better: bool = False
 
     @property
+    def no_spread(self) -> bool:
+        """Every pair gave the same difference, from fewer than ``ZERO_SPREAD_MIN_PAIRS`` pairs:
+        a zero-width interval that says nothing."""
+        return bool(self.ci_low == self.ci_high and 2 <= self.pairs < ZERO_SPREAD_MIN_PAIRS)
+
+    @property
     def significant(self) -> bool:
-        """The interval excludes 0 (never with fewer than 2 pairs)."""
-        return bool(self.ci_low > 0 or self.ci_high < 0)
+        """The interval excludes 0 (never with fewer than 2 pairs, nor with no spread)."""
+        return bool((self.ci_low > 0 or self.ci_high < 0) and not self.no_spread)
 
     @property
     def verdict(self) -> str:
@@ -240,6 +252,8 @@ class PairedDifference:
             return "no LoRA run to pair with"
         if self.pairs == 1:
             return "1 seed: no interval"
+        if self.no_spread:
+            return f"cannot tell: {self.pairs} seeds, all the same difference"
         if self.significant:
             better = self.delta < 0 if self.lower_is_better else self.delta > 0
             return "significant: " + ("better" if better else "worse") + " than LoRA"
@@ -599,10 +613,12 @@ def _notes(config: CompareConfig, summary: pd.DataFrame, failed: list, n_test: i
             "seeds, and p is the two-sided paired t-test from the same t statistic, so p < 0.05 "
             "exactly when the interval excludes 0 (– where fewer than 2 pairs). The verdict is "
             "'significant' when the interval excludes 0 and 'not significant' when it contains "
-            "0; one seed has no interval ('1 seed: no interval'). Whether |Δ| is below one run's "
-            "SE (from that row's mean accuracy) is stated separately: the interval measures the "
-            "spread over seeds on this one test set, not the sampling of the test set, and a Δ "
-            "below one run's SE is small against that sampling error, significant or not."
+            f"0; one seed has no interval ('1 seed: no interval'), and fewer than {ZERO_SPREAD_MIN_PAIRS} "
+            "seeds that all differ by the same amount (a zero-width interval: accuracy moves in steps of "
+            "one example) read 'cannot tell'. Whether |Δ| is below one run's SE (from that row's mean "
+            "accuracy) is stated separately: the interval measures the spread over seeds on this one test "
+            "set, not the sampling of the test set, and a Δ below one run's SE is small against that "
+            "sampling error, significant or not."
         )
     labels = {"mcc": "MCC", "macro_f1": "macro-F1"}
     disagreements = 0
@@ -662,6 +678,21 @@ def _notes(config: CompareConfig, summary: pd.DataFrame, failed: list, n_test: i
     return notes
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with its floats made strict JSON: NaN (not recorded) becomes ``null`` and ±∞
+    (e.g. a step LoRA's final accuracy was never reached at) the strings ``"inf"``/``"-inf"``,
+    so that the two stay apart and any JSON parser reads the file."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
 def write_report(config: CompareConfig, command: str = "") -> Path:
     """Collect the finished runs of ``config`` and write results, plots and the report."""
     out = Path(config.out)
@@ -681,14 +712,15 @@ def write_report(config: CompareConfig, command: str = "") -> Path:
                 "seeds": config.seeds,
                 "ranks": config.ranks,
                 "command": command,
-                "runs": runs.to_dict(orient="records"),
-                "summary": json.loads(summary.to_json(orient="records")),
-                "tuning": json.loads(tuning.to_json(orient="records")),
-                "picked_lr": json.loads(picked.to_json(orient="records")),
+                "runs": json_safe(runs.to_dict(orient="records")),
+                "summary": json_safe(summary.to_dict(orient="records")),
+                "tuning": json_safe(tuning.to_dict(orient="records")),
+                "picked_lr": json_safe(picked.to_dict(orient="records")),
                 "failed": failed,
                 "workarounds": WORKAROUNDS,
             },
             indent=1,
+            allow_nan=False,
         )
     )
     figures = make_plots(config, runs, summary, out / "plots") if not summary.empty else []

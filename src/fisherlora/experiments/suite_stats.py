@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -57,7 +58,8 @@ def cell_differences(
     ``delta ± t(1 − α/2, n − 1)·sd(d)/√n`` (``report.paired_t``). The cell's ``verdict``: *win*
     when the interval excludes 0 on the method's better side (above 0 for accuracy and validation
     AUC, below 0 for NLL, where lower is better), *loss* when it excludes 0 on the other side,
-    *tie* when it contains 0, and *no interval* with fewer than 2 pairs. Outcomes the results
+    *tie* when it contains 0 or has no spread from fewer than ``ZERO_SPREAD_MIN_PAIRS`` pairs
+    (``PairedDifference.no_spread``), and *no interval* with fewer than 2 pairs. Outcomes the results
     lack (or hold only NaN for) are skipped.
     """
     from fisherlora.experiments.report import paired_t
@@ -119,6 +121,8 @@ def pooled_differences(
       degrees of freedom ``ν = (Σ_c v_c)² / Σ_c v_c²/(n_c − 1)``, ``v_c = s_c²/n_c``. With one
       stratum this is that cell's paired t interval. The cells are fixed: the interval covers the
       spread over seeds, not a population of cells, and not the test sets' sampling.
+    - Where every stratum's differences agree (no spread) the interval is the point, or
+      absent (NaN) from fewer than ``ZERO_SPREAD_MIN_PAIRS`` pairs in all.
     - A stratum with one paired seed has no variance and is left out of Δ and the CI
       (``no_interval`` counts it); a method with no stratum of two or more pairs has no row.
     - ``cell_names``: the strata pooled (methods need not share cells); ``unpaired``: seeds
@@ -129,6 +133,8 @@ def pooled_differences(
       the cells' verdicts from :func:`cell_differences`.
     """
     from scipy import stats as scipy_stats
+
+    from fisherlora.experiments.report import ZERO_SPREAD_MIN_PAIRS
 
     per_cell = cell_differences(results, outcomes, confidence)
     columns = [
@@ -185,8 +191,10 @@ def pooled_differences(
                     vc**2 / (len(d) - 1) for vc, d in zip(v, strata, strict=True)
                 )
                 half = float(scipy_stats.t.ppf(1 - (1 - confidence) / 2, dof)) * se
-            else:  # every seed agrees in every cell: the interval is the point
-                half = 0.0
+            elif sum(len(d) for d in strata) >= ZERO_SPREAD_MIN_PAIRS:
+                half = 0.0  # every seed agrees in every cell: the interval is the point
+            else:  # too few pairs for agreement to mean anything (report.no_spread)
+                half = math.nan
             rows.append(
                 {
                     "method": method,

@@ -86,6 +86,7 @@ from fisherlora.capture import (
     first_batches,
     layer_groups,
     padding_mask,
+    predicts_next_token,
     run_passes,
 )
 from fisherlora.directions import (
@@ -651,7 +652,8 @@ def filet_init(
         rounds = [(list(layers), collected)]
     else:
         device = next(iter(layers.values())).get_base_layer().weight.device
-        batches = first_batches(dataloader, n_batches)  # the same for every group of layers
+        # the same for every group of layers
+        batches = first_batches(dataloader, n_batches, next_token=predicts_next_token(model))
         rounds = ((group, None) for group in layer_groups(list(layers), layers_per_pass))
         cache = _use_cache(cache, layers, basis)
     for group, statistic in rounds:

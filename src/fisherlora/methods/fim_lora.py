@@ -244,7 +244,8 @@ def fisher_of_b(
     adapter, layers = lora_layers(model)
     all_b = {name: layer.lora_B[adapter].weight for name, layer in layers.items()}
     device = next(iter(all_b.values())).device
-    batches = first_batches(dataloader, n_batches)  # the same batches for every group
+    # the same batches for every group
+    batches = first_batches(dataloader, n_batches, next_token=predicts_next_token(model))
     if estimator == "batch":
         # it all-reduces every batch's gradient: a process with fewer batches would leave the
         # others waiting in a collective (a hang or a crash), so it is refused on every process
@@ -395,7 +396,8 @@ def allocate_ranks(
             Changed in place: adapter shapes, ``rank_pattern``, ``alpha_pattern``; nothing else.
         dataloader: batches of training data with ``labels`` (calibration never sees test data).
         n_batches: forward/backward passes; fewer available gives a warning naming the count used.
-        r_min, r_max: rank bounds, default ``max(1, r // 2)`` and ``2 r``.
+        r_min, r_max: rank bounds, default ``max(1, r // 2)`` and ``min(2 r, max(r, k))``, k the
+            smallest ``min(in, out)`` among the targets (a rank above it adds nothing).
         budget: ``"ranks"`` (Σ r_m = M r exactly) or ``"params"`` (Σ_m r_m (n_m + m_m) ≤
             Σ_m r (n_m + m_m), and no module can take one more rank). The runner's ``fim-lora`` uses
             ``"params"``, so that it trains no more adapter parameters than LoRA at rank r.

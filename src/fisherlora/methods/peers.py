@@ -37,7 +37,7 @@ from peft.tuners.lora.eva import prepare_model_inputs_fn_language_modeling
 from transformers import PreTrainedModel
 
 from fisherlora.adapters import lora_layers, record_residual, target_matches
-from fisherlora.capture import first_batches
+from fisherlora.capture import first_batches, predicts_next_token
 from fisherlora.errors import CalibrationError
 from fisherlora.methods.base import AdapterMethod
 
@@ -78,14 +78,14 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 def _first_batches(
-    loader: Batches | None, n: int, method: str, *, labels: bool = False
+    loader: Batches | None, n: int, method: str, *, labels: bool = False, next_token: bool = False
 ) -> list[dict[str, torch.Tensor]]:
     """Up to ``n`` batches of ``loader``, each checked to be a mapping of tensors (with
     ``labels`` where the peer computes the loss), before the peer changes anything."""
     if loader is None:
         raise CalibrationError(f"{method} needs calibration data; none was given")
     try:
-        return first_batches(loader, n, labels=labels)
+        return first_batches(loader, n, labels=labels, next_token=next_token)
     except CalibrationError as err:
         raise CalibrationError(f"{method}: {err}") from err
 
@@ -279,7 +279,13 @@ class LoRAGA(CalibratedPeer):
         lora_config: LoraConfig,
         calibration_loader: Batches | None = None,
     ) -> PeftModel:
-        batches = _first_batches(calibration_loader, self.calib_batches, "lora-ga", labels=True)
+        batches = _first_batches(
+            calibration_loader,
+            self.calib_batches,
+            "lora-ga",
+            labels=True,
+            next_token=predicts_next_token(base_model),
+        )
         config = _with(
             lora_config,
             init_lora_weights="lora_ga",
