@@ -20,7 +20,8 @@
    ranks by default; the runner methods (``fim-lora``, ``random-rank``) count parameters, so
    that a comparison matches LoRA's trainable parameters (ranks moved to wide modules cost more
    than ranks moved to narrow ones).
-5. Every adapter is resized in place and keeps its scaling ``s`` (``α_m = s · r_m``), written to
+5. Every adapter is resized in place and keeps its scaling ``s`` (``α_m = s · r_m``; with rsLoRA
+   ``α_m = s · √r_m``), written to
    the config's ``rank_pattern`` / ``alpha_pattern`` so that stock PEFT reloads the adapter.
 
 ``random-rank`` is the control: the same allocator fed seeded uniform random scores.
@@ -405,7 +406,8 @@ def allocate_ranks(
         estimator: ``"per_example"`` (the paper's Eq. 1: mean of per-example squared gradients,
             from hooks) or ``"batch"`` (squared gradient of each mini-batch loss; the named
             variant ``fim-lora-batch``).
-        keep_scaling: keep each module's scaling s of rank r (``α_m = s r_m``); else ``s_m = α/r_m``.
+        keep_scaling: keep each module's scaling s of rank r (``α_m = s r_m``; rsLoRA: ``s √r_m``);
+            else ``s_m = α/r_m`` (rsLoRA: ``α/√r_m``).
         dropout: keep dropout on during calibration (off by default).
         progress: show a progress bar.
         layers_per_pass: calibrate the modules in groups of this many (memory-bounded; same

@@ -4,7 +4,8 @@
    ``∇W_m = Gᵀ X`` the gradient the frozen weight would get (never materialised as ``W.grad``):
    ``estimator="exact"`` forms ``GᵀX`` in the backward hook; ``estimator="sketch"`` keeps
    ``Gᵀ (X Ω)`` for k shared Gaussian probes and uses ``‖GᵀXΩ‖²_F / k`` (unbiased, relative
-   error ≤ √(2/k)). Both sum over the micro-batches of a step (and over processes) before squaring.
+   standard deviation ≤ √(2/k); one draw can be off by more). Both sum over the micro-batches
+   of a step (and over processes) before squaring.
 2. After step K: ``I_m = F_m / Σ_k F_k`` (``normalize="max"``: ``F_m / max_k F_k``), frozen;
    the hooks are removed, so the rest of training pays nothing for them.
 3. ``penalty = λ Σ_m (1 − I_m) ‖ΔW_m‖²_F`` with ``I_m = 0`` during warm-up (the paper's
