@@ -5,10 +5,18 @@ import pickle
 
 import pytest
 import torch
-from conftest import gloo_group, random_batches, run_processes, tiny_peft_model
+from conftest import (
+    assert_unchanged,
+    gloo_group,
+    random_batches,
+    run_processes,
+    snapshot,
+    tiny_peft_model,
+)
 
 from fisherlora.adapters import lora_layers
 from fisherlora.errors import CalibrationError
+from fisherlora.methods import get_method
 from fisherlora.methods.filet import filet_init
 from fisherlora.methods.fim_lora import allocate_ranks, fisher_of_b
 from fisherlora.methods.fw_lora import FisherPenalty
@@ -82,19 +90,43 @@ def test_two_processes_match_one_process_on_the_union_of_their_data():
     assert_same(results[0], single, "distributed vs single")
 
 
+UNEQUAL_CALLS = {
+    "fim-lora-batch": lambda m, b: fisher_of_b(m, b, estimator="batch", progress=False),
+    "filet": lambda m, b: filet_init(m, b, progress=False),
+    "fim-lora+filet": lambda m, b: get_method("fim-lora+filet", {"progress": False}).prepare(m, b),
+}
+
+
+def same_snapshot(before, after) -> bool:
+    try:
+        assert_unchanged(before, after)
+    except AssertionError:
+        return False
+    return True
+
+
 def unequal_worker(rank, port, queue):
     with gloo_group(rank, port, WORLD):
         batches = halves(random_batches(3 - rank, batch_size=4, seed=7), rank)  # 3 and 2
-        try:
-            fisher_of_b(tiny_peft_model("llama"), batches, estimator="batch", progress=False)
-            queue.put((rank, "no error"))
-        except CalibrationError as err:
-            queue.put((rank, str(err)))
+        messages = {}
+        for name, call in UNEQUAL_CALLS.items():
+            model = tiny_peft_model("llama")
+            before = snapshot(model)
+            try:
+                call(model, batches)
+                messages[name] = "no error"
+            except CalibrationError as err:
+                messages[name] = str(err)
+            messages[name + " unchanged"] = same_snapshot(before, snapshot(model))
+        queue.put((rank, messages))
 
 
-def test_the_batch_estimator_refuses_unequal_batch_counts_on_every_process():
-    # it all-reduces every batch: before, the process with more batches waited for a partner
-    # that had finished (a crash or a hang) while the other returned its own plan
+def test_unequal_batch_counts_are_refused_on_every_process_where_a_statistic_needs_them_equal():
+    # the batch estimator all-reduces every batch (before: a crash or a hang); FILet's q takes
+    # each batch's g as 1/world of the global batch's, so a batch one process alone holds was
+    # weighed a quarter too low (before: a silently wrong init, another on each process)
     messages = run_processes(unequal_worker, WORLD)
     for rank in range(WORLD):
-        assert "hold 2 to 3 calibration batches" in messages[rank], messages
+        for name in UNEQUAL_CALLS:
+            assert "hold 2 to 3 calibration batches" in messages[rank][name], messages
+            assert messages[rank][name + " unchanged"], (rank, name)

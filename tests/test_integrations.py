@@ -324,6 +324,14 @@ def test_under_ddp_each_process_calibrates_on_its_own_share(tmp_path, keyword_ta
         shares.append(list(trainer.calibration_batches().sampler))
     assert shares == [whole[0::2], whole[1::2]]
     assert sorted(shares[0] + shares[1]) == sorted(whole) == list(range(len(whole)))
+    # an odd dataset: equal shares (one example left out), so equal batch counts and sizes
+    trainer.train_dataset = torch.utils.data.Subset(trainer.train_dataset, range(9))
+    loaders = []
+    for rank in range(2):
+        monkeypatch.setattr(TrainingArguments, "process_index", property(lambda self, r=rank: r))
+        loaders.append(trainer.calibration_batches())
+    assert [len(list(loader.sampler)) for loader in loaders] == [4, 4]
+    assert set(loaders[0].sampler).isdisjoint(loaders[1].sampler)
 
 
 @pytest.mark.parametrize("plugin", ["fsdp", "deepspeed"])

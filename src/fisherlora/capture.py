@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fisherlora.errors import CalibrationError, ConfigError
+from fisherlora.stats import min_and_max
 
 # (module name, what was kept of the input x, output gradient g, token mask or None)
 IOCallback = Callable[[str, Any, torch.Tensor, "torch.Tensor | None"], None]
@@ -329,6 +330,20 @@ def first_batches(
     for index, batch in enumerate(batches):
         check_batch(batch, index, labels=labels, next_token=next_token)
     return batches
+
+
+def refuse_unequal_batch_counts(count: int, device: torch.device, why: str) -> None:
+    """Under torch.distributed, refuse on every process alike (one collective, so none is left
+    waiting) calibration shards with different numbers of batches. ``why``: what needs them
+    equal. A statistic that treats each batch's gradient as ``1/world`` of the global batch's
+    would otherwise weigh a batch only one process holds wrongly, or a per-batch collective
+    would hang."""
+    fewest, most = min_and_max(count, device)
+    if fewest != most:
+        raise CalibrationError(
+            f"the processes hold {fewest} to {most} calibration batches; {why} needs the same "
+            "number on every process (give each process the same count of batches)"
+        )
 
 
 def calibration_batches(

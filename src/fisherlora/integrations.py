@@ -269,7 +269,9 @@ class FisherTrainerMixin:
             # under torch.distributed each process calibrates on its own share of one order
             # (the methods all-reduce their statistics as over the union, as in the runner)
             rank, world = self.args.process_index, max(self.args.world_size, 1)
-            order = order[rank::world]
+            # equal shares (the last len % world examples left out), so that every process holds
+            # the same batches count and sizes: FILet and the batch estimator refuse unequal ones
+            order = order[: len(order) - len(order) % world][rank::world]
         return DataLoader(
             dataset,
             batch_size=self.args.per_device_train_batch_size,

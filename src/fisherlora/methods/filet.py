@@ -87,6 +87,7 @@ from fisherlora.capture import (
     layer_groups,
     padding_mask,
     predicts_next_token,
+    refuse_unequal_batch_counts,
     run_passes,
 )
 from fisherlora.directions import (
@@ -654,6 +655,9 @@ def filet_init(
         device = next(iter(layers.values())).get_base_layer().weight.device
         # the same for every group of layers
         batches = first_batches(dataloader, n_batches, next_token=predicts_next_token(model))
+        # q takes each batch's g as 1/world of the global batch's: a batch only one process
+        # holds would be weighed wrongly
+        refuse_unequal_batch_counts(len(batches), device, "FILet's statistics")
         rounds = ((group, None) for group in layer_groups(list(layers), layers_per_pass))
         cache = _use_cache(cache, layers, basis)
     for group, statistic in rounds:

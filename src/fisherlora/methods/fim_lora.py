@@ -53,6 +53,7 @@ from fisherlora.capture import (
     first_batches,
     layer_groups,
     predicts_next_token,
+    refuse_unequal_batch_counts,
     run_passes,
     token_mask,
 )
@@ -62,7 +63,6 @@ from fisherlora.methods.base import AdapterMethod
 from fisherlora.stats import (
     all_reduce_mean,
     all_reduce_sum,
-    min_and_max,
     per_example_sq_grad,
     reduce_score,
 )
@@ -249,14 +249,13 @@ def fisher_of_b(
     batches = first_batches(dataloader, n_batches, next_token=predicts_next_token(model))
     if estimator == "batch":
         # it all-reduces every batch's gradient: a process with fewer batches would leave the
-        # others waiting in a collective (a hang or a crash), so it is refused on every process
-        fewest, most = min_and_max(len(batches), device)
-        if fewest != most:
-            raise CalibrationError(
-                f"the processes hold {fewest} to {most} calibration batches; the batch "
-                "estimator needs the same number on every process (give each the same count, "
-                "or use the per-example estimator)"
-            )
+        # others waiting in a collective (a hang or a crash)
+        refuse_unequal_batch_counts(
+            len(batches), device, "the batch estimator (or use the per-example one)"
+        )
+    elif also_collect:
+        # FILet's q takes each batch's g as 1/world of the global batch's
+        refuse_unequal_batch_counts(len(batches), device, "FILet's statistics")
     groups = layer_groups(list(layers), layers_per_pass)
     if also_collect and len(groups) > 1:
         raise ConfigError("statistics of another method ride on ungrouped passes only")
