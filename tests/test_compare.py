@@ -57,7 +57,10 @@ def test_comparison_writes_results_report_and_plots(tmp_path, patched_task):
     assert set(zip(runs["rank"], runs["method"], runs["seed"], strict=True)) == {
         (r, m, s) for r in (2, 4) for m in ("lora", "fim-lora") for s in (0, 1)
     }
-    results = json.loads((tmp_path / "results.json").read_text())
+    # strict JSON: a bare NaN or Infinity would be handed to parse_constant
+    results = json.loads(
+        (tmp_path / "results.json").read_text(), parse_constant=lambda c: pytest.fail(c)
+    )
     assert len(results["summary"]) == 4 and results["failed"] == []
     # alpha follows the rank (s = 2 at every rank)
     settings = json.loads((tmp_path / "r2/lora/seed0/config.json").read_text())["settings"]
