@@ -5,16 +5,23 @@ import copy
 
 import pytest
 import torch
-from conftest import logits, random_batches, tiny_base, tiny_lora_config
-from peft import PeftModel, get_peft_model
+from conftest import (
+    assert_unchanged,
+    logits,
+    random_batches,
+    snapshot,
+    tiny_base,
+    tiny_lora_config,
+)
+from peft import LoraGAConfig, PeftModel, get_peft_model
 from peft.tuners.adalora import AdaLoraLayer
 
-from fisherlora.errors import CalibrationError
+from fisherlora.errors import CalibrationError, ConfigError
 from fisherlora.experiments.train import TrainConfig, count_parameters, train
 from fisherlora.methods import get_method, peers
 from fisherlora.methods.peers import eva_batches
 
-PEERS = ["dora", "pissa", "eva", "lora-ga", "corda", "adalora"]
+PEERS = ["dora", "pissa", "eva", "lora-ga", "lora-ga-peft", "corda", "adalora"]
 
 
 def build_and_prepare(name: str, arch: str, rank: int = 4):
@@ -34,12 +41,12 @@ def test_outputs_equal_the_base_model_right_after_init(name, arch):
     original, model, _, batches = build_and_prepare(name, arch)
     torch.testing.assert_close(logits(model, batches), logits(original, batches), atol=1e-5, rtol=0)
     # the peer did initialise something other than LoRA's B = 0 where it should
-    if name in ("pissa", "lora-ga", "corda"):
+    if name in ("pissa", "lora-ga", "lora-ga-peft", "corda"):
         b = [p for n, p in model.named_parameters() if "lora_B" in n]
         assert all(p.abs().sum() > 0 for p in b)
 
 
-@pytest.mark.parametrize("name", ["dora", "pissa", "eva", "lora-ga", "corda", "adalora"])
+@pytest.mark.parametrize("name", PEERS)
 def test_exported_adapter_reloads_on_the_untouched_base(name, tmp_path):
     original, model, method, batches = build_and_prepare(name, "bert")
     torch.manual_seed(0)
@@ -162,7 +169,87 @@ def test_adalora_adapter_with_modules_pruned_to_rank_zero_reloads(tmp_path):
     torch.testing.assert_close(logits(reloaded, batches), trained, atol=1e-5, rtol=0)
 
 
-def test_lora_ga_builds_without_the_backward_hook_warning_it_cannot_act_on(recwarn):
-    # PEFT's gradient pass hooks a model whose inputs (token ids) need no gradient: expected
-    build_and_prepare("lora-ga", "bert")
-    assert not [w for w in recwarn if "Full backward hook is firing" in str(w.message)]
+def _mean_gradients_by_plain_autograd(base, batches):
+    """G = (1/T) Σ_t ∂L_t/∂W for every linear weight, with nothing but loss.backward()."""
+    model = copy.deepcopy(base).train()
+    for batch in batches:
+        model(**batch).loss.backward()
+    return {
+        n.removesuffix(".weight"): p.grad / len(batches)
+        for n, p in model.named_parameters()
+        if n.endswith("proj.weight")
+    }
+
+
+@pytest.mark.parametrize("name", ["lora-ga", "lora-ga-peft"])
+def test_lora_ga_factors_follow_the_gradient_svd(name):
+    # Llama: no dropout, so training mode gives the same gradient as an independent backward
+    base, targets = tiny_base("llama", seed=3)
+    batches = random_batches(4, batch_size=4, seq=12, seed=5)
+    grads = _mean_gradients_by_plain_autograd(base, batches)
+    r, gamma = 4, 16
+    model = get_method(name, {"calib_batches": 4}).build(
+        base, tiny_lora_config(targets, r), batches
+    )
+    _, layers = peers.lora_layers(model)
+    for module_name, layer in layers.items():
+        a0, b0 = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        u, s, vh = torch.linalg.svd(grads[module_name], full_matrices=False)
+        zeta = a0.new_tensor(b0.shape[0] ** 0.25 / gamma**0.5)
+        if name == "lora-ga":  # A₀ = ζ V[:, :r]ᵀ, B₀ = ζ U[:, r:2r]: projectors, sign-free
+            top_v, next_u = vh[:r].T @ vh[:r], u[:, r : 2 * r] @ u[:, r : 2 * r].T
+            torch.testing.assert_close(a0.T @ a0, zeta**2 * top_v, atol=1e-4, rtol=0)
+            torch.testing.assert_close(b0 @ b0.T, zeta**2 * next_u, atol=1e-4, rtol=0)
+        else:  # PEFT: A₀ = V[:, :r]ᵀ (unit rows), B₀ = U[:, r:2r] diag(S[r:2r]) ζ
+            torch.testing.assert_close(a0.norm(dim=1), torch.ones(r), atol=1e-4, rtol=0)
+            torch.testing.assert_close(b0.norm(dim=0), zeta * s[r : 2 * r], atol=0, rtol=1e-2)
+
+
+def _failing_lora_ga_inputs(kind: str, base, targets):
+    """(lora config, batches) that lora-ga must refuse before it changes the model."""
+    batches = random_batches(2, batch_size=4, seq=12, seed=5)
+    lora = tiny_lora_config(targets, 4)
+    if kind == "label out of range":
+        batches[1]["labels"] = torch.tensor([0, 1, 7, 0])
+    elif kind == "rank above half the width":
+        lora = tiny_lora_config(targets, 20)  # 2r = 40 directions of a 32-wide gradient
+    elif kind == "another direction":
+        lora = tiny_lora_config(
+            targets, 4, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig(direction="ArBr")
+        )
+    return lora, batches
+
+
+@pytest.mark.parametrize(
+    "kind", ["label out of range", "rank above half the width", "another direction", "nan"]
+)
+def test_lora_ga_refusals_leave_the_base_model_unchanged(kind):
+    base, targets = tiny_base("bert", seed=3)
+    lora, batches = _failing_lora_ga_inputs(kind, base, targets)
+    if kind == "nan":  # a NaN activation in one layer: every gradient below it is NaN
+        base.bert.encoder.layer[0].output.dense.register_forward_hook(lambda m, i, o: o * torch.nan)
+    before = snapshot(base)
+    errors = {
+        "label out of range": (IndexError, "out of bounds|out of range"),
+        "rank above half the width": (ConfigError, r"2r = 40 singular directions"),
+        "another direction": (ConfigError, "lora-ga-peft"),
+        "nan": (CalibrationError, "not finite"),
+    }
+    error, message = errors[kind]
+    with pytest.raises(error, match=message):
+        get_method("lora-ga", {"calib_batches": 2}).build(base, lora, batches)
+    assert_unchanged(before, snapshot(base))
+
+
+def test_lora_ga_takes_the_targets_peft_matches_a_regex_included():
+    base, _ = tiny_base("llama", seed=3)
+    batches = random_batches(2, batch_size=4, seq=12, seed=5)
+    lora = tiny_lora_config([], 4)
+    lora.target_modules = r".*\.(q_proj|down_proj)"
+    model = get_method("lora-ga", {"calib_batches": 2}).build(base, lora, batches)
+    names = sorted(peers.lora_layers(model)[1])
+    assert names and all(n.endswith(("q_proj", "down_proj")) for n in names)
+    assert all(
+        layer.lora_B["default"].weight.abs().sum() > 0
+        for layer in peers.lora_layers(model)[1].values()
+    )

@@ -85,6 +85,7 @@ INIT_STEPS: dict[str, float] = {
     "eva": 40.0,
     "pissa": 2.0,
     "lora-ga": 11.0,
+    "lora-ga-peft": 11.0,
     "corda": 47.0,
     "adalora": 0.0,
     "dora": 0.0,

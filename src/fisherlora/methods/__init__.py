@@ -40,6 +40,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # FIM-LoRA scoring the squared gradient of each mini-batch loss instead of the paper's
     # per-example empirical Fisher (Eq. 1)
     "fim-lora-batch": ("fim-lora", {"estimator": "batch"}),
+    # LoRA-GA as PEFT 0.21 initialises it (B₀ carries the gradient's singular values, so it starts
+    # near zero) instead of the paper's Algorithm 1
+    "lora-ga-peft": ("lora-ga", {"peft_init": True}),
     # --- ablations of the papers' own choices (the claims experiments, benchmarks/claims_runs.py) ---
     # FIM-LoRA with the lowest rank floor (r_min = 1 instead of our max(1, r/2)) and the other
     # two score reductions of the paper (max, l2 instead of mean)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import warnings
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,16 +29,17 @@ from peft import (
     PeftModel,
     get_peft_model,
     initialize_lora_eva_weights,
-    preprocess_loraga,
 )
 from peft.tuners.lora.config import CordaConfig  # not exported at the top level in PEFT 0.21
 from peft.tuners.lora.corda import preprocess_corda
 from peft.tuners.lora.eva import prepare_model_inputs_fn_language_modeling
+from peft.tuners.lora.model import LoraModel
+from peft.tuners.tuners_utils import check_target_module_exists
 from transformers import PreTrainedModel
 
 from fisherlora.adapters import lora_layers, record_residual, target_matches
-from fisherlora.capture import first_batches, predicts_next_token
-from fisherlora.errors import CalibrationError
+from fisherlora.capture import calibration_mode, first_batches, predicts_next_token
+from fisherlora.errors import CalibrationError, ConfigError
 from fisherlora.methods.base import AdapterMethod
 
 Batches = Iterable[dict[str, torch.Tensor]]
@@ -265,13 +266,91 @@ class EVA(CalibratedPeer):
         return {"eva_ranks": ranks}
 
 
+# LoRA-GA's "stable" scale: A₀ and B₀ are multiplied by m^¼ / √γ (the paper's and PEFT's γ)
+LORAGA_GAMMA = 16
+
+
+def _targeted_linears(
+    base_model: torch.nn.Module, config: LoraConfig
+) -> dict[str, torch.nn.Linear]:
+    """The modules ``get_peft_model`` will adapt, by PEFT's own matching (a suffix list, a regex,
+    ``layers_to_transform``, the model type's default targets when ``target_modules`` is None),
+    found before anything changes. Raises ``ConfigError`` when none matches or a match is not an
+    ``nn.Linear``."""
+    if config.target_modules is None:  # PEFT infers the targets from the model type
+        model_type = LoraModel.get_model_config(base_model).get("model_type")
+        inferred = LoraModel.target_module_mapping.get(model_type)
+        if inferred is None:
+            raise ConfigError(
+                f"give target_modules: PEFT has no default targets for {model_type!r}"
+            )
+        config = _with(config, target_modules=inferred)
+    matched = {}
+    for name, module in base_model.named_modules():
+        found = check_target_module_exists(config, name) if name else False
+        if found is True or isinstance(found, re.Match):
+            matched[name] = module
+    if not matched:
+        raise ConfigError(f"target_modules {config.target_modules!r} match no module of the model")
+    other = [f"{n} ({type(m).__name__})" for n, m in matched.items() if not _is_linear(m)]
+    if other:
+        raise ConfigError(f"only nn.Linear layers can be adapted here, got {', '.join(other)}")
+    return matched
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.Linear)
+
+
+def mean_weight_gradients(
+    base_model: torch.nn.Module, layers: dict[str, torch.nn.Linear], batches: list[dict]
+) -> dict[str, torch.Tensor]:
+    """``G = (1/T) Σ_t ∂L_t/∂W`` of every layer in ``layers`` over the ``T`` batches (float32),
+    in training mode as LoRA-GA's authors estimate it (dropout on), with gradients on those
+    weights only. Whatever happens, the model's ``requires_grad`` flags, ``.grad`` and train/eval
+    modes are as before. Raises ``CalibrationError`` for a non-finite gradient."""
+    device = _device_of(base_model)
+    sums: dict[str, torch.Tensor] = {}
+    with calibration_mode(base_model, [m.weight for m in layers.values()], dropout=True):
+        for batch in batches:
+            base_model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+        for name, module in layers.items():
+            if module.weight.grad is None:
+                raise CalibrationError(f"lora-ga: the loss does not depend on {name}")
+            sums[name] = module.weight.grad.detach().float() / len(batches)
+    bad = [name for name, g in sums.items() if not bool(torch.isfinite(g).all())]
+    if bad:
+        raise CalibrationError(
+            f"lora-ga: the calibration gradient of {bad[0]} is not finite (NaN or inf); "
+            "check the calibration data and the model's precision"
+        )
+    return sums
+
+
 class LoRAGA(CalibratedPeer):
-    """LoRA-GA (Wang et al., 2024), PEFT ``preprocess_loraga`` with the default ``LoraGAConfig``
-    (direction ``ArB2r``, ``scale="stable"``, γ = 16): with the mean full-weight gradient
-    ``G = U S Vᵀ`` over the calibration batches, ``A₀ = V[:, :r]ᵀ``, ``B₀ = U[:, r:2r] S · m^¼/√γ``
-    and ``W_res = W − s B₀ A₀``, so the first step approximates full fine-tuning's."""
+    """LoRA-GA (Wang et al., 2024), the paper's Algorithm 1 with its "stable" scale: with the
+    mean full-weight gradient ``G = U S Vᵀ`` of each targeted ``W ∈ R^{m×n}`` over the
+    calibration batches,
+
+        ``A₀ = ζ V[:, :r]ᵀ``,  ``B₀ = ζ U[:, r:2r]``,  ``ζ = m^¼ / √γ`` (γ = 16),
+        ``W_res = W − s B₀ A₀``,
+
+    so the first step of ``s B A`` moves along G's top 2r singular directions
+    (``Δ(BA) ∝ B₀B₀ᵀG + G A₀ᵀA₀``), approximating full fine-tuning's first step, and the outputs
+    are unchanged at init. No singular values enter the factors (the authors' code and the
+    paper agree on this).
+
+    ``peft_init=True`` (the named variant ``lora-ga-peft``) runs PEFT 0.21's ``lora_ga`` init on
+    the same gradients instead, which multiplies B₀ by ``S[r:2r]`` and only B₀ by ζ: B₀ starts
+    near zero (the gradient's singular values are small), so the init is close to "A from the
+    gradient, B = 0".
+    """
 
     name = "lora-ga"
+
+    def __init__(self, calib_batches: int = 8, peft_init: bool = False) -> None:
+        super().__init__(calib_batches)
+        self.peft_init = peft_init
 
     def build(
         self,
@@ -279,6 +358,17 @@ class LoRAGA(CalibratedPeer):
         lora_config: LoraConfig,
         calibration_loader: Batches | None = None,
     ) -> PeftModel:
+        ga = lora_config.lora_ga_config
+        if (
+            not self.peft_init
+            and ga is not None
+            and (ga.direction, ga.scale) != ("ArB2r", "stable")
+        ):
+            raise ConfigError(
+                f"lora-ga runs the paper's init (direction ArB2r, scale stable), got direction "
+                f"{ga.direction!r}, scale {ga.scale!r}; PEFT's other options run as lora-ga-peft"
+            )
+        gamma = ga.stable_gamma if ga is not None else LORAGA_GAMMA
         batches = _first_batches(
             calibration_loader,
             self.calib_batches,
@@ -286,25 +376,52 @@ class LoRAGA(CalibratedPeer):
             labels=True,
             next_token=predicts_next_token(base_model),
         )
-        config = _with(
-            lora_config,
-            init_lora_weights="lora_ga",
-            lora_ga_config=lora_config.lora_ga_config or LoraGAConfig(),
-        )
-        device = _device_of(base_model)
-
-        def train_step() -> None:
-            for batch in batches:
-                base_model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
-
-        with warnings.catch_warnings():
-            # PEFT reads the gradients with full backward hooks, which warn that the model's
-            # inputs (token ids) need no gradient: expected here, and not the user's to fix
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            preprocess_loraga(base_model, config, train_step)
-        model = get_peft_model(base_model, config)
+        layers = _targeted_linears(base_model, lora_config)
+        too_wide = [
+            f"{n} ({min(m.weight.shape)})"
+            for n, m in layers.items()
+            if 2 * lora_config.r > min(m.weight.shape)
+        ]
+        if too_wide:
+            raise ConfigError(
+                f"lora-ga takes 2r = {2 * lora_config.r} singular directions of each gradient; "
+                f"these layers have fewer: {', '.join(too_wide)}"
+            )
+        grads = mean_weight_gradients(base_model, layers, batches)
+        if self.peft_init:  # PEFT's own lora_ga_init reads (and deletes) the attached gradient
+            for name, module in layers.items():
+                module._peft_loraga_grad = grads[name]
+            config = _with(
+                lora_config, init_lora_weights="lora_ga", lora_ga_config=ga or LoraGAConfig()
+            )
+            try:
+                model = get_peft_model(base_model, config)
+            finally:
+                for module in layers.values():
+                    if hasattr(module, "_peft_loraga_grad"):
+                        del module._peft_loraga_grad
+        else:
+            model = get_peft_model(base_model, _with(lora_config, init_lora_weights=True))
+            adapter, lora = lora_layers(model)
+            for name, layer in lora.items():
+                _paper_init(layer, adapter, grads[name], gamma)
         _record_initial_factors(model)
         return model
+
+
+@torch.no_grad()
+def _paper_init(layer: Any, adapter: str, grad: torch.Tensor, gamma: float) -> None:
+    """``A₀ = ζ V[:, :r]ᵀ``, ``B₀ = ζ U[:, r:2r]``, ``W ← W − s B₀ A₀`` (float32 arithmetic)."""
+    r = layer.r[adapter]
+    u, _, vh = torch.linalg.svd(grad, full_matrices=False)
+    zeta = grad.shape[0] ** 0.25 / math.sqrt(gamma)
+    a0, b0 = zeta * vh[:r], zeta * u[:, r : 2 * r]
+    lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    lora_a.copy_(a0.to(lora_a.dtype))
+    lora_b.copy_(b0.to(lora_b.dtype))
+    weight = layer.get_base_layer().weight
+    offset = layer.scaling[adapter] * (lora_b.float() @ lora_a.float())
+    weight.copy_((weight.float() - offset).to(weight.dtype))
 
 
 def _token_axis_for_2d_inputs(base_model: torch.nn.Module, lora_config: LoraConfig) -> list:
