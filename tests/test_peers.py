@@ -253,3 +253,35 @@ def test_lora_ga_takes_the_targets_peft_matches_a_regex_included():
         layer.lora_B["default"].weight.abs().sum() > 0
         for layer in peers.lora_layers(model)[1].values()
     )
+
+
+def test_eva_batches_keep_token_labels_padded_with_the_ignore_index():
+    # a causal LM's token labels stay, so EVA's label mask can leave the prompt's tokens out
+    short, long = random_batches(1, seq=6, seed=1)[0], random_batches(1, seq=10, seed=2)[0]
+    for batch in (short, long):
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    (merged,) = eva_batches([short, long], min_rows=8)
+    assert merged["labels"].shape == merged["input_ids"].shape == (8, 10)
+    assert (merged["labels"][:4, 6:] == -100).all() and (merged["input_ids"][:4, 6:] == 0).all()
+    torch.testing.assert_close(merged["labels"][4:], long["labels"])
+
+
+def test_a_failed_corda_calibration_leaves_the_base_model_unchanged():
+    base, targets = tiny_base("bert", seed=3)
+    # NaN activations: CorDA's covariance hook raises inside PEFT's preprocessing
+    base.bert.embeddings.register_forward_hook(lambda m, i, o: o * torch.nan)
+    before = snapshot(base)
+    with pytest.raises(ValueError, match="Invalid value found in input"):
+        get_method("corda", {"calib_batches": 2}).build(
+            base, tiny_lora_config(targets, 4), random_batches(2, seed=5)
+        )
+    assert_unchanged(before, snapshot(base))
+
+
+def test_corda_takes_a_regex_of_targets_the_pooler_included():
+    base, _ = tiny_base("bert", seed=3)
+    lora = tiny_lora_config([], 4)
+    lora.target_modules = r".*(query|pooler\.dense)"
+    model = get_method("corda", {"calib_batches": 2}).build(base, lora, random_batches(2, seed=5))
+    names = sorted(peers.lora_layers(model)[1])
+    assert "bert.pooler.dense" in names and all(n.endswith(("query", "dense")) for n in names)

@@ -1,4 +1,7 @@
-"""The methods we compare against, each through PEFT's own implementation (PEFT 0.21).
+"""The methods we compare against, through PEFT's own implementations (PEFT 0.21), except
+LoRA-GA: PEFT's ``lora_ga`` init departs from the paper (see :class:`LoRAGA`), so ``lora-ga``
+is written here from the paper's Algorithm 1 and PEFT's runs as the named variant
+``lora-ga-peft``.
 
 Every peer gets the same ``LoraConfig`` as our methods (rank r, α, targets, dropout) and the same
 calibration data (the first ``calib_batches`` training batches, in the calibration order), so a
@@ -17,7 +20,8 @@ import copy
 import dataclasses
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -37,7 +41,7 @@ from peft.tuners.lora.model import LoraModel
 from peft.tuners.tuners_utils import check_target_module_exists
 from transformers import PreTrainedModel
 
-from fisherlora.adapters import lora_layers, record_residual, target_matches
+from fisherlora.adapters import lora_layers, record_residual
 from fisherlora.capture import calibration_mode, first_batches, predicts_next_token
 from fisherlora.errors import CalibrationError, ConfigError
 from fisherlora.methods.base import AdapterMethod
@@ -47,11 +51,12 @@ Batches = Iterable[dict[str, torch.Tensor]]
 # What the harness does differently from a plain call of the peer, by method (for the report).
 WORKAROUNDS: dict[str, str] = {
     "eva": (
-        "EVA's batches carry no labels (its label mask does not broadcast with one label per "
-        "sequence), and a layer-input function keeps 2-D inputs (BERT's pooler sees one row per "
-        "sequence) as they are instead of indexing them as [sequence, token]; consecutive "
-        "batches are merged where one holds fewer than r x rho sequences. EVA's incremental SVD "
-        "and rank redistribution are unchanged."
+        "EVA's batches drop class-id labels (one label per sequence: its label mask does not "
+        "broadcast with them); token labels of a causal LM stay, so PEFT's default label mask "
+        "leaves out the prompt's tokens. A layer-input function keeps 2-D inputs (BERT's pooler "
+        "sees one row per sequence) as they are instead of indexing them as [sequence, token]; "
+        "consecutive batches are merged where one holds fewer than r x rho sequences. EVA's "
+        "incremental SVD and rank redistribution are unchanged."
     ),
     "corda": (
         "CorDA's covariance hook assumes one sequence per forward pass (squeeze(0)), so the "
@@ -64,7 +69,9 @@ WORKAROUNDS: dict[str, str] = {
         "AdaLoRA starts at ceil(1.5 r) ranks per module and prunes to a final budget of r per "
         "module on average (target_r = r), with tinit = 10 % and tfinal = 20 % of the steps and "
         "a reallocation every 1 % of the steps; update_and_allocate runs after every optimizer "
-        "step, before the gradients are zeroed."
+        "step, before the gradients are zeroed. The orthogonality penalty keeps PEFT's default "
+        "weight 0.5 (the AdaLoRA authors' scripts use 0.1); the scaling is alpha / init_r (PEFT's "
+        "AdaLoRA), and rsLoRA, rank_pattern and alpha_pattern do not apply to it."
     ),
 }
 
@@ -186,14 +193,21 @@ def _pad_cat(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
     longest = max(b["input_ids"].shape[1] for b in batches)
 
-    def pad(t: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, longest - t.shape[1])) if t.ndim == 2 else t
+    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, longest - t.shape[1]), value=value)
 
-    return {k: torch.cat([pad(b[k]) for b in batches]) for k in batches[0]}
+    # token labels are padded with the ignore index, which EVA's label mask leaves out
+    return {
+        k: torch.cat(
+            [pad(b[k], -100 if k == "labels" else 0) if b[k].ndim == 2 else b[k] for b in batches]
+        )
+        for k in batches[0]
+    }
 
 
 def eva_batches(batches: Batches, min_rows: int) -> list[dict[str, torch.Tensor]]:
-    """Drop ``labels`` and merge consecutive batches until each holds ``>= min_rows`` sequences.
+    """Drop class-id ``labels`` (``[batch]``; token labels ``[batch, seq]`` stay for EVA's label
+    mask) and merge consecutive batches until each holds ``>= min_rows`` sequences.
 
     A layer whose input has fewer rows than its ``r · ρ`` components skips the step; the pooler
     (one row per sequence) would then never converge and EVA would loop for ever. The merge only
@@ -201,7 +215,7 @@ def eva_batches(batches: Batches, min_rows: int) -> list[dict[str, torch.Tensor]
     chunks: list[list[dict[str, torch.Tensor]]] = []
     current: list[dict[str, torch.Tensor]] = []
     for batch in batches:
-        current.append({k: v for k, v in batch.items() if k != "labels"})
+        current.append({k: v for k, v in batch.items() if k != "labels" or v.ndim > 1})
         if sum(_rows(b) for b in current) >= min_rows:
             chunks.append(current)
             current = []
@@ -260,6 +274,9 @@ class EVA(CalibratedPeer):
             dataloader=loader,
             prepare_model_inputs_fn=_eva_model_inputs,
             prepare_layer_inputs_fn=_eva_layer_inputs,
+            # every process reads all the calibration batches (shards_calibration = False):
+            # gathering them would give each SVD world_size copies of the same rows
+            gather_distributed_inputs=False,
             show_progress_bar=False,
         )
         ranks = {n: layer.r[model.active_adapter] for n, layer in lora_layers(model)[1].items()}
@@ -442,13 +459,37 @@ def _token_axis_for_2d_inputs(base_model: torch.nn.Module, lora_config: LoraConf
         widened.discard(id(module))
         return output.squeeze(1)
 
-    for name, module in base_model.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(
-            target_matches(name, t) for t in lora_config.target_modules
-        ):
-            handles.append(module.register_forward_pre_hook(add_axis))
-            handles.append(module.register_forward_hook(drop_axis))
+    for module in _targeted_linears(base_model, lora_config).values():
+        handles.append(module.register_forward_pre_hook(add_axis))
+        handles.append(module.register_forward_hook(drop_axis))
     return handles
+
+
+@contextmanager
+def _undone_on_failure(
+    model: torch.nn.Module, modules: Iterable[torch.nn.Module]
+) -> Iterator[None]:
+    """On an exception inside, take off what a PEFT preprocessing step left on ``modules`` (the
+    forward hooks and attributes it added: CorDA's ``covariance_matrix``, ``sample_count``,
+    ``eigens``, ...) and restore the model's train/eval modes, then re-raise: PEFT removes them
+    only on success."""
+    modes = {m: m.training for m in model.modules()}
+    modules = list(modules)
+    hooks = {m: set(m._forward_hooks) for m in modules}
+    attributes = {m: set(vars(m)) for m in modules}
+    try:
+        yield
+    except BaseException:
+        for m in modules:
+            for key in set(m._forward_hooks) - hooks[m]:
+                m._forward_hooks.pop(key)
+                m._forward_hooks_with_kwargs.pop(key, None)
+                m._forward_hooks_always_called.pop(key, None)
+            for name in set(vars(m)) - attributes[m]:
+                delattr(m, name)
+        for m, training in modes.items():
+            m.training = training
+        raise
 
 
 class CorDA(CalibratedPeer):
@@ -498,7 +539,8 @@ class CorDA(CalibratedPeer):
 
         handles = _token_axis_for_2d_inputs(base_model, config)
         try:
-            preprocess_corda(base_model, config, run_model=run_model)
+            with _undone_on_failure(base_model, _targeted_linears(base_model, config).values()):
+                preprocess_corda(base_model, config, run_model=run_model)
         finally:
             for handle in handles:
                 handle.remove()
