@@ -13,7 +13,10 @@ verdict on accuracy:
   ruled out* when it contains 0 but lies below the paper's gain (the direction cannot be
   told, the size can); otherwise *cannot tell at this size*;
 - a claim "A and B are within ±b" (insensitivity): *holds* when the interval lies inside ±b,
-  *does not hold* when it lies outside, otherwise *cannot tell at this size*;
+  *does not hold* when it lies outside, otherwise *cannot tell at this size*; "identical"
+  (b = 0) holds only when every one of at least ``ZERO_SPREAD_MIN_PAIRS`` seeds is identical;
+- a claim "A and B differ" (either way): *holds* when the interval excludes 0 (the verdict says
+  which way), otherwise *cannot tell at this size*;
 - a measurement the papers make no claim about: *measured*, with whether the interval
   excludes 0.
 
@@ -66,7 +69,8 @@ class Claim:
     paper_number: str
     a: Arm
     b: Arm
-    kind: str = "beats"  # "beats" (A > B), "within" (|A − B| ≤ band), "measure"
+    # "beats" (A > B), "within" (|A − B| ≤ band), "differs" (A ≠ B, either way), "measure"
+    kind: str = "beats"
     effect: float | None = None  # the paper's gain of A over B, accuracy (beats)
     band: float = 0.001  # within: ±0.1 pp
     metric: str = "accuracy"  # the outcome the verdict reads (test accuracy unless stated)
@@ -194,6 +198,7 @@ CLAIMS: list[Claim] = [
         "dominant",
         _arm(REF, "fim-lora"),
         _arm("ablations-r8", "fim-lora-rmin1"),
+        kind="differs",  # that it matters: a difference either way
     ),
     *[
         Claim(
@@ -225,10 +230,10 @@ CLAIMS: list[Claim] = [
     Claim(
         "FIM-LoRA",
         "one calibration batch (T = 1) against 8",
-        "—",
+        "saturates by T ≈ 4-8 (the ±0.1 pp band is ours)",
         _arm("calib-1-fim-lora", "fim-lora"),
         _arm(REF, "fim-lora"),
-        kind="measure",
+        kind="within",
     ),
     # --- FILet ---
     *[
@@ -302,10 +307,10 @@ CLAIMS: list[Claim] = [
         Claim(
             "FILet",
             f"calibration size: {t} × 32 examples against 8 × 32",
-            "§4.5: small batches suffice",
+            "§4.5: small batches suffice (the ±0.1 pp band is ours)",
             _arm(f"calib-{t}-filet", "filet"),
             _arm(REF, "filet"),
-            kind="measure",
+            kind="within",
         )
         for t in (1, 16)
     ],
@@ -449,6 +454,12 @@ def verdict(claim: Claim, low: float, high: float, pairs: int) -> str:
         if below_paper:
             return f"the paper's {paper} is ruled out; the direction cannot be told"
         return "cannot tell at this size"
+    if claim.kind == "differs":
+        if low > 0:
+            return "holds (A > B)"
+        if high < 0:
+            return "holds (A < B)"
+        return "cannot tell at this size"
     if claim.kind == "within":
         if -claim.band <= low and high <= claim.band:
             return "holds"
@@ -515,13 +526,19 @@ def claims_table(sources: dict[str, pd.DataFrame]) -> pd.DataFrame:
         pairs = int(np.isfinite(d).sum())
         row["seeds"] = pairs
         if claim.kind == "within" and claim.band == 0 and pairs >= 2:
-            # "identical": one differing seed disproves it, whatever an interval says
+            # "identical": one differing seed disproves it, whatever an interval says; that
+            # every seed agrees is evidence from ZERO_SPREAD_MIN_PAIRS seeds on (two seeds can
+            # agree by chance: accuracy moves in steps of one example)
             differ = int((np.round(d[np.isfinite(d)], 12) != 0).sum())
-            row["verdict"] = (
-                f"holds ({pairs} of {pairs} seeds identical)"
-                if differ == 0
-                else f"does not hold ({differ} of {pairs} seeds differ)"
-            )
+            if differ:
+                row["verdict"] = f"does not hold ({differ} of {pairs} seeds differ)"
+            elif pairs < ZERO_SPREAD_MIN_PAIRS:
+                row["verdict"] = (
+                    f"cannot tell: {pairs} of {pairs} seeds identical, fewer than "
+                    f"{ZERO_SPREAD_MIN_PAIRS}"
+                )
+            else:
+                row["verdict"] = f"holds ({pairs} of {pairs} seeds identical)"
         else:
             row["verdict"] = verdict(claim, low, high, pairs)
         rates_differ = len(a) and len(b) and set(a["lr"]) != set(b["lr"])

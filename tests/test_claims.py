@@ -165,6 +165,53 @@ def test_verdict_rules(claims):
     assert table.verdict(beats, 0.01, 0.01, 5) == "holds"
 
 
+def test_insensitivity_claims_read_the_band_not_measured(claims):
+    # T = 1 against 8 (FIM-LoRA) and FILet's calibration sizes claim that small calibration
+    # suffices: a wide interval is "cannot tell", not "measured: no difference seen"
+    _, table = claims
+    rows = [
+        c
+        for c in table.CLAIMS
+        if c.a.source in ("calib-1-fim-lora", "calib-16-fim-lora")
+        or c.claim.startswith("calibration size")
+    ]
+    assert len(rows) == 4
+    for claim in rows:
+        assert (claim.kind, claim.band) == ("within", 0.001), claim.claim
+        assert table.verdict(claim, -0.0048, 0.0134, 5) == "cannot tell at this size"
+        assert table.verdict(claim, -0.0005, 0.0008, 5) == "holds"
+
+
+def test_the_rank_floor_row_is_scored_two_sided(claims):
+    # "the floor matters": a difference either way holds it; an interval around 0 cannot tell
+    _, table = claims
+    (floor,) = [c for c in table.CLAIMS if c.b.method == "fim-lora-rmin1"]
+    assert floor.kind == "differs"
+    assert table.verdict(floor, 0.001, 0.01, 5) == "holds (A > B)"
+    assert table.verdict(floor, -0.01, -0.001, 5) == "holds (A < B)"
+    assert table.verdict(floor, -0.01, 0.01, 5) == "cannot tell at this size"
+    assert table.verdict(floor, -0.01, -0.01, 3).startswith("cannot tell: the 3 seeds'")
+
+
+@pytest.mark.parametrize(
+    ("seeds", "expected"),
+    [
+        (2, "cannot tell: 2 of 2 seeds identical, fewer than 5"),
+        (5, "holds (5 of 5 seeds identical)"),
+    ],
+)
+def test_identical_needs_enough_seeds_to_hold(claims, tmp_path, seeds, expected):
+    _, table = claims
+    ref, rerun = tmp_path / "ref", tmp_path / "ablations-r8"
+    for seed in range(seeds):
+        _write_run(ref, "lora", seed, 0.8 + seed / 100)
+        _write_run(rerun, "lora", seed, 0.8 + seed / 100)
+    sources = {"ref": table.final_runs(ref), "ablations-r8": table.final_runs(rerun)}
+    result = table.claims_table(sources).set_index(["A", "B"])
+    same = result.loc[("lora (ablations-r8, r=8)", "lora (rt-low-data, r=8)")]
+    assert same["seeds"] == seeds and same["verdict"] == expected
+
+
 def test_cost_table_sums_each_experiments_runs_with_their_median_step_times(
     claims, tmp_path, monkeypatch
 ):

@@ -200,6 +200,28 @@ def test_changed_settings_cannot_resume_into_the_same_directory(tmp_path, patche
         compare(changed, progress=False)
 
 
+@pytest.mark.parametrize("lr_grid", [None, [1e-3, 3e-3]])
+def test_resuming_rewrites_an_unchanged_compare_json_byte_for_byte(tmp_path, lr_grid):
+    config = tiny_comparison(tmp_path, seeds=(0,), methods=("lora",))
+    if lr_grid:
+        config.lr_grid, config.tune_seeds = lr_grid, [100]
+    compare_module.check_out_dir(config)
+    pinned = tmp_path / "compare.json"
+    first = pinned.read_bytes()
+    for _ in range(2):  # resumed twice: the keys keep the config's order, nothing is added
+        compare_module.check_out_dir(config)
+        assert pinned.read_bytes() == first
+    assert list(json.loads(first)["settings"]) == list(config.shared_settings())
+    # a file from before some settings existed still resumes (their legacy values), and is then
+    # written as the config gives them
+    old = json.loads(first)
+    for key in ("precision", "val_fraction", "max_dropped_fraction"):
+        del old["settings"][key]
+    pinned.write_text(json.dumps(old, indent=2))
+    compare_module.check_out_dir(config)
+    assert pinned.read_bytes() == first
+
+
 def test_data_or_model_a_run_cannot_use_is_refused_before_the_folder_is_pinned(
     tmp_path, patched_task, monkeypatch
 ):

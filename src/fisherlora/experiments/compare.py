@@ -121,9 +121,12 @@ def check_out_dir(config: CompareConfig, process: Process | None = None) -> None
     if process.distributed:  # absent for one process, so one-process comparisons stay resumable
         settings["world_size"] = process.world_size
     if pinned.exists():
+        # compared with the legacy values filled in; written as the config gives them (its own
+        # keys in its own order), so that resuming rewrites an unchanged compare.json byte for
+        # byte, and a file written before a setting existed still matches its legacy value
         before = LEGACY_SETTINGS | json.loads(pinned.read_text())["settings"]
-        settings = LEGACY_SETTINGS | settings
-        changed = {k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k)}
+        now = LEGACY_SETTINGS | settings
+        changed = {k for k in now.keys() | before.keys() if now.get(k) != before.get(k)}
         if changed == {"lr_grid"} and grid_extension_allowed(config, before):
             changed = set()
             if process.is_main:

@@ -252,7 +252,8 @@ def summary_tables(
     if not per_cell.empty:
         acc = per_cell[per_cell["outcome"] == "accuracy"].copy()
         acc["size"] = acc["delta"].abs()
-        top = acc.sort_values("size", ascending=False).drop_duplicates("cell").head(3)
+        # a cell with several ranks is one cell per rank (as in the pooled view): one row each
+        top = acc.sort_values("size", ascending=False).drop_duplicates(["cell", "rank"]).head(3)
         tables.append(
             (
                 "The three cells with the largest accuracy difference to LoRA (its method)",
@@ -287,9 +288,19 @@ STATISTICS_NOTE = (
     "the outcome and the other has not (a failed run, an infinite NLL, a run not finished yet); "
     "the pairs leave them out. Win / tie / loss counts the cells whose paired 95 % t interval "
     "(Δ ± t(0.975, n − 1)·sd/√n) excludes 0 in the method's favour / contains 0 / excludes 0 "
-    "against it; a cell with one paired seed has no interval and is left out of the pooled Δ "
-    "and its CI."
+    "against it; a cell with one paired seed has no interval, and one with fewer than "
+    "{min_pairs} paired seeds that all differ by the same amount (a zero-width "
+    "interval) reads 'cannot tell'; both are left out of the pooled Δ and its CI and counted "
+    "'without interval'."
 )
+
+
+def statistics_note() -> str:
+    """:data:`STATISTICS_NOTE` with ``report.ZERO_SPREAD_MIN_PAIRS`` in it (imported here:
+    the report module pulls in matplotlib)."""
+    from fisherlora.experiments.report import ZERO_SPREAD_MIN_PAIRS
+
+    return STATISTICS_NOTE.format(min_pairs=ZERO_SPREAD_MIN_PAIRS)
 
 
 def write_suite_report(suite: Suite, out: str | Path, command: str = "") -> Path:
@@ -378,7 +389,7 @@ def _write_suite_markdown(out, suite, command, header, pooled, sections, figures
         lines += [f"**{title}**", "", _markdown_table(table), ""]
     lines += ["## Pooled over cells", ""]
     lines += [_markdown_table(pooled) if not pooled.empty else "No paired results yet.", ""]
-    lines += [STATISTICS_NOTE, ""]
+    lines += [statistics_note(), ""]
     for caption, path in figures:
         lines += [f"![{caption}]({path.relative_to(out)})", ""]
     lines += ["## Cells", ""]
@@ -419,7 +430,7 @@ def _write_suite_html(out, suite, command, header, pooled, sections, figures, su
         parts.append(f"<p><b>{html.escape(title)}</b></p>" + table_html(table, "–"))
     parts.append("<h2>Pooled over cells</h2>")
     parts.append(table_html(pooled, "No paired results yet."))
-    parts.append(f"<p>{html.escape(STATISTICS_NOTE)}</p>")
+    parts.append(f"<p>{html.escape(statistics_note())}</p>")
     parts += [embedded_figure(caption, path) for caption, path in figures]
     parts.append("<h2>Cells</h2>")
     for name, shape, table, notes in sections:

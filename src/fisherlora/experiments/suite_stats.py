@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -19,6 +18,11 @@ OUTCOMES: dict[str, tuple[str, bool]] = {
     "val_auc": ("validation AUC", True),
 }
 CONFIDENCE = 0.95
+# a cell's verdict with fewer than 2 pairs, and with 2 to ZERO_SPREAD_MIN_PAIRS − 1 pairs that
+# all differ by the same amount (report.PairedDifference.verdict's words): neither enters the
+# pooled Δ and interval, and pooled_differences counts both as no_interval
+NO_INTERVAL = "no interval"
+NO_SPREAD = "cannot tell: {pairs} seeds, all the same difference"
 
 
 def final_runs(results: pd.DataFrame) -> pd.DataFrame:
@@ -58,9 +62,10 @@ def cell_differences(
     ``delta ± t(1 − α/2, n − 1)·sd(d)/√n`` (``report.paired_t``). The cell's ``verdict``: *win*
     when the interval excludes 0 on the method's better side (above 0 for accuracy and validation
     AUC, below 0 for NLL, where lower is better), *loss* when it excludes 0 on the other side,
-    *tie* when it contains 0 or has no spread from fewer than ``ZERO_SPREAD_MIN_PAIRS`` pairs
-    (``PairedDifference.no_spread``), and *no interval* with fewer than 2 pairs. Outcomes the results
-    lack (or hold only NaN for) are skipped.
+    *tie* when it contains 0, *cannot tell* (:data:`NO_SPREAD`, the compare report's words) when
+    every pair gave the same difference from fewer than ``ZERO_SPREAD_MIN_PAIRS`` pairs
+    (``PairedDifference.no_spread``: a zero-width interval that is no evidence), and *no interval*
+    with fewer than 2 pairs. Outcomes the results lack (or hold only NaN for) are skipped.
     """
     from fisherlora.experiments.report import paired_t
 
@@ -79,7 +84,9 @@ def cell_differences(
                     continue
                 diff = paired_t(d, confidence)
                 if diff.pairs < 2:
-                    verdict = "no interval"
+                    verdict = NO_INTERVAL
+                elif diff.no_spread:
+                    verdict = NO_SPREAD.format(pairs=diff.pairs)
                 elif not diff.significant:
                     verdict = "tie"
                 else:
@@ -121,10 +128,13 @@ def pooled_differences(
       degrees of freedom ``ν = (Σ_c v_c)² / Σ_c v_c²/(n_c − 1)``, ``v_c = s_c²/n_c``. With one
       stratum this is that cell's paired t interval. The cells are fixed: the interval covers the
       spread over seeds, not a population of cells, and not the test sets' sampling.
-    - Where every stratum's differences agree (no spread) the interval is the point, or
-      absent (NaN) from fewer than ``ZERO_SPREAD_MIN_PAIRS`` pairs in all.
+    - Where every stratum's differences agree (no spread: each from ``ZERO_SPREAD_MIN_PAIRS`` or
+      more pairs, as the others are left out) the interval is the point.
     - A stratum with one paired seed has no variance and is left out of Δ and the CI
-      (``no_interval`` counts it); a method with no stratum of two or more pairs has no row.
+      (``no_interval`` counts it), and so is one whose 2 to ``ZERO_SPREAD_MIN_PAIRS − 1`` pairs
+      all differ by the same amount (``PairedDifference.no_spread``: its zero variance would
+      shrink the pooled interval with what is no evidence); a method with no other stratum has
+      no row.
     - ``cell_names``: the strata pooled (methods need not share cells); ``unpaired``: seeds
       where one arm has the outcome and the other has not (a failed run, an infinite NLL), which
       the pairs leave out, in the cells that plan the method (``planned``: cell → its methods;
@@ -133,8 +143,6 @@ def pooled_differences(
       the cells' verdicts from :func:`cell_differences`.
     """
     from scipy import stats as scipy_stats
-
-    from fisherlora.experiments.report import ZERO_SPREAD_MIN_PAIRS
 
     per_cell = cell_differences(results, outcomes, confidence)
     columns = [
@@ -176,7 +184,9 @@ def pooled_differences(
             for _, row in cells.iterrows():
                 group = finals[(finals["cell"] == row["cell"]) & (finals["rank"] == row["rank"])]
                 d, _ = _paired(group, method, outcome)
-                if len(d) >= 2:  # one pair has no variance: left out, and counted
+                # one pair has no variance, and too few pairs that all agree have a variance of
+                # 0 that is no evidence (report.no_spread): both left out, and counted
+                if row["verdict"] != NO_INTERVAL and not _no_spread(row["verdict"]):
                     strata.append(d)
                     several_ranks = finals[finals["cell"] == row["cell"]]["rank"].nunique() > 1
                     names.append(f"{row['cell']} r{row['rank']}" if several_ranks else row["cell"])
@@ -191,10 +201,8 @@ def pooled_differences(
                     vc**2 / (len(d) - 1) for vc, d in zip(v, strata, strict=True)
                 )
                 half = float(scipy_stats.t.ppf(1 - (1 - confidence) / 2, dof)) * se
-            elif sum(len(d) for d in strata) >= ZERO_SPREAD_MIN_PAIRS:
-                half = 0.0  # every seed agrees in every cell: the interval is the point
-            else:  # too few pairs for agreement to mean anything (report.no_spread)
-                half = math.nan
+            else:  # every stratum left agrees from ZERO_SPREAD_MIN_PAIRS or more pairs
+                half = 0.0  # the interval is the point
             rows.append(
                 {
                     "method": method,
@@ -211,10 +219,17 @@ def pooled_differences(
                     "wins": int(verdicts.get("win", 0)),
                     "ties": int(verdicts.get("tie", 0)),
                     "losses": int(verdicts.get("loss", 0)),
-                    "no_interval": int(verdicts.get("no interval", 0)),
+                    "no_interval": int(
+                        sum(n for v, n in verdicts.items() if v == NO_INTERVAL or _no_spread(v))
+                    ),
                 }
             )
     return pd.DataFrame(rows, columns=columns)
+
+
+def _no_spread(verdict: str) -> bool:
+    """Whether a cell's verdict is :data:`NO_SPREAD` (whatever its number of pairs)."""
+    return verdict.startswith(NO_SPREAD.split("{", 1)[0])
 
 
 def _seeds_with(group: pd.DataFrame, method: str, outcome: str) -> set[int]:
