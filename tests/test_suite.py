@@ -227,7 +227,7 @@ def test_the_estimate_is_the_measured_step_time_times_the_steps():
     assert estimate_run_seconds(settings | {"model": "roberta-base"}, "lora", "final") is None
 
 
-def test_the_dry_run_counts_finished_runs_and_scales_by_their_measured_time(tmp_path):
+def test_the_dry_run_counts_finished_runs_and_scales_every_cell_by_their_measured_time(tmp_path):
     suite = load_suite(str(write(tmp_path, TINY_SUITE)))
     before = estimate_suite(suite, tmp_path / "out").set_index("cell")
     run = tmp_path / "out" / "plain" / "r2" / "lora" / "seed0"
@@ -240,7 +240,8 @@ def test_the_dry_run_counts_finished_runs_and_scales_by_their_measured_time(tmp_
     assert after.loc["plain", "done"] == 1 and after.loc["grid", "done"] == 0
     left = before.loc["plain", "est_hours"] - estimate / 3600
     assert after.loc["plain", "est_hours"] == pytest.approx(10 * left)
-    assert after.loc["grid", "est_hours"] == pytest.approx(before.loc["grid", "est_hours"])
+    # a cell not started goes at the speed the finished runs went (the suite's runs share a CPU)
+    assert after.loc["grid", "est_hours"] == pytest.approx(10 * before.loc["grid", "est_hours"])
 
 
 def test_a_paused_run_counts_its_typical_steps_not_its_wall_clock():

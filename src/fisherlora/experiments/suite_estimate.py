@@ -2,7 +2,8 @@
 
 The estimate starts from step times measured on a 2-core CPU (:data:`STEP_TIMES`), scaled by
 tokens per example (:data:`TASK_TOKENS`) and each method's calibration (:data:`INIT_STEPS`);
-on a resumed suite it is rescaled by the finished runs' measured times.
+on a resumed suite it is rescaled by the finished runs' measured times (a cell not started
+yet by those of the whole suite).
 """
 
 from __future__ import annotations
@@ -186,9 +187,12 @@ def estimate_suite(suite: Suite, out: str | Path | None = None) -> pd.DataFrame:
     ``est_hours`` is the sum of :func:`estimate_run_seconds` over the cell's runs; with ``out``
     the runs already finished in ``OUT/<cell>/`` are counted (``done``), their estimates taken
     off, and the rest scaled by measured / estimated seconds of the finished ones (so a resumed
-    suite's estimate follows this machine). ``est_hours`` is NaN where a model or task was never
-    measured (see :data:`STEP_TIMES`, :data:`TASK_TOKENS`)."""
+    suite's estimate follows this machine and its load); a cell with no finished run yet is
+    scaled by that ratio over all the suite's finished runs. ``est_hours`` is NaN where a model or
+    task was never measured (see :data:`STEP_TIMES`, :data:`TASK_TOKENS`)."""
     rows = []
+    # per started cell: (estimated, measured) seconds of its finished runs
+    progress: dict[str, tuple[float, float]] = {}
     for cell in suite.cells:
         s = cell.settings
         tune, final = cell.run_counts()
@@ -215,6 +219,7 @@ def estimate_suite(suite: Suite, out: str | Path | None = None) -> pd.DataFrame:
                     for r in finished
                 )
                 measured = sum(r["total_s"] for r in finished)
+                progress[cell.name] = (estimated, measured)
                 scale = measured / estimated if estimated > 0 else 1.0
                 seconds = max(0.0, seconds - estimated) * scale
         rows.append(
@@ -235,6 +240,12 @@ def estimate_suite(suite: Suite, out: str | Path | None = None) -> pd.DataFrame:
                 "est_hours": seconds / 3600,
             }
         )
+    estimated = sum(e for e, _ in progress.values())
+    if estimated > 0:  # cells not started yet: at the speed the finished runs went
+        scale = sum(m for _, m in progress.values()) / estimated
+        for row in rows:
+            if row["cell"] not in progress:
+                row["est_hours"] *= scale
     return pd.DataFrame(rows)
 
 
