@@ -202,27 +202,47 @@ def experiment_config(experiment: Experiment, reference: CompareConfig, out: Pat
     )
 
 
-def measured_seconds() -> dict[str, float]:
-    """Median seconds of one finished run of each method in the reference cell (its measured
-    step times: pause-robust, see ``suite_estimate.pause_robust_seconds``)."""
+def _run_seconds(root: Path) -> dict[str, list[float]]:
+    """Pause-robust seconds (``suite_estimate.pause_robust_seconds``) of every finished run under
+    ``root``, by method."""
     runs: dict[str, list[float]] = {}
-    for path in (SUITE_OUT / REFERENCE_CELL).rglob("metrics.json"):
+    for path in root.rglob("metrics.json"):
         metrics = json.loads(path.read_text())
         settings = json.loads(path.with_name("config.json").read_text()).get("settings", {})
         runs.setdefault(metrics["method"], []).append(
             pause_robust_seconds(metrics["timings"], settings)
         )
-    return {m: statistics.median(v) for m, v in runs.items()}
+    return runs
+
+
+def measured_seconds() -> dict[str, float]:
+    """Median seconds of one finished run of each method in the reference cell."""
+    return {m: statistics.median(v) for m, v in _run_seconds(SUITE_OUT / REFERENCE_CELL).items()}
+
+
+def _typical(seconds: dict[str, float], method: str) -> float:
+    """The reference cell's median run of ``method`` (or of the method it varies; 120 s when
+    neither ran there)."""
+    return seconds.get(method, seconds.get(base_method(method), 120.0))
 
 
 def dry_run(configs: list[tuple[Experiment, CompareConfig]]) -> None:
+    """Runs, finished runs and hours left per experiment: the reference cell's median run per
+    method, scaled by how long the claims runs that finished took against that median (they
+    share the CPU with the suite; the reference cell's runs partly did not)."""
     seconds = measured_seconds()
+    expected = measured = 0.0
+    for _, config in configs:
+        for method, times in _run_seconds(Path(config.out)).items():
+            expected += len(times) * _typical(seconds, method)
+            measured += sum(times)
+    load = measured / expected if expected > 0 else 1.0
     total_left = 0.0
     print(f"{'experiment':<16} {'methods':>7} {'lr':>7} {'runs':>5} {'done':>5} {'hours left':>10}")
     for experiment, config in configs:
         runs = len(config.tuning_runs()) + len(config.methods) * len(config.seeds)
         done = len(list(Path(config.out).rglob("metrics.json")))
-        per_run = statistics.mean(seconds.get(base_method(m), 120.0) for m in config.methods)
+        per_run = statistics.mean(_typical(seconds, m) for m in config.methods) * load
         left = max(runs - done, 0) * per_run / 3600
         total_left += left
         lr = "tune" if config.lr_grid else f"{config.base.lr:g}"
@@ -230,7 +250,10 @@ def dry_run(configs: list[tuple[Experiment, CompareConfig]]) -> None:
             f"{experiment.name:<16} {len(config.methods):>7} {lr:>7} {runs:>5} {done:>5} "
             f"{left:>10.1f}"
         )
-    print(f"about {total_left:.1f} h left (from the reference cell's median run per method)")
+    print(
+        f"about {total_left:.1f} h left (the reference cell's median run per method x {load:.2f}, "
+        "the finished claims runs' measured / that median)"
+    )
 
 
 def main() -> None:
