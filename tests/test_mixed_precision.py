@@ -90,8 +90,35 @@ def test_overflowed_step_is_skipped_under_a_scaler_and_an_error_without():
             penalty.step()
             assert penalty.skipped_steps == 1 and torch.equal(penalty.fisher, fisher_after_one)
         else:
+            state = (penalty.step_count, penalty.skipped_steps, penalty.warming_up)
+            importance, proxy = penalty.importance_.clone(), dict(penalty.last_proxy)
             with pytest.raises(CalibrationError, match="non-finite frozen-weight gradient norm"):
                 penalty.step()
+            # refused, and the penalty's schedule is as it was: F, I, step count, skipped
+            # steps, the warm-up flag and its hooks, the proxy it last recorded
+            assert state == (1, 0, True)
+            assert (penalty.step_count, penalty.skipped_steps, penalty.warming_up) == state
+            assert torch.equal(penalty.fisher, fisher_after_one)
+            assert torch.equal(penalty.importance_, importance) and penalty.last_proxy == proxy
+            assert len(penalty._handles) == len(penalty.names)
+
+
+def test_a_refused_non_finite_step_does_not_poison_the_next_one():
+    batches = random_batches(3, seed=5)
+    model = tiny_peft_model("llama", seed=3)
+    penalty = FisherPenalty(model, warmup_steps=10)
+    model(**batches[0]).loss.backward()
+    penalty.step()
+    model.zero_grad()
+    overflow = model.base_model.model.score.register_forward_hook(lambda m, i, o: o * 1e38)
+    (model(**batches[1]).loss * 1e38).backward()
+    overflow.remove()
+    model.zero_grad()
+    with pytest.raises(CalibrationError, match="non-finite frozen-weight gradient norm"):
+        penalty.step()
+    model(**batches[2]).loss.backward()  # a clean step after the refused one (batch skipped)
+    penalty.step()
+    assert penalty.step_count == 2 and torch.isfinite(penalty.fisher).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -527,6 +527,11 @@ class FisherPenalty:
             proxy = self._frozen_grad_sq_norms().cpu()  # one device sync per step
             finite = bool(torch.isfinite(proxy).all())
             if not finite and not (self.grad_scaler and self.grad_scaler.is_enabled()):
+                # refused: this step's products go, so that the next step starts clean (the
+                # schedule, F and the hooks stay as they were)
+                self._loss_scale = None
+                self._pending.clear()
+                self._probe_cache.clear()
                 bad = int((~torch.isfinite(proxy)).nonzero()[0])
                 check_finite(self.names[bad], proxy[bad], "frozen-weight gradient norm")
             self.last_proxy = dict(zip(self.names, proxy.tolist(), strict=True))
