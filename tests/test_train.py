@@ -67,10 +67,16 @@ def test_run_directory_holds_every_artifact_and_the_adapter_reloads(tmp_path, ke
         "dense",
     ]
     assert {"torch", "transformers", "peft"} <= set(config["versions"])
+    assert {"fisherlora_commit", "fisherlora_dirty"} <= set(config["versions"])  # provenance
     assert config["task"]["train"] == len(keyword_task.train_texts)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    for key in ("median_step_s", "train_s", "init_s", "total_s", "peak_memory_mb"):
-        assert metrics["timings"][key] >= 0
+    timings = metrics["timings"]
+    parts = ("build_s", "init_s", "train_s", "eval_s")  # disjoint parts of the run, in order
+    assert timings.keys() == {*parts, "median_step_s", "total_s", "peak_memory_mb"}
+    assert 0 < timings["median_step_s"] <= timings["train_s"]  # ten steps timed
+    assert timings["eval_s"] > 0  # two evaluations, timed apart from training
+    assert timings["total_s"] >= sum(timings[key] for key in parts)
+    assert timings["peak_memory_mb"] > 0
     assert sum(map(sum, metrics["confusion_matrix"])) == len(keyword_task.test_texts)
     curve = pd.read_csv(tmp_path / "curve.csv")
     assert list(curve.columns) == [
@@ -181,3 +187,58 @@ def test_every_run_reports_how_much_of_its_initial_input_subspace_it_kept(
     assert longer.metrics["a_row_space_kept"] < short.metrics["a_row_space_kept"]
     adalora = train(tiny_config(steps=4, method="adalora"), task=keyword_task, progress=False)
     assert "a_row_space_kept" not in adalora.metrics  # AdaLoRA's SVD form has no plain A
+
+
+def test_source_revision_records_the_commit_and_is_none_outside_a_checkout(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    from fisherlora.experiments import train as train_module
+    from fisherlora.experiments.train import library_versions, source_revision
+
+    unknown = {"fisherlora_commit": None, "fisherlora_dirty": None}
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no checkout above tmp_path
+    assert source_revision(plain) == unknown
+    assert source_revision(tmp_path / "missing") == unknown
+    assert set(unknown) <= set(library_versions())  # config.json's versions carry both keys
+    if shutil.which("git"):
+        repo = tmp_path / "repo"
+        (repo / "pkg").mkdir(parents=True)
+        (repo / "pkg" / "code.py").write_text("x = 1\n")
+        (repo / "ignored").mkdir()  # like a virtual environment inside a checkout
+        (repo / "ignored" / "site.py").write_text("")
+
+        def git(*args):
+            return subprocess.run(
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                cwd=repo,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+
+        git("init", "-q")
+        git("add", "pkg")
+        git("commit", "-q", "-m", "one")
+        head = git("rev-parse", "HEAD")
+        assert source_revision(repo / "pkg") == {
+            "fisherlora_commit": head,
+            "fisherlora_dirty": False,
+        }
+        (repo / "pkg" / "code.py").write_text("x = 2\n")
+        assert source_revision(repo / "pkg")["fisherlora_dirty"] is True
+        assert source_revision(repo / "ignored") == unknown  # not the checkout's files
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(train_module.subprocess, "run", no_git)
+    assert source_revision() == unknown
+
+    def hangs(*args, **kwargs):
+        raise subprocess.TimeoutExpired("git", train_module.GIT_TIMEOUT_S)
+
+    monkeypatch.setattr(train_module.subprocess, "run", hangs)
+    assert source_revision() == unknown

@@ -29,6 +29,7 @@ import platform
 import random
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -274,7 +275,42 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def library_versions() -> dict[str, str]:
+# the longest a provenance query to git may take (a run never waits longer, nor fails on it)
+GIT_TIMEOUT_S = 5.0
+
+
+def source_revision(directory: str | Path | None = None) -> dict[str, str | bool | None]:
+    """The git commit of the source tree ``directory`` (default: fisherlora's own package
+    directory) comes from, and whether its tracked files there differ from that commit:
+    ``{"fisherlora_commit": sha, "fisherlora_dirty": bool}``. Both ``None`` where it is not a
+    git checkout (an installed wheel; a directory git does not track, such as a virtual
+    environment inside a checkout), git is missing, or git fails or takes over
+    :data:`GIT_TIMEOUT_S`: provenance never fails a run."""
+    unknown: dict[str, str | bool | None] = {"fisherlora_commit": None, "fisherlora_dirty": None}
+    where = Path(directory) if directory is not None else Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=GIT_TIMEOUT_S,
+            check=True,
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--verify", "HEAD")
+        # the directory's files must be the checkout's own (an ignored site-packages inside a
+        # checkout would otherwise report the checkout's commit)
+        git("ls-files", "--error-unmatch", "--", ".")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "."))
+    except Exception:  # no git, not a checkout, a timeout: unknown, never an error
+        return unknown
+    return {"fisherlora_commit": commit or None, "fisherlora_dirty": dirty if commit else None}
+
+
+def library_versions() -> dict[str, str | bool | None]:
     import peft
     import transformers
 
@@ -282,6 +318,7 @@ def library_versions() -> dict[str, str]:
 
     return {
         "fisherlora": __version__,
+        **source_revision(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
