@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import random
 
@@ -153,10 +154,32 @@ def logits(model, batches):
         )
 
 
+def lora_bookkeeping(model) -> dict:
+    """What sizes and scales the adapters besides their tensors: each LoRA layer's ``r``,
+    ``lora_alpha`` and ``scaling`` per adapter, and (on a PeftModel, or any model holding a
+    ``peft_config``) every adapter's config as a dict, ``rank_pattern`` and ``alpha_pattern``
+    included. Deep copies: an in-place change of a pattern dict must not change the snapshot."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = {
+        name: {key: copy.deepcopy(dict(getattr(m, key))) for key in ("r", "lora_alpha", "scaling")}
+        for name, m in model.named_modules()
+        if isinstance(m, LoraLayer)
+    }
+    configs = getattr(model, "peft_config", None)
+    configs = {} if not isinstance(configs, dict) else configs
+    return {
+        "layers": layers,
+        "configs": {a: copy.deepcopy(c.to_dict()) for a, c in configs.items()},
+    }
+
+
 def snapshot(model):
-    """Everything calibration must leave alone: weights, flags, modes, grads, hooks, attributes."""
+    """Everything calibration must leave alone: weights, buffers, flags, modes, grads, hooks,
+    attributes, and the LoRA bookkeeping (ranks, scalings, rank/alpha patterns)."""
     return {
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
         "training": {n: m.training for n, m in model.named_modules()},
         "grads": {n for n, p in model.named_parameters() if p.grad is not None},
@@ -165,15 +188,19 @@ def snapshot(model):
             for m in model.modules()
         ),
         "attributes": {n: sorted(vars(m)) for n, m in model.named_modules()},
+        "lora": lora_bookkeeping(model),
     }
 
 
 def assert_unchanged(before, after):
-    assert before["params"].keys() == after["params"].keys()
-    for name, tensor in before["params"].items():
-        assert torch.equal(tensor, after["params"][name]), name
+    for key in ("params", "buffers"):
+        assert before[key].keys() == after[key].keys(), key
+        for name, tensor in before[key].items():
+            assert torch.equal(tensor, after[key][name]), name
     for key in ("requires_grad", "training", "grads", "hooks", "attributes"):
         assert before[key] == after[key], key
+    assert before["lora"]["layers"] == after["lora"]["layers"], "LoRA ranks, alphas or scalings"
+    assert before["lora"]["configs"] == after["lora"]["configs"], "peft_config"
 
 
 def free_port() -> int:

@@ -45,11 +45,35 @@ def test_single_short_batch_is_kept():
     assert [sorted(b) for b in sampler] == [[0, 1, 2]] and len(sampler) == 1
 
 
+PUBLIC_API = {  # name: the module that defines it
+    "ConfigError": "fisherlora.errors",
+    "CalibrationError": "fisherlora.errors",
+    "FisherLoraError": "fisherlora.errors",
+    "water_fill": "fisherlora.allocate",
+    "allocate_ranks": "fisherlora.methods.fim_lora",
+    "random_ranks": "fisherlora.methods.fim_lora",
+    "RankPlan": "fisherlora.methods.fim_lora",
+    "filet_init": "fisherlora.methods.filet",
+    "FiletReport": "fisherlora.methods.filet",
+    "export_lora": "fisherlora.adapters",
+    "FisherPenalty": "fisherlora.methods.fw_lora",
+    "METHODS": "fisherlora.methods",
+    "Method": "fisherlora.methods",
+    "get_method": "fisherlora.methods",
+    "TrainConfig": "fisherlora.experiments.train",
+    "train": "fisherlora.experiments.train",
+}
+
+
 def test_every_public_name_resolves():
+    import importlib
+
     import fisherlora
 
-    for name in fisherlora.__all__:
-        assert getattr(fisherlora, name) is not None, name
+    assert sorted(fisherlora.__all__) == sorted(["__version__", *PUBLIC_API])
+    assert isinstance(fisherlora.__version__, str)
+    for name, home in PUBLIC_API.items():  # the very object its module defines
+        assert getattr(fisherlora, name) is getattr(importlib.import_module(home), name), name
 
 
 @pytest.mark.parametrize("n_batches", [6, 7, 8])

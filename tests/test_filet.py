@@ -12,6 +12,7 @@ from conftest import (
     train_a_few_steps,
 )
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from fisherlora.adapters import export_lora, lora_layers, subspace_overlap
@@ -301,8 +302,10 @@ def test_gpt2_conv1d_targets_are_rejected_clearly():
         GPT2ForSequenceClassification(config),
         LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["c_attn"], fan_in_fan_out=True),
     )
+    before = snapshot(model)
     with pytest.raises(ConfigError, match=r"only LoRA on nn\.Linear layers is supported"):
         filet_init(model, random_batches(1), progress=False)
+    assert_unchanged(before, snapshot(model))
 
 
 def test_subspace_overlap_is_one_for_the_same_rows_and_small_for_unrelated_ones():
@@ -322,7 +325,19 @@ def test_runner_writes_spectrum_and_a_reloadable_adapter(tmp_path, small_csv, ca
     assert code == 0
     assert (out / "energy_spectrum.png").stat().st_size > 1000
     training = json.loads((out / "filet_training.json").read_text())
-    assert 0.0 <= training["subspace_overlap_mean"] <= 1.0 + 1e-6
+    # the overlap of each layer's initial and trained A, recomputed from the saved adapter, whose
+    # A is [A; A₀] at rank 2r: ‖Q₀ᵀ Q₁‖²_F / r with Q from an SVD (the library uses a QR)
+    saved_a = load_file(out / "adapter" / "adapter_model.safetensors")
+    overlaps = training["subspace_overlap"]
+    assert overlaps and all(f"base_model.model.{n}.lora_A.weight" in saved_a for n in overlaps)
+    for name, overlap in overlaps.items():
+        a = saved_a[f"base_model.model.{name}.lora_A.weight"].double()
+        trained, initial = a[:8], a[8:]
+        q1, q0 = (torch.linalg.svd(m.T, full_matrices=False).U for m in (trained, initial))
+        assert overlap == pytest.approx((q0.T @ q1).square().sum().item() / 8, abs=1e-5), name
+    mean = training["subspace_overlap_mean"]
+    assert mean == pytest.approx(sum(overlaps.values()) / len(overlaps))
+    assert 0.0 < mean < 1.0  # training moved A, not out of its initial subspace altogether
     assert training["step0_grad_norm"]["lora_A"] > 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["prepare"]["filet"]["basis"] == "gram"

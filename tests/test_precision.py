@@ -95,10 +95,21 @@ def test_half_precision_trains_on_cpu_with_float32_master_weights(
     reference = train(config, task=keyword_task, progress=False)
     scalers = []
     penalty_init = fw_lora.FisherPenalty.__init__
+    # what every LoRA layer's forward pass ran under: (autocast on, its dtype, the output dtype).
+    # A run that ignored --precision would match the fp32 reference exactly and pass the
+    # tolerance checks below; these hooks see that it did not.
+    autocasts = []
+
+    def record_autocast(module, inputs, output):
+        autocasts.append(
+            (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), output.dtype)
+        )
 
     def recording_init(self, *args, **kwargs):
         scalers.append(kwargs.get("grad_scaler"))
         penalty_init(self, *args, **kwargs)
+        for layer in self.layers.values():
+            layer.register_forward_hook(record_autocast)
 
     monkeypatch.setattr(fw_lora.FisherPenalty, "__init__", recording_init)
     steps = []
@@ -112,6 +123,9 @@ def test_half_precision_trains_on_cpu_with_float32_master_weights(
     result = train(config, task=keyword_task, progress=False)
     # the same run as at fp32 up to half-precision rounding (measured: within 3e-5)
     assert result.curve["train_loss"].notna().all()
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert len(autocasts) >= config.steps  # training and evaluation forward passes
+    assert set(autocasts) == {(True, half, half)}
     for key in ("train_loss", "nll"):
         assert result.curve[key].tolist() == pytest.approx(reference.curve[key].tolist(), abs=2e-3)
     assert result.metrics["nll"] == pytest.approx(reference.metrics["nll"], abs=2e-3)

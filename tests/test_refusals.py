@@ -140,6 +140,103 @@ def test_a_warm_up_without_signal_leaves_no_hooks_behind():
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
 
 
+def _no_labels(batches):
+    return [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+
+
+def _lora_on_an_embedding():
+    base, targets = tiny_base("bert")
+    return get_peft_model(base, LoraConfig(r=4, target_modules=[*targets, "word_embeddings"]))
+
+
+def _lora_on_gpt2_conv1d():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=32, num_labels=2, pad_token_id=0
+    )
+    return get_peft_model(
+        GPT2ForSequenceClassification(config),
+        LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["c_attn"], fan_in_fan_out=True),
+    )
+
+
+UNSUPPORTED = r"only LoRA on nn\.Linear layers is supported; unsupported layers: \["
+CALIBRATE = {"n_batches": 2, "progress": False}
+
+
+@pytest.mark.parametrize(
+    ("make_model", "call", "error", "message"),
+    [
+        pytest.param(
+            tiny_peft_model,
+            lambda m: filet_init(m, _no_labels(random_batches(2)), **CALIBRATE),
+            CalibrationError,
+            r"calibration batch 0 has no 'labels'.*need the task loss",
+            id="filet-batch-without-labels",
+        ),
+        pytest.param(
+            tiny_peft_model,
+            lambda m: get_method(
+                "fim-lora+filet+fw-lora", {"calib_batches": 2, "progress": False}
+            ).prepare(m, _no_labels(random_batches(2))),
+            CalibrationError,
+            r"calibration batch 0 has no 'labels'",
+            id="composition-batch-without-labels",
+        ),
+        pytest.param(
+            lambda: tiny_base("bert")[0],
+            lambda m: filet_init(m, random_batches(2), **CALIBRATE),
+            ConfigError,
+            r"expected a peft\.PeftModel with a LoRA adapter, got BertForSequenceClassification",
+            id="filet-not-a-peft-model",
+        ),
+        pytest.param(
+            _lora_on_an_embedding,
+            lambda m: allocate_ranks(m, random_batches(2), **CALIBRATE),
+            ConfigError,
+            UNSUPPORTED + r"'bert\.embeddings\.word_embeddings \(Embedding\)'",
+            id="allocate-ranks-embedding",
+        ),
+        pytest.param(
+            _lora_on_an_embedding,
+            lambda m: FisherPenalty(m, warmup_steps=2),
+            ConfigError,
+            UNSUPPORTED + r"'bert\.embeddings\.word_embeddings \(Embedding\)'",
+            id="fisher-penalty-embedding",
+        ),
+        pytest.param(
+            _lora_on_gpt2_conv1d,
+            lambda m: allocate_ranks(m, random_batches(2), **CALIBRATE),
+            ConfigError,
+            UNSUPPORTED + r"'transformer\.h\.0\.attn\.c_attn \(Conv1D\)'",
+            id="allocate-ranks-conv1d",
+        ),
+        pytest.param(
+            _lora_on_gpt2_conv1d,
+            lambda m: FisherPenalty(m, warmup_steps=2),
+            ConfigError,
+            UNSUPPORTED + r"'transformer\.h\.0\.attn\.c_attn \(Conv1D\)'",
+            id="fisher-penalty-conv1d",
+        ),
+        pytest.param(
+            lambda: tiny_peft_model(rank=8),
+            lambda m: random_ranks(m, r_min=9),
+            ConfigError,
+            r"rank budget 104 is infeasible for 13 modules with r_min=9, r_max=16",
+            id="random-rank-infeasible-bounds",
+        ),
+    ],
+)
+def test_bad_input_is_refused_by_name_and_changes_nothing(make_model, call, error, message):
+    model = make_model()
+    before = snapshot(model)
+    with pytest.raises(error, match=message):
+        call(model)
+    assert_unchanged(before, snapshot(model))
+
+
 def test_lora_on_an_embedding_is_refused_by_name_not_left_out():
     base, targets = tiny_base("bert")
     model = get_peft_model(base, LoraConfig(r=4, target_modules=[*targets, "word_embeddings"]))
