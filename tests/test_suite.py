@@ -747,3 +747,19 @@ def test_picks_at_an_end_of_a_cells_grid_are_named_in_the_summary(tmp_path):
     (grid,) = [t for title, t in tables.items() if title.startswith("Picked learning rate")]
     shown = dict(zip(grid["method"], grid.iloc[:, 1], strict=True))
     assert shown == {"lora": "0.001", "fim-lora": "0.003 (top)", "filet": "0.0003 (bottom)"}
+
+
+def test_three_seeds_one_example_apart_each_read_cannot_tell_however_the_mean_rounds():
+    # accuracies in steps of 1/400: a mean of three equal differences can round to a standard
+    # deviation of ~1e-18 instead of 0, which had read "win" and pooled as a point interval
+    lora = np.array([300, 310, 290]) / 400
+    rows = [
+        {"cell": "a", "rank": 8, "method": m, "seed": s, "accuracy": v, "phase": "final"}
+        for m, values in (("lora", lora), ("lucky", lora + 5 / 400))
+        for s, v in enumerate(values)
+    ]
+    results = pd.DataFrame(rows)
+    outcomes = {"accuracy": ("acc", True)}
+    (verdict,) = cell_differences(results, outcomes)["verdict"]
+    assert verdict == "cannot tell: 3 seeds, all the same difference"
+    assert pooled_differences(results, outcomes).empty

@@ -285,7 +285,10 @@ def paired_t(differences: Any, confidence: float = CONFIDENCE) -> PairedDifferen
     delta = float(d.mean())
     if n == 1:
         return PairedDifference(delta, math.nan, math.nan, math.nan, 1)
-    se = float(d.std(ddof=1)) / math.sqrt(n)
+    if (d == d[0]).all():  # no spread, exactly: a mean of equal values can round to std > 0
+        delta, se = float(d[0]), 0.0
+    else:
+        se = float(d.std(ddof=1)) / math.sqrt(n)
     half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) * se
     # every seed giving the same difference (se = 0) makes the interval that point
     p = float(2 * scipy_stats.t.sf(abs(delta) / se, n - 1)) if se > 0 else float(delta == 0)
