@@ -3,8 +3,9 @@
 Until 2026-12-03 the method ``lora-ga`` ran PEFT 0.21's ``lora_ga`` initialisation, which puts
 the gradient's singular values into B₀ (so B₀ starts near zero) and scales only B₀; the paper's
 Algorithm 1 scales both factors by m^¼/√γ and uses no singular values. ``lora-ga`` now runs the
-paper's init, and PEFT's is the named variant ``lora-ga-peft``, whose initialisation is bitwise
-the one those runs had (same gradients, same PEFT call; checked on a tiny BERT). So the finished
+paper's init, and PEFT's is the named variant ``lora-ga-peft``, whose initialisation is bit for
+bit the one those runs had with float32 weights, as the suite's are (same gradients, same PEFT
+call; tests/test_peers.py pins it). So the finished
 runs are kept under the name of what they ran:
 
     python benchmarks/relabel_lora_ga_peft.py benchmarks/results/suite-cpu/*/

@@ -231,7 +231,7 @@ def test_lora_ga_refusals_leave_the_base_model_unchanged(kind):
     before = snapshot(base)
     errors = {
         "label out of range": (IndexError, "out of bounds|out of range"),
-        "rank above half the width": (ConfigError, r"2r = 40 singular directions"),
+        "rank above half the width": (ConfigError, r"2r singular directions.*r = 20, width 32"),
         "another direction": (ConfigError, "lora-ga-peft"),
         "nan": (CalibrationError, "not finite"),
     }
@@ -285,3 +285,76 @@ def test_corda_takes_a_regex_of_targets_the_pooler_included():
     model = get_method("corda", {"calib_batches": 2}).build(base, lora, random_batches(2, seed=5))
     names = sorted(peers.lora_layers(model)[1])
     assert "bert.pooler.dense" in names and all(n.endswith(("query", "dense")) for n in names)
+
+
+def test_lora_ga_reads_each_layers_rank_from_the_rank_pattern():
+    base, targets = tiny_base("llama", seed=3)
+    batches = random_batches(2, batch_size=4, seq=12, seed=5)
+    too_wide = tiny_lora_config(targets, 4, rank_pattern={"o_proj": 20})
+    before = snapshot(base)
+    with pytest.raises(ConfigError, match=r"o_proj \(r = 20, width 32\)"):
+        get_method("lora-ga", {"calib_batches": 2}).build(base, too_wide, batches)
+    assert_unchanged(before, snapshot(base))
+    # r = 10 everywhere but k/v: 2r = 20 fits the 32-wide layers, 2 x 4 the 16-wide k/v
+    original = copy.deepcopy(base).eval()
+    fits = tiny_lora_config(targets, 10, rank_pattern={"k_proj": 4, "v_proj": 4})
+    model = get_method("lora-ga", {"calib_batches": 2}).build(base, fits, batches)
+    ranks = {n: layer.r["default"] for n, layer in peers.lora_layers(model)[1].items()}
+    assert {r for n, r in ranks.items() if n.endswith(("k_proj", "v_proj"))} == {4}
+    assert {r for n, r in ranks.items() if not n.endswith(("k_proj", "v_proj"))} == {10}
+    torch.testing.assert_close(logits(model, batches), logits(original, batches), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["lora-ga", "pissa", "corda"])
+def test_a_residual_init_refuses_a_tied_weight_before_any_change(name):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        tie_word_embeddings=True,
+    )
+    base = LlamaForCausalLM(config)
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    batches = random_batches(2, batch_size=4, seq=12, seed=5)
+    for batch in batches:  # token labels: the causal LM's own loss
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    from peft import LoraConfig
+
+    lora = LoraConfig(task_type="CAUSAL_LM", r=2, lora_alpha=4, target_modules=["lm_head"])
+    before = snapshot(base)
+    with pytest.raises(ConfigError, match=r"lm_head's weight is tied to model.embed_tokens"):
+        get_method(name, {"calib_batches": 2}).build(base, lora, batches)
+    assert_unchanged(before, snapshot(base))
+
+
+def test_lora_ga_peft_is_peft_own_preprocess_and_init_bit_for_bit():
+    # the variant's gradients come from our pass; with float32 weights they are PEFT's exactly
+    from peft import preprocess_loraga
+
+    batches = random_batches(3, batch_size=4, seq=12, seed=5)
+    states = []
+    for variant in ("ours", "peft"):
+        torch.manual_seed(0)
+        base, targets = tiny_base("bert", seed=3)
+        config = tiny_lora_config(targets, 4)
+        if variant == "ours":
+            model = get_method("lora-ga-peft", {"calib_batches": 3}).build(base, config, batches)
+        else:
+            config = tiny_lora_config(
+                targets, 4, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig()
+            )
+
+            def train_step():
+                for batch in batches:
+                    base(**batch).loss.backward()
+
+            preprocess_loraga(base, config, train_step)
+            model = get_peft_model(base, config)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

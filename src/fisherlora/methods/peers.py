@@ -39,6 +39,7 @@ from peft.tuners.lora.corda import preprocess_corda
 from peft.tuners.lora.eva import prepare_model_inputs_fn_language_modeling
 from peft.tuners.lora.model import LoraModel
 from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils.other import get_pattern_key
 from transformers import PreTrainedModel
 
 from fisherlora.adapters import lora_layers, record_residual
@@ -153,6 +154,7 @@ class PiSSA(AdapterMethod):
         lora_config: LoraConfig,
         calibration_loader: Batches | None = None,
     ) -> PeftModel:
+        _targeted_linears(base_model, lora_config)  # a tied weight is refused before any change
         model = get_peft_model(base_model, _with(lora_config, init_lora_weights="pissa"))
         _record_initial_factors(model)
         return model
@@ -312,7 +314,25 @@ def _targeted_linears(
     other = [f"{n} ({type(m).__name__})" for n, m in matched.items() if not _is_linear(m)]
     if other:
         raise ConfigError(f"only nn.Linear layers can be adapted here, got {', '.join(other)}")
+    _refuse_tied_weights(base_model, matched)
     return matched
+
+
+def _refuse_tied_weights(base_model: torch.nn.Module, layers: dict[str, torch.nn.Module]) -> None:
+    """A residual init writes ``W − s B₀ A₀`` into the weight: where that Parameter is shared
+    (a causal LM's ``lm_head`` tied to its embeddings) the other module would change too and the
+    outputs with it. Raises ``ConfigError`` naming both modules."""
+    owners: dict[int, list[str]] = {}
+    for name, module in base_model.named_modules(remove_duplicate=False):
+        for key, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(param), []).append(f"{name}.{key}" if name else key)
+    for name, module in layers.items():
+        shared = [o for o in owners.get(id(module.weight), []) if o != f"{name}.weight"]
+        if shared:
+            raise ConfigError(
+                f"{name}'s weight is tied to {', '.join(shared)}; a residual init (W − s B₀A₀) "
+                "would change both: leave it out of the targets"
+            )
 
 
 def _is_linear(module: torch.nn.Module) -> bool:
@@ -324,8 +344,9 @@ def mean_weight_gradients(
 ) -> dict[str, torch.Tensor]:
     """``G = (1/T) Σ_t ∂L_t/∂W`` of every layer in ``layers`` over the ``T`` batches (float32),
     in training mode as LoRA-GA's authors estimate it (dropout on), with gradients on those
-    weights only. Whatever happens, the model's ``requires_grad`` flags, ``.grad`` and train/eval
-    modes are as before. Raises ``CalibrationError`` for a non-finite gradient."""
+    weights only. Whatever happens, the model's ``requires_grad`` flags and train/eval modes are
+    as before and every ``.grad`` is cleared (``calibration_mode``). Raises ``CalibrationError``
+    for a layer the loss does not reach and for a non-finite gradient."""
     device = _device_of(base_model)
     sums: dict[str, torch.Tensor] = {}
     with calibration_mode(base_model, [m.weight for m in layers.values()], dropout=True):
@@ -394,15 +415,16 @@ class LoRAGA(CalibratedPeer):
             next_token=predicts_next_token(base_model),
         )
         layers = _targeted_linears(base_model, lora_config)
+        ranks = {name: _layer_rank(lora_config, name) for name in layers}
         too_wide = [
-            f"{n} ({min(m.weight.shape)})"
+            f"{n} (r = {ranks[n]}, width {min(m.weight.shape)})"
             for n, m in layers.items()
-            if 2 * lora_config.r > min(m.weight.shape)
+            if 2 * ranks[n] > min(m.weight.shape)
         ]
         if too_wide:
             raise ConfigError(
-                f"lora-ga takes 2r = {2 * lora_config.r} singular directions of each gradient; "
-                f"these layers have fewer: {', '.join(too_wide)}"
+                "lora-ga takes 2r singular directions of each layer's gradient; these layers "
+                f"have fewer: {', '.join(too_wide)}"
             )
         grads = mean_weight_gradients(base_model, layers, batches)
         if self.peft_init:  # PEFT's own lora_ga_init reads (and deletes) the attached gradient
@@ -418,24 +440,38 @@ class LoRAGA(CalibratedPeer):
                     if hasattr(module, "_peft_loraga_grad"):
                         del module._peft_loraga_grad
         else:
+            # every factor before the model changes: nothing below can fail half-way
+            factors = {n: paper_factors(grads[n], ranks[n], gamma) for n in layers}
             model = get_peft_model(base_model, _with(lora_config, init_lora_weights=True))
             adapter, lora = lora_layers(model)
             for name, layer in lora.items():
-                _paper_init(layer, adapter, grads[name], gamma)
+                _set_residual_init(layer, adapter, *factors[name])
         _record_initial_factors(model)
         return model
 
 
-@torch.no_grad()
-def _paper_init(layer: Any, adapter: str, grad: torch.Tensor, gamma: float) -> None:
-    """``A₀ = ζ V[:, :r]ᵀ``, ``B₀ = ζ U[:, r:2r]``, ``W ← W − s B₀ A₀`` (float32 arithmetic)."""
-    r = layer.r[adapter]
-    u, _, vh = torch.linalg.svd(grad, full_matrices=False)
+def _layer_rank(config: LoraConfig, name: str) -> int:
+    """The rank PEFT gives module ``name`` (``rank_pattern`` by PEFT's own key matching)."""
+    key = get_pattern_key(config.rank_pattern.keys(), name)
+    return int(config.rank_pattern.get(key, config.r))
+
+
+def paper_factors(
+    grad: torch.Tensor, r: int, gamma: float = LORAGA_GAMMA
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA-GA's ``A₀ = ζ V[:, :r]ᵀ`` ``[r, n]`` and ``B₀ = ζ U[:, r:2r]`` ``[m, r]`` from the
+    gradient ``G = U S Vᵀ`` ``[m, n]``, ``ζ = m^¼ / √γ`` (exact SVD, float32)."""
+    u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
     zeta = grad.shape[0] ** 0.25 / math.sqrt(gamma)
-    a0, b0 = zeta * vh[:r], zeta * u[:, r : 2 * r]
+    return zeta * vh[:r], zeta * u[:, r : 2 * r]
+
+
+@torch.no_grad()
+def _set_residual_init(layer: Any, adapter: str, a0: torch.Tensor, b0: torch.Tensor) -> None:
+    """``A ← A₀``, ``B ← B₀``, ``W ← W − s B₀ A₀`` (float32 arithmetic, on the layer's device)."""
     lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    lora_a.copy_(a0.to(lora_a.dtype))
-    lora_b.copy_(b0.to(lora_b.dtype))
+    lora_a.copy_(a0.to(lora_a.device, lora_a.dtype))
+    lora_b.copy_(b0.to(lora_b.device, lora_b.dtype))
     weight = layer.get_base_layer().weight
     offset = layer.scaling[adapter] * (lora_b.float() @ lora_a.float())
     weight.copy_((weight.float() - offset).to(weight.dtype))
