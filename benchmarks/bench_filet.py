@@ -76,8 +76,10 @@ def _filet(basis: str, warm: bool = False, init=None):
     def run(base, config, batches):
         if not warm:  # cold: also the baseline's own cache (a module of its own)
             DECOMPOSITIONS.clear()
-            if "filet_baseline" in sys.modules:
-                sys.modules["filet_baseline"].DECOMPOSITIONS.clear()
+            # a baseline from before the decomposition cache (9a844de) has none to clear
+            baseline_cache = getattr(sys.modules.get("filet_baseline"), "DECOMPOSITIONS", None)
+            if baseline_cache is not None:
+                baseline_cache.clear()
         model = get_peft_model(base, config)
         (init or filet_init)(model, batches, n_batches=len(batches), basis=basis, progress=False)
         return model
@@ -110,7 +112,8 @@ INITS = {
     "filet-svd-baseline": _baseline("svd"),
     "pissa": _peer("pissa"),
     "eva": _peer("eva"),
-    "lora-ga": _peer("lora-ga"),
+    "lora-ga": _peer("lora-ga"),  # the paper's init since 2026-12-03 (PEFT's before)
+    "lora-ga-peft": _peer("lora-ga-peft"),
     "corda": _peer("corda"),
     "fim-lora": _method("fim-lora"),
     "filet": _method("filet"),
@@ -118,7 +121,8 @@ INITS = {
     "fim-lora+filet-2cal": _method("fim-lora+filet", share_calibration=False),
 }
 DEFAULT_INITS = ("filet-gram", "filet-svd", "filet-gram-warm", "filet-svd-warm", "pissa", "eva")
-DEFAULT_INITS += ("lora-ga", "corda", "fim-lora", "filet", "fim-lora+filet", "fim-lora+filet-2cal")
+DEFAULT_INITS += ("lora-ga", "lora-ga-peft", "corda", "fim-lora", "filet", "fim-lora+filet")
+DEFAULT_INITS += ("fim-lora+filet-2cal",)
 
 
 def load_baseline(path: str):

@@ -94,7 +94,8 @@ METHODS: dict[str, str] = {
     "fw-lora-after": "FW-LoRA, one step after warm-up",
     "pissa": "PiSSA, full SVD",
     "pissa-niter4": "PiSSA, pissa_niter_4",
-    "lora-ga": "LoRA-GA",
+    "lora-ga": "LoRA-GA, the paper's init (PEFT's in results before 2026-12-03)",
+    "lora-ga-peft": "LoRA-GA, PEFT's init",
     "eva": "EVA",
     "corda": "CorDA",
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -43,7 +44,10 @@ def check_device(device: str) -> torch.device:
 def run_setting(args: argparse.Namespace, **more: object) -> dict:
     """What a result file records of its run: the command-line options, the model and task
     (MiniLM on Rotten Tomatoes, the benchmarks' default), ``more``, the device (with the GPU's
-    name) and torch's CPU threads."""
+    name), torch's CPU threads, when it started, the 1-minute load average then (a timing taken
+    beside other work shows it) and the source commit (``fisherlora_commit``/``_dirty``)."""
+    from fisherlora.experiments.train import source_revision
+
     device = getattr(args, "device", "cpu")
     return vars(args) | {
         "model": "minilm",
@@ -52,6 +56,9 @@ def run_setting(args: argparse.Namespace, **more: object) -> dict:
         "device": device,
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         "threads": torch.get_num_threads(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        **source_revision(),
     }
 
 

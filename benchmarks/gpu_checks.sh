@@ -71,7 +71,7 @@ if [[ " $CHECKS " == *" bench "* ]]; then
       --out "$OUT/fw_lora-seq$seq.json"
   done
   step bench-filet "$PY" benchmarks/bench_filet.py --device "$DEVICE" --reps 5 --memory-reps 0 \
-    --inits filet-gram,filet-svd,lora-ga,fim-lora,fim-lora+filet --out "$OUT/filet_init.json"
+    --inits filet-gram,filet-svd,lora-ga,lora-ga-peft,fim-lora,fim-lora+filet --out "$OUT/filet_init.json"
 fi
 echo "all checks: exit $status" | tee -a "$OUT/summary.txt"
 exit $status
