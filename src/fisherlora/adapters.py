@@ -312,6 +312,15 @@ _RESIDUALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _RAW_SAVES: weakref.WeakSet = weakref.WeakSet()
 
 
+def parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """The names under which each parameter (by ``id``) is reachable in ``model``: a tied
+    weight (a causal LM's ``lm_head`` and its embeddings) has more than one."""
+    owners: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(parameter), []).append(name)
+    return owners
+
+
 def record_residual(model: PeftModel, name: str, a0: torch.Tensor, b0: torch.Tensor) -> None:
     """Remember ``A₀``, ``B₀`` of ``name`` so that :func:`export_lora` can undo the residual, and
     route the model's ``save_pretrained`` through :func:`export_lora` (see

@@ -76,6 +76,7 @@ from fisherlora.adapters import (
     has_residual,
     input_factors,
     lora_layers,
+    parameter_owners,
     record_residual,
     row_space_kept,
 )
@@ -491,9 +492,7 @@ def _check_model(model: PeftModel, adapter: str, layers: Mapping[str, LoraLayer]
             f"{trained[:3]} (trained, or initialised by another method), and FILet would drop "
             "that update"
         )
-    owners: dict[int, list[str]] = {}
-    for owner, parameter in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(parameter), []).append(owner)
+    owners = parameter_owners(model)
     for name, layer in layers.items():  # cheap checks of every layer before any work
         weight = layer.get_base_layer().weight
         if len(owners.get(id(weight), [])) > 1:

@@ -42,7 +42,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 from transformers import PreTrainedModel
 
-from fisherlora.adapters import lora_layers, record_residual
+from fisherlora.adapters import lora_layers, parameter_owners, record_residual
 from fisherlora.capture import calibration_mode, first_batches, predicts_next_token
 from fisherlora.errors import CalibrationError, ConfigError
 from fisherlora.methods.base import AdapterMethod
@@ -322,10 +322,7 @@ def _refuse_tied_weights(base_model: torch.nn.Module, layers: dict[str, torch.nn
     """A residual init writes ``W − s B₀ A₀`` into the weight: where that Parameter is shared
     (a causal LM's ``lm_head`` tied to its embeddings) the other module would change too and the
     outputs with it. Raises ``ConfigError`` naming both modules."""
-    owners: dict[int, list[str]] = {}
-    for name, module in base_model.named_modules(remove_duplicate=False):
-        for key, param in module.named_parameters(recurse=False, remove_duplicate=False):
-            owners.setdefault(id(param), []).append(f"{name}.{key}" if name else key)
+    owners = parameter_owners(base_model)
     for name, module in layers.items():
         shared = [o for o in owners.get(id(module.weight), []) if o != f"{name}.weight"]
         if shared:
