@@ -13,16 +13,8 @@ from fisherlora.methods.fw_lora import FisherPenalty, FwLoRA
 
 
 def reference_grad_sq_norms(model, batches):
-    """‖∇W‖²_F per LoRA layer the slow way: requires_grad on a copy's frozen weights, read W.grad."""
-    ref = copy.deepcopy(model)
-    _, layers = lora_layers(ref)
-    weights = {n: layer.get_base_layer().weight for n, layer in layers.items()}
-    for w in weights.values():
-        w.requires_grad_(True)
-    ref.train()
-    for batch in batches:
-        ref(**batch).loss.backward()
-    return {n: w.grad.double().square().sum().item() for n, w in weights.items()}
+    """‖∇W‖²_F per LoRA layer the slow way (:func:`reference_grads`)."""
+    return {n: g.square().sum().item() for n, g in reference_grads(model, batches).items()}
 
 
 def no_dropout_model(arch="llama", seed=0):
@@ -78,7 +70,8 @@ def test_sketch_in_the_training_hooks_is_unbiased_with_the_stated_spread(micro_b
 
 
 def reference_grads(model, batches):
-    """∇W = Σ_micro Gᵀ X per LoRA layer (float64) the slow way, as reference_grad_sq_norms."""
+    """∇W = Σ_micro Gᵀ X per LoRA layer (float64) the slow way: requires_grad on a copy's frozen
+    weights, read W.grad."""
     ref = copy.deepcopy(model)
     _, layers = lora_layers(ref)
     weights = {n: layer.get_base_layer().weight for n, layer in layers.items()}
