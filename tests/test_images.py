@@ -35,9 +35,10 @@ METHODS = [
 ]
 
 
-def write_folder(root, classes=("cat", "dog", "fox"), per_class=12, size=(20, 14)):
-    """PNG images in one sub-folder per class; each class a different mean colour."""
-    rng = np.random.default_rng(0)
+def write_folder(root, classes=("cat", "dog", "fox"), per_class=12, size=(20, 14), seed=0):
+    """PNG images in one sub-folder per class; each class a different mean colour. Two folders
+    of one seed share images (the same bytes): one image, and a test image leaves training."""
+    rng = np.random.default_rng(seed)
     for c, name in enumerate(classes):
         (root / name).mkdir(parents=True)
         for i in range(per_class):
@@ -88,7 +89,7 @@ def test_folder_and_csv_give_the_same_task(tmp_path):
 
 def test_a_separate_test_folder_replaces_the_hash_split(tmp_path):
     train_root = write_folder(tmp_path / "train", per_class=4)
-    test_root = write_folder(tmp_path / "test", per_class=2)
+    test_root = write_folder(tmp_path / "test", per_class=2, seed=1)  # other images
     task = load_image_task(data=train_root, test_data=test_root)
     assert task.sizes() == {"train": 12, "test": 6}
     assert task.image(task.test_texts[0]).size == (14, 20)

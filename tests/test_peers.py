@@ -349,9 +349,9 @@ def test_lora_ga_peft_is_peft_own_preprocess_and_init_bit_for_bit():
                 targets, 4, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig()
             )
 
-            def train_step():
+            def train_step(model=base):
                 for batch in batches:
-                    base(**batch).loss.backward()
+                    model(**batch).loss.backward()
 
             preprocess_loraga(base, config, train_step)
             model = get_peft_model(base, config)

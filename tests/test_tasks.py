@@ -143,7 +143,9 @@ def test_one_class_is_rejected(tmp_path):
 def test_test_label_unseen_in_training_is_rejected(tmp_path):
     (tmp_path / "a.csv").write_text("text,label\nx,0\ny,1\n")
     (tmp_path / "b.csv").write_text("text,label\nz,2\n")
-    with pytest.raises(ConfigError, match=r"test labels \['2'\]"):
+    with pytest.raises(
+        ConfigError, match=r"test labels \[2 \(int\)\] never occur .* are \[0 \(int\), 1 \(int\)\]"
+    ):
         load_task(data=tmp_path / "a.csv", test_data=tmp_path / "b.csv")
 
 

@@ -17,10 +17,20 @@ Sources (:func:`load_image_task`):
   column (``--label-column``, default ``label``).
 
 A separate ``--test-data`` (a folder or CSV of the same form) replaces the hash split.
+
+An image of a user's folder or CSV is one image by its bytes (a BLAKE2b hash of the file, read
+once when the data loads): a file whose bytes repeat an earlier one's, under any name, is dropped
+and counted like a repeated text, and a training image whose bytes are also in ``--test-data``
+leaves training. 16-bit grey images (``I;16`` modes) are scaled to 8 bits (value / 257) before
+the RGB conversion; 32-bit integer (``I``) and floating-point (``F``) images are refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +48,7 @@ from fisherlora.experiments.tasks import (
     _read_table,
     in_hash_order,
     split_by_hash,
+    stripped_labels,
     usable_rows,
     without_test_texts,
 )
@@ -45,6 +56,10 @@ from fisherlora.experiments.tasks import (
 IMAGE_TASKS = ("digits",)
 IMAGE_COLUMN = "image"  # the path column of an image CSV
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# 16-bit grey: scaled to 8 bits (value / 257) before the RGB conversion, which would clip them
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+# 32-bit integer and floating-point grey: no standard 8-bit scale, refused when the data loads
+REFUSED_MODES = ("I", "F")
 
 
 @dataclass(frozen=True)
@@ -62,9 +77,21 @@ class ImageTask(Task):
             return Image.fromarray(self.arrays[key])
         try:
             with Image.open(self.root / key) as image:
-                return image.convert("RGB")
+                return to_rgb(image)
         except OSError as err:
             raise ConfigError(f"cannot read image {self.root / key}: {err}") from err
+
+
+def to_rgb(image: Any) -> Any:
+    """``image`` as RGB; a 16-bit grey one scaled to 8 bits first (``round(value / 257)``:
+    0 -> 0, 65535 -> 255), where ``convert("RGB")`` alone would clip every value above 255 to
+    white."""
+    from PIL import Image
+
+    if image.mode in SIXTEEN_BIT_MODES:
+        grey = np.asarray(image).astype(np.float64)
+        image = Image.fromarray(np.round(grey / 257.0).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def is_image_data(task: str, data: str | Path | None) -> bool:
@@ -104,17 +131,23 @@ def load_image_task(
         root, where = None, "digits"
     else:
         root = Path(data) if Path(data).is_dir() else Path(data).parent
-        keys, labels = _labelled_images(Path(data), label_column, max_dropped_fraction)
+        keys, labels, digests = _labelled_images(Path(data), label_column, max_dropped_fraction)
         arrays, where, name = None, str(data), Path(data).stem or Path(data).name
     if test_data is None:
+        # a user's images are distinct by their bytes here, so no image is in both splits
         train_k, train_l, test_k, test_l = split_by_hash(keys, labels, test_fraction)
     else:
-        test_k, test_l = _labelled_images(Path(test_data), label_column, max_dropped_fraction)
+        test_k, test_l, test_digests = _labelled_images(
+            Path(test_data), label_column, max_dropped_fraction
+        )
         test_root = Path(test_data) if Path(test_data).is_dir() else Path(test_data).parent
         # one root for both: the test keys become relative to the training data's root
         test_k = [_relative(test_root / k, root) for k in test_k]
-        # an image in both: trained on, then scored as held out
-        train_k, train_l = without_test_texts(keys, labels, test_k, where)
+        # an image in both (the same bytes, under any name): trained on, then scored as held out
+        _, kept = without_test_texts(
+            digests, list(zip(keys, labels, strict=True)), test_digests, where
+        )
+        train_k, train_l = [k for k, _ in kept], [y for _, y in kept]
     if not train_k or not test_k:
         raise ConfigError(
             f"{where}: {len(train_k)} training and {len(test_k)} test images; both splits need "
@@ -154,13 +187,18 @@ def _digits() -> tuple[list[str], list[int], dict[str, np.ndarray]]:
 
 def _labelled_images(
     path: Path, label_column: str, max_dropped_fraction: float | None
-) -> tuple[list[str], list]:
-    """(keys relative to the data's root, raw labels) of a folder or an image CSV."""
+) -> tuple[list[str], list, list[str]]:
+    """(keys relative to the data's root, raw labels, the hash of each file's bytes) of a folder
+    or an image CSV, each image once by its bytes (:func:`_distinct_images`)."""
     if path.is_dir():
-        return _folder(path)
+        keys, labels = _folder(path)
+        digests = _check_readable(path, keys)
+        return _distinct_images(keys, labels, digests, str(path), len(keys), max_dropped_fraction)
     if not path.is_file():
         raise ConfigError(f"image data {path} is neither a folder nor a file")
-    images, labels = _columns(_read_table(path), path, IMAGE_COLUMN, label_column)
+    images, labels = _columns(_read_table(path), path, IMAGE_COLUMN, label_column, images=True)
+    labels = stripped_labels(labels)
+    rows = len(images)
     # one key per file however the CSV writes its path (a.png, ./a.png, an absolute path), so
     # that a file listed twice is a repeat, and the split does not depend on where the folder is
     images = [
@@ -174,24 +212,84 @@ def _labelled_images(
             f"{path}: {len(missing)} of {len(keys)} image paths do not exist (relative to "
             f"{path.parent}), e.g. {missing[:3]}"
         )
-    _check_readable(path.parent, keys)
-    return keys, labels
+    digests = _check_readable(path.parent, keys)
+    return _distinct_images(keys, labels, digests, str(path), rows, max_dropped_fraction)
 
 
-def _check_readable(root: Path, keys: list[str]) -> None:
-    """Every image opened once (its header checked) before training, and every one that cannot
-    be read named together, rather than the first one failing a run when its batch comes up."""
+def _check_readable(root: Path, keys: list[str]) -> list[str]:
+    """Every image read once (its header checked) before training, and every one that cannot be
+    read, or whose pixel mode has no 8-bit scale (:data:`REFUSED_MODES`), named together,
+    rather than the first one failing a run when its batch comes up. Returns a hash of each
+    file's bytes, from that one read."""
     from PIL import Image
 
-    bad = []
+    bad, refused, digests = [], [], []
     for key in keys:
         try:
-            with Image.open(root / key) as image:
+            data = (root / key).read_bytes()
+            with Image.open(io.BytesIO(data)) as image:
+                if image.mode in REFUSED_MODES:
+                    refused.append(f"{root / key} (mode {image.mode!r})")
                 image.verify()
         except (OSError, SyntaxError, Image.DecompressionBombError) as err:
             bad.append(f"{key} ({type(err).__name__})")
+            continue
+        digests.append(hashlib.blake2b(data, digest_size=16).hexdigest())
     if bad:
         raise ConfigError(f"{root}: {len(bad)} image(s) cannot be read: {', '.join(bad[:5])}")
+    if refused:
+        raise ConfigError(
+            f"{root}: {len(refused)} image(s) are 32-bit integer ('I') or floating-point ('F') "
+            f"images, which have no standard scale to 8-bit RGB: {', '.join(refused[:5])}; save "
+            "them as 8-bit (or 16-bit grey) images"
+        )
+    return digests
+
+
+def _distinct_images(
+    keys: list[str],
+    labels: list,
+    digests: list[str],
+    where: str,
+    rows: int,
+    max_dropped_fraction: float | None,
+) -> tuple[list[str], list, list[str]]:
+    """Each image once by its bytes (the first file wins, as the first of repeated texts does):
+    a copy under another name would otherwise be two examples, and could land in train and in
+    test. The copies dropped are counted on stderr; with the rows the data lost before
+    (``rows - len(keys)``: a CSV's empty, unlabelled or repeated rows) they count against
+    ``max_dropped_fraction`` of the ``rows``."""
+    first: dict[str, int] = {}
+    keep, copies = [], []
+    for i, digest in enumerate(digests):
+        if digest in first:
+            copies.append((i, first[digest]))
+        else:
+            first[digest] = i
+            keep.append(i)
+    if not copies:
+        return keys, labels, digests
+    relabelled = sum(labels[i] != labels[j] for i, j in copies)
+    copy, original = copies[0]
+    message = (
+        f"{where}: dropped {len(copies)} of {len(keys)} images whose bytes repeat an earlier "
+        f"image's, e.g. {keys[copy]} (= {keys[original]}); the first is kept"
+    )
+    if relabelled:
+        message += f", and {relabelled} of the copies had another label than the image they repeat"
+    share = (rows - len(keys) + len(copies)) / max(rows, 1)
+    if max_dropped_fraction is not None and share > max_dropped_fraction:
+        raise ConfigError(
+            f"{message}; {share:.0%} of the {rows} images or rows are lost in all, more than "
+            f"the {max_dropped_fraction:.0%} allowed. Remove the copies, or accept the loss "
+            f"with --max-dropped-fraction {math.ceil(share * 100) / 100:g} "
+            "(max_dropped_fraction in Python)"
+        )
+    lost = sorted({str(y) for y in labels} - {str(labels[i]) for i in keep})
+    if lost:  # a class would silently leave the label set
+        raise ConfigError(f"{message}; class(es) {lost} would keep no image: each one is a copy")
+    print(f"fisherlora: {message}", file=sys.stderr)
+    return [keys[i] for i in keep], [labels[i] for i in keep], [digests[i] for i in keep]
 
 
 def _folder(root: Path) -> tuple[list[str], list[str]]:
@@ -212,5 +310,4 @@ def _folder(root: Path) -> tuple[list[str], list[str]]:
         raise ConfigError(
             f"{root}: class folder(s) {empty} hold no images ({', '.join(IMAGE_SUFFIXES)})"
         )
-    _check_readable(root, keys)
     return keys, labels

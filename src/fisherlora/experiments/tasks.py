@@ -6,7 +6,10 @@ the text, so every machine (and every Python process, whatever its hash seed) ge
 Each split comes in a fixed pseudo-random order (a salted hash of the text, :func:`in_hash_order`),
 never sorted by label, so ``task.train_texts[:512]`` is a fair sample. Rows a file loses (empty
 texts, missing labels, repeated texts) are counted on stderr, and a file that loses more than
-``max_dropped_fraction`` of its rows is refused (:func:`usable_rows`).
+``max_dropped_fraction`` of its rows is refused (:func:`usable_rows`). String labels in a user's
+file lose their surrounding whitespace (``" pos"`` is ``"pos"``). Test texts that are near-duplicates
+of training texts (the same after case-folding and collapsing whitespace) are counted on stderr,
+and kept (:func:`warn_near_duplicates`).
 """
 
 from __future__ import annotations
@@ -211,6 +214,60 @@ def split_by_hash(
     return train_t, train_l, test_t, test_l
 
 
+def near_duplicate_key(text: str) -> str:
+    """What two texts that differ only in case and whitespace have in common: the text
+    case-folded, with every run of whitespace one space and none at either end."""
+    return " ".join(text.casefold().split())
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def warn_near_duplicates(train_texts: Sequence[str], test_texts: Sequence[str], where: str) -> int:
+    """Count the test texts that are near-duplicates of a training text (the same
+    :func:`near_duplicate_key`), with one line on stderr naming the count and one example when
+    there are any. Nothing is dropped or moved: the split stays as it is (a warning changes no
+    data), but scores on such texts measure recall of training examples more than
+    generalisation."""
+    train = {}
+    for text in train_texts:
+        train.setdefault(near_duplicate_key(text), text)
+    matches = [
+        (text, train[key]) for text in test_texts if (key := near_duplicate_key(text)) in train
+    ]
+    if matches:
+        test_text, train_text = matches[0]
+        print(
+            f"fisherlora: {where}: {len(matches)} of {len(test_texts)} test texts are "
+            "near-duplicates of a training text (the same after case-folding and collapsing "
+            f"whitespace), e.g. test {_short(test_text)} ~ train {_short(train_text)}; they are "
+            "kept, so the test score may be optimistic",
+            file=sys.stderr,
+        )
+    return len(matches)
+
+
+def _order_key(value) -> tuple:
+    """Numbers first in numeric order, then everything else in text order."""
+    return (0, float(value), "") if _is_number(value) else (1, 0.0, str(value))
+
+
+def _described(values, limit: int = 20) -> str:
+    """Labels with their types, ``[1 (int), '1' (str)]``: two labels that print alike are told
+    apart."""
+    ordered = sorted(values, key=lambda v: (*_order_key(v), type(v).__name__))
+    shown = [f"{v!r} ({type(v).__name__})" for v in ordered[:limit]]
+    more = f", ... ({len(ordered)} in all)" if len(ordered) > limit else ""
+    return "[" + ", ".join(shown) + more + "]"
+
+
+SAME_VALUE_HINT = (
+    "a label is one class only with one value and type: the number 1 and the text '1' are two "
+    "labels (a column with any non-numeric value is read as text)"
+)
+
+
 def _label_ids(
     train_labels: list, test_labels: list, where: str
 ) -> tuple[list[int], list[int], list[str]]:
@@ -223,10 +280,19 @@ def _label_ids(
         )
     unseen = set(test_labels) - values
     if unseen:
+        alike = {_name(v) for v in unseen} & {_name(v) for v in values}
         raise ConfigError(
-            f"{where}: test labels {sorted(map(str, unseen))} never occur in the training data"
+            f"{where}: test labels {_described(unseen)} never occur in the training data, whose "
+            f"labels are {_described(values)}" + (f"; {SAME_VALUE_HINT}" if alike else "")
         )
-    ordered = sorted(values, key=lambda v: (0, float(v), "") if _is_number(v) else (1, 0.0, str(v)))
+    names = [_name(v) for v in values]
+    if len(set(names)) < len(names):  # 1 and '1' would be two classes both named "1"
+        twins = [v for v in values if names.count(_name(v)) > 1]
+        raise ConfigError(
+            f"{where}: the training labels {_described(twins)} print alike but differ in type; "
+            + SAME_VALUE_HINT
+        )
+    ordered = sorted(values, key=_order_key)
     index = {v: i for i, v in enumerate(ordered)}
     return (
         [index[v] for v in train_labels],
@@ -265,17 +331,86 @@ def _read_table(path: Path) -> pd.DataFrame:
     )
 
 
+def _image_path_column(frame: pd.DataFrame) -> tuple[str, str] | None:
+    """The first column most of whose values (at least 80%, and at least one) are image paths
+    (a name with an image suffix), with one of them; ``None`` if there is none."""
+    from fisherlora.experiments.images import IMAGE_SUFFIXES
+
+    for column in frame.columns:
+        values = [v.strip() for v in frame[column].tolist() if isinstance(v, str) and v.strip()]
+        paths = [v for v in values if Path(v).suffix.lower() in IMAGE_SUFFIXES]
+        present = sum(not _missing(v) for v in frame[column].tolist())
+        if paths and len(paths) >= 0.8 * present:
+            return str(column), paths[0]
+    return None
+
+
+def _scalar(value: object) -> bool:
+    """One value (a string, a number, a bool, a missing value), not a list, array or mapping."""
+    if isinstance(value, (list, tuple, dict, set, frozenset)) or getattr(value, "ndim", 0):
+        return False
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
 def _columns(
-    frame: pd.DataFrame, path: Path, text_column: str, label_column: str
+    frame: pd.DataFrame,
+    path: Path,
+    text_column: str,
+    label_column: str,
+    *,
+    images: bool = False,
 ) -> tuple[list, list]:
+    """The text (or, with ``images``, the image-path) column and the label column of a table,
+    refused by name when missing or when a label is not one value (a list, a mapping)."""
+    columns = list(map(str, frame.columns))
+    if text_column not in frame.columns:
+        if images:
+            raise ConfigError(
+                f"{path} has no column {text_column!r}; its columns are {columns}: an image CSV "
+                f"needs its paths in a column named {text_column!r}"
+            )
+        image_paths = _image_path_column(frame)
+        if image_paths is not None:
+            column, example = image_paths
+            raise ConfigError(
+                f"{path} has no column {text_column!r}; its columns are {columns}, and column "
+                f"{column!r} holds image paths (e.g. {example!r}): an image CSV needs its paths "
+                f"in a column named 'image' (rename {column!r} to 'image'); for a text file, "
+                "choose its text column with --text-column"
+            )
     for column in (text_column, label_column):
         if column not in frame.columns:
+            choose = "--label-column" if images else "--text-column / --label-column"
             raise ConfigError(
-                f"{path} has no column {column!r}; its columns are {list(map(str, frame.columns))} "
-                "(choose with --text-column / --label-column)"
+                f"{path} has no column {column!r}; its columns are {columns} (choose with {choose})"
+            )
+    texts, labels = frame[text_column].tolist(), frame[label_column].tolist()
+    for row, label in enumerate(labels):
+        if not _scalar(label):
+            raise ConfigError(
+                f"{path}: column {label_column!r} holds a {type(label).__name__}, not one value, "
+                f"in data row {row + 1} ({text_column}={texts[row]!r}, {label_column}={label!r}); "
+                "a label must be a single string or number (for a list or a mapping, write the "
+                "one class it stands for)"
             )
     # rows without a text or a label are dropped, and counted, by usable_rows
-    return frame[text_column].tolist(), frame[label_column].tolist()
+    return texts, labels
+
+
+def stripped_labels(labels: Sequence) -> list:
+    """String labels without their surrounding whitespace (``" pos"`` and ``"pos "`` are
+    ``"pos"``): a user's file only; other labels as they are."""
+    return [label.strip() if isinstance(label, str) else label for label in labels]
+
+
+def _file_columns(path: Path, text_column: str, label_column: str) -> tuple[list, list]:
+    """A user's data file's texts and labels (:func:`_columns`), string labels stripped."""
+    texts, labels = _columns(_read_table(path), path, text_column, label_column)
+    return texts, stripped_labels(labels)
 
 
 def load_builtin_task(name: str, test_fraction: float = DEFAULT_TEST_FRACTION) -> Task:
@@ -295,9 +430,11 @@ def load_builtin_task(name: str, test_fraction: float = DEFAULT_TEST_FRACTION) -
     # no empty texts or labels; duplicates: none in Rotten Tomatoes, 96 in IMDB (25,000 rows)
     texts, labels = deduplicate(frame["text"].tolist(), frame["label"].astype(int).tolist())
     train_t, train_l, test_t, test_l = split_by_hash(texts, labels, test_fraction)
-    return Task(
+    task = Task(
         name, *in_hash_order(train_t, train_l), *in_hash_order(test_t, test_l), list(class_names)
     )
+    warn_near_duplicates(task.train_texts, task.test_texts, name)  # stderr only: no data changes
+    return task
 
 
 def without_test_texts(
@@ -331,11 +468,14 @@ def load_file_task(
 
     Rows with an empty text or no label, and repeats of an earlier text, are dropped and counted
     on stderr; a file that loses more than ``max_dropped_fraction`` of its rows (default 0.2;
-    ``None``: no limit) is refused with a :class:`ConfigError`. Each split comes in a fixed
-    pseudo-random order (:func:`in_hash_order`), so slicing it is safe."""
+    ``None``: no limit) is refused with a :class:`ConfigError`. String labels lose their
+    surrounding whitespace; a label that is not one value (a list, a mapping) is refused. Each
+    split comes in a fixed pseudo-random order (:func:`in_hash_order`), so slicing it is safe;
+    test texts that are near-duplicates of training texts are counted on stderr
+    (:func:`warn_near_duplicates`)."""
     path = Path(path)
     texts, labels = usable_rows(
-        *_columns(_read_table(path), path, text_column, label_column),
+        *_file_columns(path, text_column, label_column),
         str(path),
         max_dropped_fraction=max_dropped_fraction,
     )
@@ -344,7 +484,7 @@ def load_file_task(
     else:
         test_path = Path(test_path)
         test_t, test_l = usable_rows(
-            *_columns(_read_table(test_path), test_path, text_column, label_column),
+            *_file_columns(test_path, text_column, label_column),
             str(test_path),
             max_dropped_fraction=max_dropped_fraction,
         )
@@ -355,9 +495,11 @@ def load_file_task(
             "empty and duplicate texts; both splits need at least one"
         )
     train_ids, test_ids, class_names = _label_ids(train_l, test_l, str(path))
-    return Task(
+    task = Task(
         path.stem, *in_hash_order(train_t, train_ids), *in_hash_order(test_t, test_ids), class_names
     )
+    warn_near_duplicates(task.train_texts, task.test_texts, str(path))
+    return task
 
 
 def builtin_task_names() -> str:
@@ -426,9 +568,11 @@ def load_hub_task(
     feature = splits["train"].features.get(label_column)
     if hasattr(feature, "names") and len(feature.names) == len(class_names):
         class_names = [feature.names[int(v)] for v in class_names]
-    return Task(
+    task = Task(
         name, *in_hash_order(train_t, train_ids), *in_hash_order(test_t, test_ids), class_names
     )
+    warn_near_duplicates(task.train_texts, task.test_texts, name)
+    return task
 
 
 def load_task(
@@ -446,7 +590,8 @@ def load_task(
     every machine and in every load), never sorted by label, so ``task.train_texts[:512]`` and
     ``task.train_labels[:512]`` are a fair sample. A file or hub split that loses more than
     ``max_dropped_fraction`` of its rows (empty texts, missing labels, repeated texts; counted
-    on stderr) is refused; the built-in tasks drop repeated texts only, quietly."""
+    on stderr) is refused; the built-in tasks drop repeated texts only, quietly. Test texts
+    that are near-duplicates of training texts are counted on stderr, and kept."""
     if data is not None:
         return load_file_task(
             data,
