@@ -41,6 +41,7 @@ import numpy as np
 from fisherlora.errors import ConfigError
 from fisherlora.experiments.tasks import (
     DEFAULT_TEST_FRACTION,
+    IMAGE_SUFFIXES,
     MAX_DROPPED_FRACTION,
     Task,
     _columns,
@@ -55,7 +56,6 @@ from fisherlora.experiments.tasks import (
 
 IMAGE_TASKS = ("digits",)
 IMAGE_COLUMN = "image"  # the path column of an image CSV
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # 16-bit grey: scaled to 8 bits (value / 257) before the RGB conversion, which would clip them
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 # 32-bit integer and floating-point grey: no standard 8-bit scale, refused when the data loads

@@ -331,11 +331,13 @@ def _read_table(path: Path) -> pd.DataFrame:
     )
 
 
+# the file names an image task reads (images.py), and a table's path column is recognised by
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
 def _image_path_column(frame: pd.DataFrame) -> tuple[str, str] | None:
     """The first column most of whose values (at least 80%, and at least one) are image paths
     (a name with an image suffix), with one of them; ``None`` if there is none."""
-    from fisherlora.experiments.images import IMAGE_SUFFIXES
-
     for column in frame.columns:
         values = [v.strip() for v in frame[column].tolist() if isinstance(v, str) and v.strip()]
         paths = [v for v in values if Path(v).suffix.lower() in IMAGE_SUFFIXES]
