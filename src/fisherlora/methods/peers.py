@@ -372,8 +372,8 @@ class LoRAGA(CalibratedPeer):
 
     so the first step of ``s B A`` moves along G's top 2r singular directions
     (``Δ(BA) ∝ B₀B₀ᵀG + G A₀ᵀA₀``), approximating full fine-tuning's first step, and the outputs
-    are unchanged at init. No singular values enter the factors (the authors' code and the
-    paper agree on this).
+    are unchanged at init. No singular values enter the factors (as in the authors' code, whose
+    "stable" scale multiplies both factors by ζ).
 
     ``peft_init=True`` (the named variant ``lora-ga-peft``) runs PEFT 0.21's ``lora_ga`` init on
     the same gradients instead, which multiplies B₀ by ``S[r:2r]`` and only B₀ by ζ: B₀ starts
