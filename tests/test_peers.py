@@ -358,3 +358,27 @@ def test_lora_ga_peft_is_peft_own_preprocess_and_init_bit_for_bit():
         states.append({k: v.clone() for k, v in model.state_dict().items()})
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_eva_on_a_causal_lm_needs_no_more_sequences_than_it_has():
+    # every Llama input has a token axis: 2 sequences of 12 tokens are 24 rows, plenty for
+    # r · ρ = 8 components (the pooler's rule, 8 sequences per batch, had refused this)
+    base, targets = tiny_base("causal", seed=0)
+    base.eval()
+    original = copy.deepcopy(base)
+    batches = random_batches(2, batch_size=2, seq=12, seed=5)
+    for batch in batches:
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    from peft import LoraConfig
+
+    lora = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=targets)
+    method = get_method("eva", {"calib_batches": 2})
+    model = method.build(base, lora, batches)
+    info = method.prepare(model, batches)
+    assert sum(info["eva_ranks"].values()) == 4 * len(info["eva_ranks"])
+    model.eval()
+    inputs = {k: batches[0][k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(**inputs).logits, original(**inputs).logits, atol=1e-5, rtol=0
+        )

@@ -228,6 +228,24 @@ def eva_batches(batches: Batches, min_rows: int) -> list[dict[str, torch.Tensor]
     return [_pad_cat(c) for c in chunks]
 
 
+def _some_layer_sees_2d_inputs(model: PeftModel, batch: dict[str, torch.Tensor]) -> bool:
+    """Whether a LoRA layer gets a 2-D input ``[sequences, features]`` (one forward pass of
+    ``batch`` without gradients, in the model's current mode)."""
+    seen: list[bool] = []
+    handles = [
+        layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].ndim == 2))
+        for layer in lora_layers(model)[1].values()
+    ]
+    device = _device_of(model)
+    try:
+        with torch.no_grad():
+            model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+    finally:
+        for handle in handles:
+            handle.remove()
+    return any(seen)
+
+
 EVA_ENDLESS_BATCHES = 1024
 
 
@@ -262,15 +280,18 @@ class EVA(CalibratedPeer):
 
     def prepare(self, model: PeftModel, calibration_loader: Batches) -> dict[str, Any]:
         config = model.peft_config[model.active_adapter]
-        min_rows = math.ceil(max([config.r, *config.rank_pattern.values()]) * config.eva_config.rho)
         # EVA cycles over its loader until every layer's SVD converges; it gets the whole
         # calibration order (one epoch of training data) and stops early.
         device = _device_of(model)
-        n_batches = _eva_batch_count(calibration_loader)
-        loader = [
-            {k: v.to(device) for k, v in b.items()}
-            for b in eva_batches(_first_batches(calibration_loader, n_batches, "eva"), min_rows)
-        ]
+        batches = _first_batches(calibration_loader, _eva_batch_count(calibration_loader), "eva")
+        # a layer whose input rows are sequences (BERT's pooler) needs r · ρ of them per batch;
+        # where every input has a token axis, a batch's token rows are plenty
+        min_rows = (
+            math.ceil(max([config.r, *config.rank_pattern.values()]) * config.eva_config.rho)
+            if _some_layer_sees_2d_inputs(model, batches[0])
+            else 1
+        )
+        loader = [{k: v.to(device) for k, v in b.items()} for b in eva_batches(batches, min_rows)]
         initialize_lora_eva_weights(
             model,
             dataloader=loader,
