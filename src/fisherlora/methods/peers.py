@@ -332,7 +332,11 @@ def _targeted_linears(
             matched[name] = module
     if not matched:
         raise ConfigError(f"target_modules {config.target_modules!r} match no module of the model")
-    other = [f"{n} ({type(m).__name__})" for n, m in matched.items() if not _is_linear(m)]
+    other = [
+        f"{n} ({type(m).__name__})"
+        for n, m in matched.items()
+        if not isinstance(m, torch.nn.Linear)
+    ]
     if other:
         raise ConfigError(f"only nn.Linear layers can be adapted here, got {', '.join(other)}")
     _refuse_tied_weights(base_model, matched)
@@ -351,10 +355,6 @@ def _refuse_tied_weights(base_model: torch.nn.Module, layers: dict[str, torch.nn
                 f"{name}'s weight is tied to {', '.join(shared)}; a residual init (W − s B₀A₀) "
                 "would change both: leave it out of the targets"
             )
-
-
-def _is_linear(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.Linear)
 
 
 def mean_weight_gradients(
@@ -495,7 +495,7 @@ def _set_residual_init(layer: Any, adapter: str, a0: torch.Tensor, b0: torch.Ten
     weight.copy_((weight.float() - offset).to(weight.dtype))
 
 
-def _token_axis_for_2d_inputs(base_model: torch.nn.Module, lora_config: LoraConfig) -> list:
+def _token_axis_for_2d_inputs(layers: Iterable[torch.nn.Linear]) -> list:
     """Hooks that give 2-D inputs of target linears a token axis ([n, d] → [n, 1, d]) and take
     it off the output again, so CorDA's ``squeeze(0)`` leaves a 2-D matrix (see WORKAROUNDS)."""
     handles = []
@@ -513,7 +513,7 @@ def _token_axis_for_2d_inputs(base_model: torch.nn.Module, lora_config: LoraConf
         widened.discard(id(module))
         return output.squeeze(1)
 
-    for module in _targeted_linears(base_model, lora_config).values():
+    for module in layers:
         handles.append(module.register_forward_pre_hook(add_axis))
         handles.append(module.register_forward_hook(drop_axis))
     return handles
@@ -591,9 +591,10 @@ class CorDA(CalibratedPeer):
                         attention_mask=mask[keep][None].to(device),
                     )
 
-        handles = _token_axis_for_2d_inputs(base_model, config)
+        layers = list(_targeted_linears(base_model, config).values())
+        handles = _token_axis_for_2d_inputs(layers)
         try:
-            with _undone_on_failure(base_model, _targeted_linears(base_model, config).values()):
+            with _undone_on_failure(base_model, layers):
                 preprocess_corda(base_model, config, run_model=run_model)
         finally:
             for handle in handles:
