@@ -6,6 +6,7 @@ import json
 import math
 import re
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -649,6 +650,51 @@ def test_a_failing_cell_does_not_stop_the_others(tmp_path, monkeypatch):
     assert "simulated failure" in (tmp_path / "out" / "grid" / "suite_error.txt").read_text()
     assert "the comparison failed: RuntimeError: simulated failure" in report.read_text()
     assert json.loads((tmp_path / "out" / "suite.json").read_text())["name"] == "tiny"
+
+
+def test_cells_runs_only_the_named_cells_and_the_report_still_covers_the_others(
+    tmp_path, monkeypatch
+):
+    suite = load_suite(str(write(tmp_path, TINY_SUITE)))
+    calls = []
+    monkeypatch.setattr(
+        "fisherlora.experiments.compare.compare",
+        lambda config, progress=True, command="": calls.append(config.out),
+    )
+    reported = []
+    monkeypatch.setattr(
+        "fisherlora.experiments.suite.write_suite_report",
+        lambda whole, out, command="": reported.append(whole) or Path(out) / "suite_report.md",
+    )
+    run_suite(suite, tmp_path / "out", progress=False, cells=["plain"])
+    assert [p.rsplit("/", 1)[1] for p in calls] == ["plain"]
+    assert [c.name for c in reported[0].cells] == ["grid", "plain"]  # the whole suite
+    recorded = json.loads((tmp_path / "out" / "suite.json").read_text())["cells"]
+    assert [c["name"] for c in recorded] == ["grid", "plain"]
+
+
+@pytest.mark.parametrize("cells", ["nope", "plain,plain", ""])
+def test_unknown_or_repeated_cells_are_refused_before_anything_runs(
+    cells, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(
+        "fisherlora.experiments.compare.compare",
+        lambda *a, **k: pytest.fail("nothing may run"),
+    )
+    path = write(tmp_path, TINY_SUITE)
+    assert main(["suite", str(path), "--out", str(tmp_path / "out"), "--cells", cells]) == 2
+    err = capsys.readouterr().err
+    assert "--cells" in err and "'tiny' has grid, plain" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dry_run_of_some_cells_lists_only_them(tmp_path, capsys):
+    path = write(tmp_path, TINY_SUITE)
+    assert main(["suite", str(path), "--dry-run", "--cells", "plain"]) == 0
+    printed = capsys.readouterr().out
+    rows = [line.split()[0] for line in printed.splitlines() if "rotten-tomatoes" in line]
+    assert rows == ["plain"]
+    assert "total: 4 runs (0 tuning + 4 final)" in printed
 
 
 def test_a_cell_directory_with_other_settings_is_refused_before_anything_runs(

@@ -280,6 +280,12 @@ def _add_suite_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="rewrite the cells' reports and the suite report from finished runs; train nothing",
     )
+    parser.add_argument(
+        "--cells",
+        metavar="NAME[,NAME]",
+        help="run (or dry-run, or report) only these cells, e.g. to share a suite out over "
+        "processes, each with its own cells and one --out; the suite report covers every cell",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -9,11 +9,16 @@ Running: every cell is a resumable ``compare`` into ``OUT/<cell>/`` (rerunning t
 skips finished runs); a cell that fails is recorded (``OUT/<cell>/suite_error.txt``) and the
 others go on. Then ``OUT/suite_report.md``, ``OUT/suite_report.html`` (self-contained) and
 ``OUT/suite_results.csv`` (every cell's final runs, with a ``cell`` column) are written.
+
+``--cells a,b`` runs only those cells, so that one suite can be shared out over processes or
+machines (each a ``--cells`` of its own, all into one ``OUT``); the report still covers every
+cell with finished runs. Two processes must not share a cell: they would train its runs twice.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -67,6 +72,20 @@ def check_cell_data(suite: Suite, out: str | Path) -> None:
             raise ConfigError(f"{cell.where}: {err}") from err
 
 
+def chosen_cells(suite: Suite, names: Iterable[str] | None) -> Suite:
+    """The suite with only the cells ``names`` (all of them for None), in the suite's order;
+    an unknown or repeated name is refused, naming it and the suite's cells."""
+    if names is None:
+        return suite
+    names = [n.strip() for n in names]
+    known = [cell.name for cell in suite.cells]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names or len(set(names)) < len(names):
+        problem = f"unknown cells {unknown}" if unknown else "each cell once, at least one"
+        raise ConfigError(f"--cells: {problem}; {suite.name!r} has {', '.join(known)}")
+    return dataclasses.replace(suite, cells=[c for c in suite.cells if c.name in names])
+
+
 def run_suite(
     suite: Suite,
     out: str | Path,
@@ -74,6 +93,7 @@ def run_suite(
     progress: bool = True,
     command: str = "",
     report_only: bool = False,
+    cells: Iterable[str] | None = None,
 ) -> Path:
     """Run (or resume) every cell's comparison into ``OUT/<cell>/``, then write the suite
     report; returns ``suite_report.md``.
@@ -81,18 +101,20 @@ def run_suite(
     A cell that fails (an error its comparison raises) leaves ``OUT/<cell>/suite_error.txt`` and
     the next cell runs; Ctrl-C stops at once and rerunning resumes. ``report_only`` trains nothing:
     it rewrites each started cell's comparison report from its finished runs, then the suite's.
+    ``cells`` (names) runs or reports only those cells; the suite report covers them all.
     """
     from fisherlora.experiments import compare as compare_module
     from fisherlora.experiments.distributed import is_main_process
     from fisherlora.experiments.report import write_report
 
     out = Path(out)
-    ran = [out / "suite.json", *(out / cell.name for cell in suite.cells)]
+    running = chosen_cells(suite, cells)
+    ran = [out / "suite.json", *(out / cell.name for cell in running.cells)]
     if report_only and not any(path.exists() for path in ran):
         raise ConfigError(f"--report-only: no suite in {out} to report on")
-    check_resumable(suite, out)
+    check_resumable(running, out)
     if not report_only:
-        check_cell_data(suite, out)
+        check_cell_data(running, out)
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         (out / "suite.json").write_text(
@@ -107,7 +129,7 @@ def run_suite(
                 indent=1,
             )
         )
-    for i, cell in enumerate(suite.cells):
+    for i, cell in enumerate(running.cells):
         config = cell.compare_config(out / cell.name)
         cell_command = f"{command}  # cell {cell.name}" if command else f"cell {cell.name}"
         error_file = out / cell.name / "suite_error.txt"
@@ -120,7 +142,7 @@ def run_suite(
             continue
         if progress and is_main_process():
             tune, final = cell.run_counts()
-            print(f"[{i + 1}/{len(suite.cells)}] cell {cell.name}: {tune + final} runs")
+            print(f"[{i + 1}/{len(running.cells)}] cell {cell.name}: {tune + final} runs")
         try:
             compare_module.compare(config, progress=progress, command=cell_command)
             error_file.unlink(missing_ok=True)
@@ -140,8 +162,13 @@ def suite_command(args: argparse.Namespace, argv: Iterable[str] | None = None) -
     """``fisherlora suite``: load and check the suite, then dry-run, report or run it; returns
     what to print. Bad input raises :class:`ConfigError` before anything runs."""
     suite = load_suite(args.suite)
+    cells = args.cells.split(",") if args.cells is not None else None
     if args.dry_run:
-        return format_dry_run(suite, estimate_suite(suite, args.out))
+        chosen = chosen_cells(suite, cells)
+        # estimated over the whole suite: a cell not yet started is scaled by every finished run
+        table = estimate_suite(suite, args.out)
+        names = [cell.name for cell in chosen.cells]
+        return format_dry_run(chosen, table[table["cell"].isin(names)].reset_index(drop=True))
     if not args.out:
         raise ConfigError("--out DIR is required (the suite's directory; rerun it to resume)")
     given = [a for a in (list(argv) if argv is not None else sys.argv[1:]) if a != "--report-only"]
@@ -152,6 +179,7 @@ def suite_command(args: argparse.Namespace, argv: Iterable[str] | None = None) -
         progress=not args.no_progress,
         command=command,
         report_only=args.report_only,
+        cells=cells,
     )
     return (
         f"suite report: {report}, {report.with_suffix('.html')} and "
