@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# The long CPU jobs of issues #14 and #15, each resumable: the `cpu` suite and the claims runs
-# beside its reference cell, side by side with one thread each (on the 2-core machine two
-# one-thread processes give about the throughput of one two-thread process, and the claims runs
-# need only the reference cell, which has finished); then the claims table. Restart it after any
+# The long CPU jobs of issues #14 and #15, each resumable, in two lanes of one thread each (on
+# the 2-core machine two one-thread processes give about the throughput of one two-thread
+# process):
+#
+#   lane 1: the claims runs beside the suite's reference cell (which has finished), then the
+#           suite's first three cells (rt-low-data, rt-r1, imdb-r4);
+#   lane 2: the suite's SmolLM2 cell (`--cells`: each cell is trained by one lane only);
+#
+# then the claims runs' second pass, the claims table and the suite report. Restart it after any
 # interruption (a new session) with the same command:
 #
 #   nohup bash benchmarks/long_runs.sh > /tmp/long_runs.log 2>&1 &
@@ -18,14 +23,22 @@ for results in benchmarks/results/suite-cpu benchmarks/results/claims/runs; do
     [ -f "$run/metrics.json" ] || rm -rf "$run"
   done
 done
-OMP_NUM_THREADS=1 fisherlora suite cpu --out benchmarks/results/suite-cpu --no-progress > /tmp/suite.log 2>&1 &
-suite=$!
-OMP_NUM_THREADS=1 python benchmarks/claims_runs.py --no-progress > /tmp/claims.log 2>&1 &
-claims=$!
-# one job failing must not stop the other's second pass or the table
-wait "$suite" || echo "the suite ended with an error: see /tmp/suite.log"
-wait "$claims" || echo "the claims runs ended with an error: see /tmp/claims.log"
+export OMP_NUM_THREADS=1
+suite=(fisherlora suite cpu --out benchmarks/results/suite-cpu --no-progress)
+(
+  python benchmarks/claims_runs.py --no-progress > /tmp/claims.log 2>&1 ||
+    echo "the claims runs ended with an error: see /tmp/claims.log"
+  "${suite[@]}" --cells rt-low-data,rt-r1,imdb-r4 > /tmp/suite.log 2>&1 ||
+    echo "the suite's lane 1 ended with an error: see /tmp/suite.log"
+) &
+lane1=$!
+"${suite[@]}" --cells smollm2-rt-gen > /tmp/suite-smollm2.log 2>&1 &
+lane2=$!
+# one lane failing must not stop the other, the second pass or the reports
+wait "$lane1" || true
+wait "$lane2" || echo "the suite's lane 2 ended with an error: see /tmp/suite-smollm2.log"
 # experiments that waited for the reference cell's picked rates (a re-tuned cell) run now
-OMP_NUM_THREADS=1 python benchmarks/claims_runs.py --no-progress >> /tmp/claims.log 2>&1 ||
+python benchmarks/claims_runs.py --no-progress >> /tmp/claims.log 2>&1 ||
   echo "the second claims pass ended with an error: see /tmp/claims.log"
 python benchmarks/claims_table.py --readme
+"${suite[@]}" --report-only
