@@ -546,6 +546,11 @@ def claims_table(sources: dict[str, pd.DataFrame]) -> pd.DataFrame:
         if rates_differ and claim.metric == "a_row_space_kept" and pairs >= 2:
             # the kept share falls with the rate: arms at different rates measure the rates
             row["verdict"] = "cannot tell: the arms ran at different rates"
+        nll_low, nll_high = row["nll_ci_low"], row["nll_ci_high"]
+        if claim.kind == "measure" and not rates_differ and (nll_low > 0 or nll_high < 0):
+            # a setting's effect may show in the more sensitive outcome only; at different rates
+            # Δ NLL is the rates' (the note says so), so it is named at one rate only
+            row["verdict"] += f"; NLL {'lower' if nll_high < 0 else 'higher'} for A"
         for side, runs in (("A", a), ("B", b)):
             row[f"{side} lr"] = (
                 ",".join(f"{v:g}" for v in sorted(runs["lr"].unique())) if len(runs) else "–"

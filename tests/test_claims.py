@@ -114,9 +114,20 @@ def test_table_pairs_by_seed_and_applies_the_verdict_rules(claims, tmp_path):
     assert missing["seeds"] == 0 and missing["verdict"] == "pending"
     table.plot_forest(table.claims_table(sources), tmp_path / "forest.png")
     assert (tmp_path / "forest.png").stat().st_size > 1000
-    for seed in range(3):  # the λ sweep: the cell's λ = 1e-4 and one other
-        _write_run(tmp_path / "fw-lambda-0.01", "fw-lora", seed, 0.7, val_accuracy=0.72)
-    sources["fw-lambda-0.01"] = table.final_runs(tmp_path / "fw-lambda-0.01")
+    for seed, (accuracy, nll) in enumerate([(0.81, 0.10), (0.80, 0.08), (0.80, 0.12)]):
+        # the λ sweep: accuracy within a point of the cell's λ = 1e-4 either way, NLL 0.1 lower
+        run = dict(val_accuracy=0.72, nll=nll)
+        _write_run(tmp_path / "fw-lambda-0.01", "fw-lora", seed, accuracy, **run)
+        # the same against the cell at another rate: its Δ NLL is the rate's, not named
+        _write_run(tmp_path / "ablations-r8", "fw-lora-max", seed, accuracy, lr=3e-3, nll=nll)
+    for name in ("fw-lambda-0.01", "ablations-r8"):
+        sources[name] = table.final_runs(tmp_path / name)
+    swept = table.claims_table(sources).set_index(["A", "B"])
+    lam = swept.loc[("fw-lora (fw-lambda-0.01, r=8)", "fw-lora (rt-low-data, r=8)")]
+    assert lam["nll_ci_high"] < 0
+    assert lam["verdict"] == "measured: no difference seen; NLL lower for A"
+    other_rate = swept.loc[("fw-lora-max (ablations-r8, r=8)", "fw-lora (rt-low-data, r=8)")]
+    assert other_rate["nll_ci_high"] < 0 and "NLL" not in other_rate["verdict"]
     table.plot_lambda_sweep(sources, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 1000
 
