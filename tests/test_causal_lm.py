@@ -2,6 +2,7 @@
 label mask (and the causal shift), generation tasks end to end, and the embedded SmolLM2."""
 
 import copy
+import functools
 import json
 import math
 
@@ -412,6 +413,40 @@ def test_one_token_choices_take_one_pass_and_score_what_full_scoring_scores(toke
         )
     assert fast.shape == (10, len(task.choices))
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+
+
+def test_prompts_batched_by_length_with_the_last_logits_only_score_as_one_at_a_time(
+    tokenizer, monkeypatch
+):
+    import fisherlora.experiments.generation_eval as generation_eval
+
+    model, _ = load_causal_lm("tiny-llama-lm", seed=3)
+    model.eval()
+    choices = [" good", " bad"]
+    # lengths out of order, so that the longest-first batches mix the rows
+    prompts = [("word " * n) + "Sentiment:" for n in (1, 9, 3, 14, 2, 7, 11)]
+    kept = []
+    real_forward = type(model).forward
+
+    @functools.wraps(real_forward)  # its signature, which says it takes logits_to_keep
+    def recording(self, *args, **kwargs):
+        kept.append((kwargs.get("logits_to_keep"), kwargs["input_ids"].shape[1]))
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", recording)
+    scores = _choice_scores(model, choices, tokenizer, prompts, 32, 3, torch.device("cpu"), 0, 1)
+    # fewer positions than the batch holds; one alone keeps its last position only
+    assert kept and all(k is not None and k < length for k, length in kept[:-1])
+    assert kept[-1][0] == 1
+    monkeypatch.setattr(generation_eval, "_keeps_logits", lambda model: False)
+    alone = torch.cat(  # one prompt per batch, no padding, every position's logits
+        [
+            _choice_scores(model, choices, tokenizer, [p], 32, 1, torch.device("cpu"), 0, 1)
+            for p in prompts
+        ]
+    )
+    assert kept[-1][0] is None
+    torch.testing.assert_close(scores, alone, rtol=1e-5, atol=1e-5)
 
 
 def test_choices_of_different_lengths_are_scored_on_the_same_prompt(tokenizer, monkeypatch):
