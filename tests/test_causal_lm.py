@@ -418,7 +418,7 @@ def test_one_token_choices_take_one_pass_and_score_what_full_scoring_scores(toke
 def test_prompts_batched_by_length_with_the_last_logits_only_score_as_one_at_a_time(
     tokenizer, monkeypatch
 ):
-    import fisherlora.experiments.generation_eval as generation_eval
+    import fisherlora.experiments.logit_window as logit_window
 
     model, _ = load_causal_lm("tiny-llama-lm", seed=3)
     model.eval()
@@ -438,7 +438,7 @@ def test_prompts_batched_by_length_with_the_last_logits_only_score_as_one_at_a_t
     # fewer positions than the batch holds; one alone keeps its last position only
     assert kept and all(k is not None and k < length for k, length in kept[:-1])
     assert kept[-1][0] == 1
-    monkeypatch.setattr(generation_eval, "_keeps_logits", lambda model: False)
+    monkeypatch.setattr(logit_window, "keeps_logits", lambda model: False)
     alone = torch.cat(  # one prompt per batch, no padding, every position's logits
         [
             _choice_scores(model, choices, tokenizer, [p], 32, 1, torch.device("cpu"), 0, 1)
@@ -447,6 +447,35 @@ def test_prompts_batched_by_length_with_the_last_logits_only_score_as_one_at_a_t
     )
     assert kept[-1][0] is None
     torch.testing.assert_close(scores, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_training_on_the_scored_window_gives_the_full_passs_loss_and_gradients(tokenizer):
+    from fisherlora.experiments.logit_window import scored_window
+
+    base, _ = load_causal_lm("tiny-llama-lm", seed=3)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    prompts = [("word " * n) + "Sentiment:" for n in (6, 2, 9, 4)]
+    completions = [" good", " bad", " good", " not good at all"]
+    pairs = PromptCompletionTexts(prompts, completions, tokenizer, 32)
+    batch = PadPromptCompletion(tokenizer.pad_token_id)(list(pairs))
+    window = scored_window(model, batch)
+    assert 1 < window["logits_to_keep"] < batch["input_ids"].shape[1]
+    assert (window["labels"] != -100).sum() == (batch["labels"] != -100).sum()
+    results = []
+    for inputs in (batch, window):
+        model.zero_grad()
+        loss = model(**inputs).loss
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((loss.detach(), grads))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    for windowed, full in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(windowed, full, rtol=1e-4, atol=1e-7)
+    # nothing to cut: labels per sequence, or every position scored
+    assert scored_window(model, batch | {"labels": torch.tensor([0, 1, 0, 1])})["labels"].dim() == 1
+    every = batch | {"labels": batch["input_ids"]}
+    assert scored_window(model, every) is every
+    assert scored_window(tiny_base("bert", seed=0)[0], batch) is batch  # no logits_to_keep
 
 
 def test_choices_of_different_lengths_are_scored_on_the_same_prompt(tokenizer, monkeypatch):

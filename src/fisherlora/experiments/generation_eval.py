@@ -14,7 +14,6 @@ Under torch.distributed each process scores its share; the sums are all-reduced 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from collections.abc import Iterator
 
@@ -30,6 +29,7 @@ from fisherlora.experiments.batching import (
     eval_loader,
 )
 from fisherlora.experiments.generation_tasks import GenerationTask
+from fisherlora.experiments.logit_window import logits_at_last_token
 from fisherlora.experiments.metrics import classification_metrics, summed_confusion_matrix
 from fisherlora.experiments.tasks import held_out_subset
 from fisherlora.stats import all_reduce_sum
@@ -197,7 +197,7 @@ def _choice_scores(
         if single_token:
             # prompt i's ids are its pair's ids without the one completion token
             items = [(per_choice[0][i][0][:-1], 0) for i in indices]
-            at_last = _logits_at_last_token(model, _to(collate(items), device)).float()
+            at_last = logits_at_last_token(model, _to(collate(items), device)).float()
             scores[rows] = at_last.log_softmax(dim=-1)[:, [ids[0] for ids in choice_ids]].cpu()
         else:
             per_batch = [
@@ -206,28 +206,6 @@ def _choice_scores(
             ]
             scores[rows] = torch.stack(per_batch, dim=1).float().cpu()
     return scores
-
-
-def _logits_at_last_token(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Each row's logits at its last real token (the batch is right-padded). Where the model's
-    forward takes ``logits_to_keep`` (transformers' causal LMs), only the last positions a row
-    may end at are projected onto the vocabulary: the head over every position was a quarter of
-    SmolLM2-135M's evaluation pass."""
-    last = batch["attention_mask"].sum(dim=1) - 1
-    length = batch["input_ids"].shape[1]
-    keep = {"logits_to_keep": int(length - last.min())} if _keeps_logits(model) else {}
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **keep
-    ).logits
-    # logits_to_keep = K gives the outputs of the last K positions: position p is K - length + p
-    return logits[torch.arange(len(last), device=logits.device), last - length + logits.shape[1]]
-
-
-def _keeps_logits(model: torch.nn.Module) -> bool:
-    """Whether the model under any DDP and PEFT wrappers takes ``logits_to_keep``."""
-    inner = getattr(model, "module", model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

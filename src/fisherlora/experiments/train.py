@@ -49,6 +49,7 @@ from fisherlora.errors import ConfigError
 from fisherlora.experiments.batching import forever
 from fisherlora.experiments.distributed import Process, barrier, init_distributed
 from fisherlora.experiments.generation_tasks import GenerationTask
+from fisherlora.experiments.logit_window import scored_window
 from fisherlora.experiments.method_plots import save_method_report
 from fisherlora.experiments.metrics import collapse_warning, predictions_collapsed
 from fisherlora.experiments.models import default_targets
@@ -652,7 +653,8 @@ def accumulate_gradients(
         sync = contextlib.nullcontext() if last or forward is model else forward.no_sync()
         with sync:
             with autocasting():
-                loss = forward(**batch).loss
+                # a causal LM's head over the scored positions only (the same loss)
+                loss = forward(**scored_window(model, batch)).loss
             # the method's term in float32, outside autocast (FW-LoRA's r×r traces)
             extra = method.loss(model, step)
             if extra is not None:
