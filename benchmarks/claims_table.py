@@ -702,7 +702,7 @@ def plot_forest(table: pd.DataFrame, path: Path) -> None:
     ax.set_yticklabels([f"{r['A']} − {r['B']}" for _, r in done.iterrows()][::-1], fontsize=7)
     ax.set_xlabel("Δ test accuracy, pp (paired 95 % CI over seeds)")
     ax.set_title(
-        "Claims: A − B (green: holds, red: reversed, orange: the paper's gain ruled out, "
+        "Claims: A − B\n(green: holds, red: reversed, orange: the paper's gain ruled out,\n"
         "grey: cannot tell / measured)",
         fontsize=9,
     )
