@@ -19,6 +19,7 @@ A model whose forward does not take ``logits_to_keep`` gets the full pass, as be
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -31,7 +32,12 @@ def keeps_logits(model: torch.nn.Module) -> bool:
     """Whether the model under any DDP and PEFT wrappers takes ``logits_to_keep``."""
     inner = getattr(model, "module", model)
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return _forward_takes_logits_to_keep(type(inner))
+
+
+@functools.cache  # asked once per training step: the signature is read once per model class
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def logits_at_last_token(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
