@@ -659,3 +659,38 @@ def test_a_state_restored_into_the_warm_up_puts_the_hooks_back():
     penalty.step()
     assert not penalty.warming_up
     assert min(penalty.last_proxy.values()) > 0  # the hooks saw this step's gradients
+
+
+def test_a_paused_warm_up_takes_its_hooks_off_and_counts_nothing_until_resumed():
+    model = no_dropout_model()
+    method = FwLoRA(steps=10, fw_warmup_steps=4)
+    method.prepare(model, [])
+    penalty = method.penalty
+    batches = random_batches(3)
+
+    def hooks():
+        return sum(len(m._forward_hooks) for m in model.modules())
+
+    on = hooks()
+    model(**batches[0]).loss.backward()
+    penalty.step()
+    fisher, steps = penalty.fisher.clone(), penalty.step_count
+    method.end_training(model)  # a run that ended inside its warm-up
+    assert hooks() == 0 and penalty.warming_up
+    model.zero_grad()
+    model(**batches[1]).loss.backward()  # a backward pass outside training: not seen
+    assert not penalty._pending
+    torch.testing.assert_close(penalty.fisher, fisher, rtol=0, atol=0)
+    assert penalty.step_count == steps
+    method.start_training(model)  # the next run goes on with the warm-up
+    assert hooks() == on > 0
+    model.zero_grad()
+    model(**batches[2]).loss.backward()
+    penalty.step()
+    assert penalty.step_count == steps + 1 and min(penalty.last_proxy.values()) > 0
+    for _ in range(2):  # the warm-up ends: start_training after it puts nothing back
+        model(**batches[2]).loss.backward()
+        penalty.step()
+    assert not penalty.warming_up and hooks() == 0
+    method.start_training(model)
+    assert hooks() == 0

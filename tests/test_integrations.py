@@ -346,3 +346,38 @@ def test_fsdp_and_deepspeed_are_refused_by_name(tmp_path, keyword_task, monkeypa
     name = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}[plugin]
     with pytest.raises(ConfigError, match=f"does not support {name}"):
         make_trainer(tmp_path, keyword_task)
+
+
+class HooksDuringSteps(TrainerCallback):
+    """Counts the forward hooks on the model at each step of a train() call."""
+
+    def __init__(self, model):
+        self.model, self.counts = model, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.counts.append(sum(len(m._forward_hooks) for m in self.model.modules()))
+
+
+def test_a_run_that_ends_inside_fw_loras_warm_up_leaves_no_hook_on_the_model(
+    tmp_path, keyword_task
+):
+    def hooks(model):
+        return sum(len(m._forward_hooks) for m in model.modules())
+
+    with pytest.warns(UserWarning, match="not shorter than the run"):
+        trainer = make_trainer(tmp_path, keyword_task, method="fw-lora", max_steps=2)
+    seen = HooksDuringSteps(trainer.model)
+    trainer.add_callback(seen)
+    trainer.train()  # 2 steps of a 3-step warm-up
+    penalty = trainer.fisher.penalty
+    assert penalty.warming_up and penalty.step_count == 2
+    assert min(seen.counts) > 0 and hooks(trainer.model) == 0
+    fisher = penalty.fisher.clone()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    trainer.model(**batch).loss.backward()  # the user's own pass after training: not counted
+    assert not penalty._pending
+    torch.testing.assert_close(penalty.fisher, fisher, rtol=0, atol=0)
+    trainer.model.zero_grad()
+    seen.counts.clear()
+    trainer.train()  # a second call goes on with the warm-up (its last step), hooks back on
+    assert seen.counts[0] > 0 and not penalty.warming_up and hooks(trainer.model) == 0

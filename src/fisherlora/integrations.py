@@ -286,7 +286,10 @@ class FisherTrainerMixin:
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """``Trainer.train``, after the method's ``prepare`` (once per trainer); on resume the
-        method state saved in the checkpoint is restored before the trainer's loop starts."""
+        method state saved in the checkpoint is restored before the trainer's loop starts. The
+        method's ``start_training`` and ``end_training`` frame the loop, so FW-LoRA's warm-up
+        hooks leave the model when a call ends inside the warm-up (and come back with the next
+        call)."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -305,7 +308,16 @@ class FisherTrainerMixin:
                     if penalty is not None:
                         penalty.remove_hooks()
                 raise
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        # what acts only while training (FW-LoRA's warm-up hooks) is on the model for this
+        # call only, also where it stops early or raises: Methods of one's own may lack the steps
+        start, end = (getattr(self.fisher, f"{when}_training", None) for when in ("start", "end"))
+        if start is not None:
+            start(self.model)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            if end is not None:
+                end(self.model)
 
     def create_optimizer(self, model=None):
         """The trainer's optimizer, over the method's parameter groups where it shapes them."""

@@ -536,6 +536,7 @@ def train(
             if process.is_main:
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     bar.close()
+    method.end_training(model)  # FW-LoRA: warm-up hooks off, where it outlasted the run
     curve = pd.DataFrame(curve_rows)
     held_out: dict[str, Any] = {}
     last_confusion = confusion  # the last evaluation's (validation's, where there is one)

@@ -61,6 +61,10 @@ class Method(Protocol):
 
     def optimizer_ready(self, optimizer: torch.optim.Optimizer) -> None: ...
 
+    def start_training(self, model: PeftModel) -> None: ...
+
+    def end_training(self, model: PeftModel) -> None: ...
+
     def save_report(self, out_dir: str | Path) -> None: ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -111,6 +115,16 @@ class AdapterMethod:
         return None
 
     def after_backward(self, model: PeftModel, step: int) -> None:
+        return None
+
+    def start_training(self, model: PeftModel) -> None:
+        """Called as a training run (a ``Trainer.train()`` call) begins, after ``prepare``."""
+        return None
+
+    def end_training(self, model: PeftModel) -> None:
+        """Called when a training run ends, also one stopped early: what acts only during
+        training (FW-LoRA's warm-up hooks, where the run ended inside the warm-up) comes off
+        the model here, and ``start_training`` puts it back for a run that goes on."""
         return None
 
     def export(self, model: PeftModel, out_dir: str | Path) -> None:

@@ -167,6 +167,14 @@ class Composed(AdapterMethod):
         for member in self.members:
             member.after_backward(model, step)
 
+    def start_training(self, model: PeftModel) -> None:
+        for member in self.members:
+            member.start_training(model)
+
+    def end_training(self, model: PeftModel) -> None:
+        for member in self.members:
+            member.end_training(model)
+
     def save_report(self, out_dir: str | Path) -> None:
         for member in self.members:
             member.save_report(out_dir)

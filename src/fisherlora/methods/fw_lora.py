@@ -597,6 +597,22 @@ class FisherPenalty:
             handle.remove()
         self._handles = []
 
+    def pause_warmup(self) -> None:
+        """Take the warm-up's hooks off while no training runs (a run that ended inside its
+        warm-up, e.g. ``warmup_steps`` ≥ the run's steps): backward passes outside training
+        must not count towards F, and the model should not carry the hooks. F, the step count
+        and the schedule stay as they are; :meth:`resume_warmup` puts the hooks back."""
+        self.remove_hooks()
+        self._loss_scale = None
+        self._pending.clear()
+        self._probe_cache.clear()
+
+    def resume_warmup(self) -> None:
+        """Hooks back on for a warm-up that goes on (after :meth:`pause_warmup`, or a state
+        loaded from inside the warm-up); nothing to do after it."""
+        if self.warming_up and not self._handles:
+            self._handles = self._register_hooks()
+
     # -- the penalty ---------------------------------------------------------------------------
     def penalty(self) -> torch.Tensor:
         """``λ Σ_m (1 − I_m) s_m² ‖B A − B₀ A₀‖²_F`` (module docstring); zero in ``mode="decay"``.
@@ -706,8 +722,8 @@ class FisherPenalty:
             self.remove_hooks()
             self._buffer, self._views = None, {}
             self._apply_decay()
-        elif not self._handles:  # back into the warm-up after it had ended here: hooks again
-            self._handles = self._register_hooks()
+        else:  # back into the warm-up after it had ended here: hooks again
+            self.resume_warmup()
 
 
 class FwLoRA(AdapterMethod):
@@ -773,6 +789,14 @@ class FwLoRA(AdapterMethod):
 
     def after_backward(self, model: PeftModel, step: int) -> None:
         self.penalty.step()
+
+    def start_training(self, model: PeftModel) -> None:
+        if self.penalty is not None:
+            self.penalty.resume_warmup()
+
+    def end_training(self, model: PeftModel) -> None:
+        if self.penalty is not None:
+            self.penalty.pause_warmup()
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.penalty is None else self.penalty.state_dict()
