@@ -694,3 +694,14 @@ def test_a_paused_warm_up_takes_its_hooks_off_and_counts_nothing_until_resumed()
     assert not penalty.warming_up and hooks() == 0
     method.start_training(model)
     assert hooks() == 0
+
+
+def test_a_paused_warm_up_cannot_resume_beside_a_newer_penalty_on_the_model():
+    model = no_dropout_model()
+    first = FisherPenalty(model, warmup_steps=3)
+    first.pause_warmup()
+    second = FisherPenalty(model, warmup_steps=3)  # no warning: the first holds no hooks
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+    with pytest.raises(ConfigError, match="newer FisherPenalty was made on this model"):
+        first.resume_warmup()
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks and second._handles

@@ -609,9 +609,18 @@ class FisherPenalty:
 
     def resume_warmup(self) -> None:
         """Hooks back on for a warm-up that goes on (after :meth:`pause_warmup`, or a state
-        loaded from inside the warm-up); nothing to do after it."""
-        if self.warming_up and not self._handles:
-            self._handles = self._register_hooks()
+        loaded from inside the warm-up); nothing to do after it. Refused (``ConfigError``) where
+        a newer penalty was made on the model since: one penalty per model."""
+        if not self.warming_up or self._handles:
+            return
+        model = self._model()
+        current = _PENALTIES.get(model) if model is not None else None
+        if current is not None and current() is not self:
+            raise ConfigError(
+                "a newer FisherPenalty was made on this model since this one's warm-up paused: "
+                "one penalty per model, so this one's warm-up cannot go on"
+            )
+        self._handles = self._register_hooks()
 
     # -- the penalty ---------------------------------------------------------------------------
     def penalty(self) -> torch.Tensor:
