@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fisherlora.allocate import water_fill
+from fisherlora import allocate
+from fisherlora.allocate import _targets, water_fill
 from fisherlora.errors import ConfigError
 
 NAMES = [f"layer{i}.{p}" for i in range(6) for p in ("q", "v")]
@@ -166,3 +169,81 @@ def test_bad_scores_name_the_module(bad):
 def test_bad_inputs_raise_config_error(args, match):
     with pytest.raises(ConfigError, match=match):
         water_fill(*args)
+
+
+def test_largest_rounding_spends_more_where_the_hand_out_stops_short():
+    # targets ≈ 1.88, 1.48, 1.38 (costs 5, 3, 3; budget 18): floors spend 11, 7 are left.
+    # The hand-out gives A its unit (largest remainder) and then nothing fits: 16 of 18.
+    # B and C together spend 6: 17, the largest total not above 18.
+    scores, costs = {"a": 1.9, "b": 1.5, "c": 1.4}, {"a": 5, "b": 3, "c": 3}
+    assert water_fill(scores, 18, 1, 4, costs) == {"a": 2, "b": 1, "c": 1}
+    assert water_fill(scores, 18, 1, 4, costs, rounding="largest") == {"a": 1, "b": 2, "c": 2}
+
+
+def brute_force_largest_total(scores, budget, r_min, r_max, costs):
+    """The largest Σ c_m r_m ≤ budget over every plan with floor(t_m) ≤ r_m ≤ r_max."""
+    unit = dict(costs)
+    targets = _targets({m: Fraction(s) for m, s in scores.items()}, unit, budget, r_min, r_max)
+    floors = {m: math.floor(t) for m, t in targets.items()}
+    names = sorted(floors)
+    best = -1
+    for plan in itertools.product(*(range(floors[m], r_max + 1) for m in names)):
+        total = sum(unit[m] * r for m, r in zip(names, plan, strict=True))
+        if total <= budget:
+            best = max(best, total)
+    return best
+
+
+@st.composite
+def small_params_case(draw):
+    names = NAMES[: draw(st.integers(1, 5))]
+    scores = {m: draw(SCORE) for m in names}
+    r_min = draw(st.integers(1, 2))
+    r_max = draw(st.integers(r_min, r_min + 3))
+    costs = {m: draw(st.sampled_from([2, 3, 5, 7, 12, 30])) for m in names}
+    least = r_min * sum(costs.values())
+    budget = draw(st.integers(least, r_max * sum(costs.values())))
+    return scores, budget, r_min, r_max, costs
+
+
+@FAST
+@given(small_params_case())
+def test_largest_rounding_reaches_the_brute_force_optimum(case):
+    scores, budget, r_min, r_max, costs = case
+    largest = water_fill(scores, budget, r_min, r_max, costs, rounding="largest")
+    maximal = water_fill(scores, budget, r_min, r_max, costs)
+
+    def spent(ranks):
+        return sum(ranks[m] * costs[m] for m in ranks)
+
+    optimum = brute_force_largest_total(scores, budget, r_min, r_max, costs)
+    assert spent(largest) == optimum <= budget
+    assert all(r_min <= r <= r_max for r in largest.values())
+    for m in largest:  # maximal too: nobody below r_max fits one more rank
+        assert largest[m] == r_max or spent(largest) + costs[m] > budget
+    if spent(maximal) == optimum:  # the hand-out was already the largest: the same plan
+        assert largest == maximal
+    shuffled = dict(reversed(scores.items()))
+    assert water_fill(shuffled, budget, r_min, r_max, costs, rounding="largest") == largest
+
+
+@FAST
+@given(ranks_case())
+def test_largest_rounding_is_the_plain_one_when_ranks_are_counted(case):
+    scores, budget, r_min, r_max = case
+    assert water_fill(scores, budget, r_min, r_max, rounding="largest") == water_fill(
+        scores, budget, r_min, r_max
+    )
+
+
+def test_an_unknown_rounding_is_refused():
+    with pytest.raises(ConfigError, match="rounding must be one of maximal, largest, got 'big'"):
+        water_fill({"a": 1.0}, 2, 1, 4, rounding="big")
+
+
+def test_largest_rounding_too_slow_to_solve_warns_and_hands_out_as_maximal(monkeypatch):
+    monkeypatch.setattr(allocate, "LARGEST_ROUNDING_WORK", 0)
+    scores, costs = {"a": 1.9, "b": 1.5, "c": 1.4}, {"a": 5, "b": 3, "c": 3}
+    with pytest.warns(UserWarning, match="rounding='largest' skipped: 2 distinct rank costs"):
+        ranks = water_fill(scores, 18, 1, 4, costs, rounding="largest")
+    assert ranks == water_fill(scores, 18, 1, 4, costs)

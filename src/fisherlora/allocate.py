@@ -14,15 +14,28 @@ left of the budget is shared again in proportion to the scores of the others, un
 moves. Scores that are all zero among the modules still free count as equal. Targets are then
 floored and the units left over handed out one rank at a time in order of largest fractional part
 (ties by module name, ascending), round-robin, never above ``r_max`` or the budget.
+
+With a parameter budget that hand-out can stop short of the largest total: a module that no
+longer fits is skipped, and another choice of modules to round up might spend more.
+``rounding="largest"`` hands out the units that reach the largest total not above the budget
+(a bounded subset sum over the modules' costs, exact, solved on bit masks of the reachable
+totals), choosing among the largest totals the one the round-robin order prefers: where the
+plain hand-out already reaches the largest total, the two give the same ranks.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections import Counter
 from collections.abc import Mapping
 from fractions import Fraction
 
 from fisherlora.errors import ConfigError
+
+ROUNDINGS = ("maximal", "largest")
+# bound on the 64-bit word operations of rounding="largest" (about a second of big-int shifts)
+LARGEST_ROUNDING_WORK = 200_000_000
 
 
 def water_fill(
@@ -31,6 +44,7 @@ def water_fill(
     r_min: int,
     r_max: int,
     costs: Mapping[str, int] | None = None,
+    rounding: str = "maximal",
 ) -> dict[str, int]:
     """Integer ranks ``r_min <= r_m <= r_max`` in proportion to ``scores`` (see module docstring).
 
@@ -38,12 +52,16 @@ def water_fill(
     score never gets a smaller rank, and equal scores get ranks that differ by at most 1.
     Parameter mode (``costs`` = parameters per rank unit): ``sum(r_m * c_m) <= budget`` and the
     allocation is maximal: no module below ``r_max`` can gain one rank without exceeding the budget.
+    With ``rounding="largest"`` the total is moreover the largest of every plan with
+    ``floor(t_m) <= r_m <= r_max`` (in ranks mode the two roundings agree).
     The result depends only on the contents of the mappings, not on their order.
-    Raises ``ConfigError`` for bad scores, costs, bounds or an infeasible budget.
+    Raises ``ConfigError`` for bad scores, costs, bounds, rounding or an infeasible budget.
     """
     names = sorted(scores)
     if not names:
         raise ConfigError("cannot allocate ranks: no modules were scored")
+    if rounding not in ROUNDINGS:
+        raise ConfigError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
     for m in names:
         s = scores[m]
         if not math.isfinite(s) or s < 0:
@@ -71,7 +89,7 @@ def water_fill(
             )
     exact = {m: Fraction(scores[m]) for m in names}
     targets = _targets(exact, unit, budget, r_min, r_max)
-    return _round(targets, unit, budget, r_max)
+    return _round(targets, unit, budget, r_max, largest=rounding == "largest")
 
 
 def _check_costs(names: list[str], costs: Mapping[str, int]) -> dict[str, int]:
@@ -121,17 +139,79 @@ def _targets(
 
 
 def _round(
-    targets: dict[str, Fraction], costs: dict[str, int], budget: int, hi: int
+    targets: dict[str, Fraction], costs: dict[str, int], budget: int, hi: int, largest: bool
 ) -> dict[str, int]:
+    """Floor the targets, then hand out the units left in round-robin order (largest fractional
+    part first, ties by name): each unit to the next module that fits (``largest=False``), or to
+    the next module that still lets the units given reach the largest total (``largest=True``)."""
     ranks = {m: math.floor(t) for m, t in targets.items()}
     left = budget - sum(costs[m] * r for m, r in ranks.items())
     order = sorted(ranks, key=lambda m: (ranks[m] - targets[m], m))
-    grew = True
-    while grew:
-        grew = False
-        for m in order:
-            if ranks[m] < hi and costs[m] <= left:
-                ranks[m] += 1
-                left -= costs[m]
-                grew = True
+    # the units in the order they are offered: one per module a pass, passes until r_max
+    slots = [m for extra in range(1, hi + 1) for m in order if ranks[m] + extra <= hi]
+    if largest:
+        slots = _slots_reaching_the_largest_total(slots, costs, left)
+    for m in slots:
+        if costs[m] <= left:
+            ranks[m] += 1
+            left -= costs[m]
     return ranks
+
+
+def _slots_reaching_the_largest_total(
+    slots: list[str], costs: dict[str, int], left: int
+) -> list[str]:
+    """The first subsequence of ``slots`` (in their order) whose costs sum to the largest total
+    not above ``left``: a unit is kept where the units still to come can make up the rest.
+
+    Units of equal cost are interchangeable, so the units still to come are counted per cost
+    and what they can add up to is a bit mask (bit t set: a total of t reachable). Once a unit
+    of some cost is passed over, every later unit of that cost would be too (it could only do
+    what the passed one could), so that cost is closed."""
+    if not slots or left <= 0:
+        return []
+    unit = math.gcd(*(costs[m] for m in slots))  # every total is a multiple of it
+    cap = left // unit
+    count = Counter(costs[m] // unit for m in slots)
+    shifts = sum(min(k, cap // c).bit_length() for c, k in count.items())
+    if len(slots) * shifts * (cap // 64 + 1) > LARGEST_ROUNDING_WORK:
+        # many distinct costs with a small common divisor (real models have a few layer shapes)
+        warnings.warn(
+            f"rounding='largest' skipped: {len(count)} distinct rank costs with common divisor "
+            f"{unit} make the exact subset sum too slow here; the units went out as with "
+            "rounding='maximal'",
+            stacklevel=4,
+        )
+        return slots
+    need = _reachable(count, cap).bit_length() - 1  # the largest total (in units of `unit`)
+    kept, closed = [], set()
+    for m in slots:
+        c = costs[m] // unit
+        count[c] -= 1
+        if need == 0:
+            break
+        if c in closed:
+            continue
+        rest = {k: n for k, n in count.items() if k not in closed}
+        if c <= need and _reachable(rest, need - c) >> (need - c) & 1:
+            kept.append(m)
+            need -= c
+        else:
+            closed.add(c)
+    return kept
+
+
+def _reachable(count: Mapping[int, int], cap: int) -> int:
+    """The totals up to ``cap`` that sums of at most ``count[c]`` units of each cost ``c`` reach,
+    as a bit mask; k units of one cost go in as pieces 1, 2, 4, ... (any count up to k is a sum
+    of some of them), so a cost with k units costs about log2(k) shifts."""
+    mask, full = 1, (1 << (cap + 1)) - 1
+    for c, k in count.items():
+        k = min(k, cap // c) if c else 0
+        piece = 1
+        while k > 0:
+            take = min(piece, k)
+            mask |= (mask << (c * take)) & full
+            k -= take
+            piece *= 2
+    return mask
