@@ -587,6 +587,29 @@ def test_the_cells_that_differ_most_keep_every_rank_of_a_cell(report_suite):
     assert list(top["Δ acc [95 % CI]"].str.split().str[0]) == ["+0.0500", "+0.0400", "+0.0100"]
 
 
+def test_the_cells_where_ours_differ_most_leave_out_peers_and_controls(report_suite):
+    from fisherlora.experiments.suite_report import summary_tables
+
+    suite, out, _ = report_suite
+    rows = (
+        ("a", "adalora", -0.20),
+        ("b", "random-rank", 0.09),
+        ("a", "filet", -0.03),
+        ("b", "fim-lora+filet+fw-lora", 0.02),
+        ("c", "fw-lora-uniform", 0.01),
+        ("c", "fim-lora-batch", -0.015),
+    )
+    per_cell = pd.DataFrame(
+        [{"cell": c, "rank": 8, "method": m, "outcome": "accuracy", "delta": d} for c, m, d in rows]
+    ).assign(pairs=5, ci_low=-0.1, ci_high=0.1, verdict="tie")
+    tables = dict(summary_tables(suite, out, per_cell, pd.DataFrame(), pd.DataFrame()))
+    every = next(t for title, t in tables.items() if "largest accuracy difference" in title)
+    ours = next(t for title, t in tables.items() if "one of ours" in title)
+    assert list(every["method"]) == ["adalora", "random-rank", "fim-lora-batch"]
+    assert list(ours["method"]) == ["filet", "fim-lora+filet+fw-lora", "fim-lora-batch"]
+    assert list(ours["cell"]) == ["a r8", "b r8", "c r8"]
+
+
 def test_the_report_says_cannot_tell_for_a_no_spread_cell(tmp_path):
     path = write(tmp_path, SUITE_FOR_REPORT.replace("[0, 1, 2, 3, 4]", "[0, 1]"))
     suite, out = load_suite(str(path)), tmp_path / "out"

@@ -65,8 +65,17 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fw-lora-decay": ("fw-lora", {"fw_mode": "decay"}),
 }
 
+# The three methods this library implements from their papers (the rest are peers and controls).
+OURS = ("fim-lora", "filet", "fw-lora")
+
 # Methods that change the ranks per module (the report draws their rank maps).
 RANK_ALLOCATING = ("fim-lora", "random-rank", "eva", "adalora")
+
+
+def is_ours(name: str) -> bool:
+    """Whether ``name`` runs one of our three methods: FIM-LoRA, FILet or FW-LoRA, a named
+    variant of one, or a ``+`` composition of them (the ``random-rank`` control is not one)."""
+    return all(base_method(part) in OURS for part in name.split("+"))
 
 
 def base_method(name: str) -> str:
