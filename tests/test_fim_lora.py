@@ -359,3 +359,23 @@ def test_runner_writes_rank_plan_and_rank_map(tmp_path, small_csv, capsys):
     assert metrics["prepare"]["rank_plan"]["ranks"] == ranks["ranks"]
     saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert saved["rank_pattern"] == ranks["ranks"]
+
+
+def test_largest_rounding_reaches_the_allocators_and_spends_at_least_as_much():
+    plans = {
+        rounding: random_ranks(tiny_peft_model(), seed=3, budget="params", rounding=rounding)
+        for rounding in ("maximal", "largest")
+    }
+    assert plans["largest"].rounding == "largest" and plans["maximal"].rounding == "maximal"
+    assert plans["maximal"].spent() <= plans["largest"].spent() <= plans["largest"].budget
+    assert json.loads(json.dumps(plans["largest"].to_dict()))["rounding"] == "largest"
+    model = tiny_peft_model()
+    plan = allocate_ranks(model, random_batches(3), budget="params", rounding="largest")
+    assert plan.rounding == "largest" and plan.spent() <= plan.budget
+    method = get_method("fim-lora", {"rounding": "largest"})
+    assert method.options["rounding"] == "largest"
+    assert get_method("random-rank", {"rounding": "largest"}).options["rounding"] == "largest"
+    with pytest.raises(ConfigError, match="rounding"):
+        get_method("fim-lora", {"rounding": "nearest"})
+    config = TrainConfig(method="fim-lora", rounding="largest")
+    assert method_options(config)["rounding"] == "largest"

@@ -263,6 +263,15 @@ def test_an_older_comparison_without_the_new_settings_still_resumes(tmp_path):
     changed = dataclasses.replace(config, base=dataclasses.replace(config.base, val_fraction=0.1))
     with pytest.raises(ConfigError, match="val_fraction"):
         check_out_dir(changed)
+    # rank plans from before rounding existed went out as "maximal" does
+    pinned = json.loads((tmp_path / "compare.json").read_text())
+    assert pinned["settings"]["rounding"] == "maximal"
+    pinned["settings"].pop("rounding")
+    (tmp_path / "compare.json").write_text(json.dumps(pinned))
+    check_out_dir(config)
+    largest = dataclasses.replace(config, base=dataclasses.replace(config.base, rounding="largest"))
+    with pytest.raises(ConfigError, match="rounding"):
+        check_out_dir(largest)
 
 
 def test_picks_at_an_end_of_the_grid_are_named():

@@ -137,6 +137,13 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
         "(ranks)",
     )
     calib.add_argument(
+        "--rounding",
+        choices=["maximal", "largest"],
+        help="how fim-lora / random-rank hand out the ranks left after flooring their targets "
+        "under a parameter budget: each to the next module that fits (maximal, the default) or "
+        "so as to spend the most of the budget any such rounding can (largest)",
+    )
+    calib.add_argument(
         "--score",
         choices=["mean", "max", "l2"],
         help="reduction of a module's Fisher diagonal to its score",

@@ -78,6 +78,8 @@ LEGACY_SETTINGS = {
     "precision": "fp32",
     # lr grids before select_by picked by validation accuracy (they compared no -lm task)
     "select_by": "accuracy",
+    # rank plans before rounding existed handed out the units left as "maximal" does
+    "rounding": "maximal",
 }
 
 

@@ -104,6 +104,9 @@ class TrainConfig:
     # budget of fim-lora / random-rank: "params" (within one module's rank cost of LoRA's adapter
     # parameters at rank r, never above) or "ranks" (Σ r_m = M r; parameters then drift)
     budget: str = "params"
+    # how fim-lora / random-rank hand out the units left after flooring (allocate.water_fill):
+    # "maximal" (no module can grow) or "largest" (the largest parameter total not above)
+    rounding: str = "maximal"
     score: str = "mean"  # FIM-LoRA score reduction: mean, max, l2
     estimator: str = "per_example"  # FIM-LoRA Fisher: per_example (the paper's Eq. 1), batch
     basis: str = "gram"  # FILet candidate directions: gram (the paper), svd
@@ -382,6 +385,7 @@ def method_options(config: TrainConfig, progress: bool = True) -> dict[str, Any]
         "r_min",
         "r_max",
         "budget",
+        "rounding",
         "score",
         "estimator",
         "basis",

@@ -43,7 +43,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from fisherlora.adapters import apply_ranks, check_rank_fits, lora_layers, max_useful_rank
-from fisherlora.allocate import water_fill
+from fisherlora.allocate import ROUNDINGS, water_fill
 from fisherlora.capture import (
     PassStatistic,
     apply_mask,
@@ -93,6 +93,7 @@ class RankPlan:
     calibration_batches: int
     calibration_s: float
     allocation_s: float
+    rounding: str = "maximal"  # how the units left after flooring went out (allocate.water_fill)
 
     @property
     def base_rank(self) -> int:
@@ -132,13 +133,14 @@ class RankPlan:
         (out / "ranks.json").write_text(json.dumps(self.to_dict(), indent=2))
 
 
-def _check_options(budget: str, score: str, estimator: str) -> None:
+def _check_options(budget: str, score: str, estimator: str, rounding: str = "maximal") -> None:
     check_choices(
         "FIM-LoRA",
         (
             ("budget", budget, BUDGETS),
             ("score", score, SCORES),
             ("estimator", estimator, ESTIMATORS),
+            ("rounding", rounding, ROUNDINGS),
         ),
     )
 
@@ -191,11 +193,12 @@ def plan_ranks(
     r_max: int | None = None,
     budget: str = "ranks",
     keep_scaling: bool = True,
+    rounding: str = "maximal",
 ) -> RankPlan:
     """Allocate ranks in proportion to ``scores`` and resize ``model`` in place (steps 4-5)."""
     started = time.perf_counter()
     old, costs, total, unit_costs, low, high = _allocation_problem(model, budget, r_min, r_max)
-    allocated = water_fill(dict(scores), total, low, high, unit_costs)
+    allocated = water_fill(dict(scores), total, low, high, unit_costs, rounding=rounding)
     ranks = {name: allocated[name] for name in old}  # in the model's module order
     alphas = apply_ranks(model, ranks, keep_scaling=keep_scaling)
     return RankPlan(
@@ -213,6 +216,7 @@ def plan_ranks(
         calibration_batches=0,
         calibration_s=0.0,
         allocation_s=time.perf_counter() - started,
+        rounding=rounding,
     )
 
 
@@ -388,6 +392,7 @@ def allocate_ranks(
     progress: bool = True,
     layers_per_pass: int | None = None,
     also_collect: Sequence[PassStatistic] = (),
+    rounding: str = "maximal",
 ) -> RankPlan:
     """FIM-LoRA: re-allocate the LoRA ranks of ``model`` by calibration-time Fisher information.
 
@@ -413,13 +418,16 @@ def allocate_ranks(
             result, more passes); None: all at once.
         also_collect: statistics of another method to accumulate in the same passes (see
             :func:`fisher_of_b`; ``fim-lora+filet`` collects FILet's energies this way).
+        rounding: ``"maximal"`` or ``"largest"``: how the units left after flooring the
+            targets go out under a parameter budget (:func:`fisherlora.allocate.water_fill`;
+            ``"largest"`` spends the most of the budget that any such rounding can).
 
     Returns:
         The :class:`RankPlan`. Raises ``ConfigError`` (bad options, infeasible bounds, no LoRA
         layers, B ≠ 0) or ``CalibrationError`` (empty loader, no labels, NaN/inf gradients),
         in every case before the model is changed.
     """
-    _check_options(budget, score, estimator)
+    _check_options(budget, score, estimator, rounding)
     _check_fresh(model, "allocate_ranks")
     check_budget(model, budget=budget, r_min=r_min, r_max=r_max)
     started = time.perf_counter()
@@ -442,7 +450,13 @@ def allocate_ranks(
             "(a scaling alpha / r of 0? labels that score no token?); the model is unchanged"
         )
     plan = plan_ranks(
-        model, scores, r_min=r_min, r_max=r_max, budget=budget, keep_scaling=keep_scaling
+        model,
+        scores,
+        r_min=r_min,
+        r_max=r_max,
+        budget=budget,
+        keep_scaling=keep_scaling,
+        rounding=rounding,
     )
     plan.score, plan.estimator = score, estimator
     plan.calibration_batches, plan.calibration_s = used, calibration_s
@@ -457,16 +471,23 @@ def random_ranks(
     r_max: int | None = None,
     budget: str = "ranks",
     keep_scaling: bool = True,
+    rounding: str = "maximal",
 ) -> RankPlan:
     """The random-rank control: :func:`allocate_ranks` with seeded uniform scores, no calibration."""
-    _check_options(budget, "mean", "batch")
+    _check_options(budget, "mean", "batch", rounding)
     layers = _check_fresh(model, "random_ranks")
     if isinstance(seed, bool) or not isinstance(seed, int):  # random.Random(None) is unseeded
         raise ConfigError(f"random_ranks needs a whole-number seed, got {seed!r}")
     rng = random.Random(seed)
     scores = {name: rng.random() for name in sorted(layers)}
     plan = plan_ranks(
-        model, scores, r_min=r_min, r_max=r_max, budget=budget, keep_scaling=keep_scaling
+        model,
+        scores,
+        r_min=r_min,
+        r_max=r_max,
+        budget=budget,
+        keep_scaling=keep_scaling,
+        rounding=rounding,
     )
     plan.score, plan.estimator = "uniform-random", f"seed {seed}"
     return plan
@@ -490,8 +511,9 @@ class FimLoRA(AdapterMethod):
         keep_scaling: bool = True,
         progress: bool = True,
         layers_per_pass: int | None = None,
+        rounding: str = "maximal",
     ) -> None:
-        _check_options(budget, score, estimator)
+        _check_options(budget, score, estimator, rounding)
         options = dict(
             n_batches=calib_batches,
             r_min=r_min,
@@ -502,6 +524,7 @@ class FimLoRA(AdapterMethod):
             keep_scaling=keep_scaling,
             progress=progress,
             layers_per_pass=layers_per_pass,
+            rounding=rounding,
         )
         self.options = options  # what allocate_ranks will be called with
         self._allocate = lambda model, loader, **more: allocate_ranks(
@@ -545,10 +568,16 @@ class RandomRank(FimLoRA):
         r_max: int | None = None,
         budget: str = "params",
         keep_scaling: bool = True,
+        rounding: str = "maximal",
     ) -> None:
-        _check_options(budget, "mean", "batch")
+        _check_options(budget, "mean", "batch", rounding)
         options = dict(
-            seed=seed, r_min=r_min, r_max=r_max, budget=budget, keep_scaling=keep_scaling
+            seed=seed,
+            r_min=r_min,
+            r_max=r_max,
+            budget=budget,
+            keep_scaling=keep_scaling,
+            rounding=rounding,
         )
         self.options = options
         self._allocate = lambda model, loader: random_ranks(model, **options)
