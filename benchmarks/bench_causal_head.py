@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/causal_head.json")
     args = parser.parse_args()
+    # now: run_setting records when the run started and the load average then
+    setting = run_setting(args, model="smollm2-135m", task="rotten-tomatoes-gen", rank=8)
     task = as_generation_task(load_task("rotten-tomatoes"), "classify")
     base, tokenizer = load_causal_lm("smollm2-135m")
     config = LoraConfig(
@@ -118,7 +120,6 @@ def main() -> None:
         "largest_score_difference": float((former - windowed).abs().max()),
     }
     print(result)
-    setting = run_setting(args, model="smollm2-135m", task="rotten-tomatoes-gen", rank=8)
     write_results(args.out, setting, [result])
 
 

@@ -183,6 +183,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     add_device_argument(parser)
     args = parser.parse_args()
+    setting = run_setting(args)  # now: when the run started, and the load average then
     check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -235,7 +236,7 @@ def main() -> None:
     step, steps = median["lora_step"], median["lora_steps"]
     inits_only = {k: v for k, v in median.items() if not k.startswith("lora_step")}
     result = {
-        "setting": run_setting(args),
+        "setting": setting,
         "times_s": times,
         "median_s": median,
         # multiples of the median LoRA step, and of the n_batches steps on the same batches

@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     add_device_argument(parser)
     args = parser.parse_args()
+    setting = run_setting(args)  # now: when the run started, and the load average then
     check_device(args.device)
     if args.child:
         memory_child(args.child, args.n_batches, args.batch_size, args.rank, args.device)
@@ -112,7 +113,7 @@ def main() -> None:
     )
     median = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        "setting": run_setting(args),
+        "setting": setting,
         "times_s": times,
         "median_s": median,
         "ratios": {

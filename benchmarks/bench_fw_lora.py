@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     add_device_argument(parser)
     args = parser.parse_args()
+    setting = run_setting(args)  # now: when the run started, and the load average then
     check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -229,9 +230,7 @@ def main() -> None:
         else {}
     )
     result = {
-        "setting": run_setting(
-            args, tokens_per_batch=[int(b["input_ids"].numel()) for b in batches]
-        ),
+        "setting": setting | {"tokens_per_batch": [int(b["input_ids"].numel()) for b in batches]},
         "step_times_s": step_times,
         "median_step_s": median,
         "step_time_over_lora": {m: median[m] / median["lora"] for m in modes if m != "lora"},
