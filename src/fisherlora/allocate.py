@@ -207,7 +207,7 @@ def _reachable(count: Mapping[int, int], cap: int) -> int:
     of some of them), so a cost with k units costs about log2(k) shifts."""
     mask, full = 1, (1 << (cap + 1)) - 1
     for c, k in count.items():
-        k = min(k, cap // c) if c else 0
+        k = min(k, cap // c)  # costs are positive: c >= 1
         piece = 1
         while k > 0:
             take = min(piece, k)
