@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from fisherlora.adapters import input_factors, resolve_targets, row_space_kept
+from fisherlora.allocate import DEFAULT_ROUNDING
 from fisherlora.errors import ConfigError
 from fisherlora.experiments.batching import forever
 from fisherlora.experiments.distributed import Process, barrier, init_distributed
@@ -105,8 +106,8 @@ class TrainConfig:
     # parameters at rank r, never above) or "ranks" (Σ r_m = M r; parameters then drift)
     budget: str = "params"
     # how fim-lora / random-rank hand out the units left after flooring (allocate.water_fill):
-    # "maximal" (no module can grow) or "largest" (the largest parameter total not above)
-    rounding: str = "maximal"
+    # "largest" (the largest parameter total not above) or "maximal" (no module can grow)
+    rounding: str = DEFAULT_ROUNDING
     score: str = "mean"  # FIM-LoRA score reduction: mean, max, l2
     estimator: str = "per_example"  # FIM-LoRA Fisher: per_example (the paper's Eq. 1), batch
     basis: str = "gram"  # FILet candidate directions: gram (the paper), svd
