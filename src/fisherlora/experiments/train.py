@@ -50,7 +50,6 @@ from fisherlora.errors import ConfigError
 from fisherlora.experiments.batching import forever
 from fisherlora.experiments.distributed import Process, barrier, init_distributed
 from fisherlora.experiments.generation_tasks import GenerationTask
-from fisherlora.experiments.logit_window import scored_window
 from fisherlora.experiments.method_plots import save_method_report
 from fisherlora.experiments.metrics import collapse_warning, predictions_collapsed
 from fisherlora.experiments.models import default_targets
@@ -63,6 +62,7 @@ from fisherlora.experiments.precision import (
 )
 from fisherlora.experiments.task_kinds import Evaluation, Split, TaskKind, load_data, task_kind
 from fisherlora.experiments.tasks import MAX_DROPPED_FRACTION, Task
+from fisherlora.logit_window import scored_window
 from fisherlora.methods import VARIANTS, get_method
 from fisherlora.stats import all_reduce_mean, all_reduce_sum
 
