@@ -3,10 +3,12 @@
 ``smollm2-rt-gen`` cell's shapes (batch 8, max_length 64; evaluation batch 16).
 
 - training step (forward, backward, AdamW): the full pass against
-  :func:`~fisherlora.experiments.logit_window.scored_window` (the head over the scored window);
+  :func:`~fisherlora.logit_window.scored_window` (the head over the scored window);
+- calibration (FIM-LoRA's per-example Fisher of B over ``--calib-batches`` batches): full
+  passes against the head over the scored window (``capture.run_passes``);
 - evaluation (the one-token choice scores of ``--eval-prompts`` validation prompts): the former
   path (prompt order, the head over every position) against ``_choice_scores`` (longest prompt
-  first, :func:`~fisherlora.experiments.logit_window.logits_at_last_token`).
+  first, :func:`~fisherlora.logit_window.logits_at_last_token`).
 
 Interleaved (one of each in turn, so machine drift hits both alike), median over repetitions;
 the ratios are new / former in the same run, and the results agree (largest |Δ| reported).
@@ -17,6 +19,7 @@ the ratios are new / former in the same run, and the results agree (largest |Δ|
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -25,13 +28,26 @@ import torch
 from common import run_setting, write_results
 from peft import LoraConfig, get_peft_model
 
+from fisherlora import logit_window
 from fisherlora.experiments.batching import PadPromptCompletion, PromptCompletionTexts, train_loader
 from fisherlora.experiments.causal_models import load_causal_lm
 from fisherlora.experiments.generation_eval import _choice_scores
 from fisherlora.experiments.generation_tasks import as_generation_task
-from fisherlora.experiments.logit_window import scored_window
 from fisherlora.experiments.models import default_targets
 from fisherlora.experiments.tasks import load_task
+from fisherlora.logit_window import scored_window
+from fisherlora.methods.fim_lora import fisher_of_b
+
+
+@contextlib.contextmanager
+def full_head():
+    """Every pass runs the head over every position (as before the window existed)."""
+    real = logit_window.keeps_logits
+    logit_window.keeps_logits = lambda model: False
+    try:
+        yield
+    finally:
+        logit_window.keeps_logits = real
 
 
 @torch.no_grad()
@@ -62,6 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=6, help="training steps per path and rep")
     parser.add_argument("--eval-prompts", type=int, default=96)
+    parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/causal_head.json")
     args = parser.parse_args()
@@ -95,6 +112,17 @@ def main() -> None:
                 optimizers[name].zero_grad(set_to_none=True)
                 step_s[name].append(time.perf_counter() - start)
                 losses[name].append(loss.item())
+    calib_s: dict[str, list[float]] = {"full": [], "window": []}
+    fishers = {}
+    model.eval()
+    for _ in range(args.reps):
+        for name in ("full", "window"):
+            with full_head() if name == "full" else contextlib.nullcontext():
+                start = time.perf_counter()
+                fishers[name], _ = fisher_of_b(
+                    model, batches, n_batches=args.calib_batches, progress=False
+                )
+                calib_s[name].append(time.perf_counter() - start)
     prompts = task.test_prompts[: args.eval_prompts]  # validation-like prompts; no label is read
     model.eval()
     eval_s: dict[str, list[float]] = {"former": [], "window": []}
@@ -109,11 +137,18 @@ def main() -> None:
         eval_s["window"].append(time.perf_counter() - start)
     step = {k: statistics.median(v) for k, v in step_s.items()}
     evaluation = {k: statistics.median(v) for k, v in eval_s.items()}
+    calibration = {k: statistics.median(v) for k, v in calib_s.items()}
     result = {
         "median_step_s": step,
         "step_window_over_full": step["window"] / step["full"],
         "largest_loss_difference": max(
             abs(a - b) for a, b in zip(losses["full"], losses["window"], strict=True)
+        ),
+        "median_calibration_s": calibration,
+        "calibration_window_over_full": calibration["window"] / calibration["full"],
+        "largest_fisher_relative_difference": max(
+            float((fishers["window"][m] - f).abs().max() / f.abs().max())
+            for m, f in fishers["full"].items()
         ),
         "median_eval_s": evaluation,
         "eval_window_over_former": evaluation["window"] / evaluation["former"],

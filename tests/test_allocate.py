@@ -176,8 +176,10 @@ def test_largest_rounding_spends_more_where_the_hand_out_stops_short():
     # The hand-out gives A its unit (largest remainder) and then nothing fits: 16 of 18.
     # B and C together spend 6: 17, the largest total not above 18.
     scores, costs = {"a": 1.9, "b": 1.5, "c": 1.4}, {"a": 5, "b": 3, "c": 3}
-    assert water_fill(scores, 18, 1, 4, costs) == {"a": 2, "b": 1, "c": 1}
+    assert water_fill(scores, 18, 1, 4, costs, rounding="maximal") == {"a": 2, "b": 1, "c": 1}
     assert water_fill(scores, 18, 1, 4, costs, rounding="largest") == {"a": 1, "b": 2, "c": 2}
+    # the default is DESIGN.md's rounding, the largest total
+    assert water_fill(scores, 18, 1, 4, costs) == {"a": 1, "b": 2, "c": 2}
 
 
 def brute_force_largest_total(scores, budget, r_min, r_max, costs):
@@ -211,7 +213,7 @@ def small_params_case(draw):
 def test_largest_rounding_reaches_the_brute_force_optimum(case):
     scores, budget, r_min, r_max, costs = case
     largest = water_fill(scores, budget, r_min, r_max, costs, rounding="largest")
-    maximal = water_fill(scores, budget, r_min, r_max, costs)
+    maximal = water_fill(scores, budget, r_min, r_max, costs, rounding="maximal")
 
     def spent(ranks):
         return sum(ranks[m] * costs[m] for m in ranks)
@@ -232,7 +234,7 @@ def test_largest_rounding_reaches_the_brute_force_optimum(case):
 def test_largest_rounding_is_the_plain_one_when_ranks_are_counted(case):
     scores, budget, r_min, r_max = case
     assert water_fill(scores, budget, r_min, r_max, rounding="largest") == water_fill(
-        scores, budget, r_min, r_max
+        scores, budget, r_min, r_max, rounding="maximal"
     )
 
 
@@ -246,4 +248,4 @@ def test_largest_rounding_too_slow_to_solve_warns_and_hands_out_as_maximal(monke
     scores, costs = {"a": 1.9, "b": 1.5, "c": 1.4}, {"a": 5, "b": 3, "c": 3}
     with pytest.warns(UserWarning, match="rounding='largest' skipped: 2 distinct rank costs"):
         ranks = water_fill(scores, 18, 1, 4, costs, rounding="largest")
-    assert ranks == water_fill(scores, 18, 1, 4, costs)
+    assert ranks == water_fill(scores, 18, 1, 4, costs, rounding="maximal")

@@ -418,7 +418,7 @@ def test_one_token_choices_take_one_pass_and_score_what_full_scoring_scores(toke
 def test_prompts_batched_by_length_with_the_last_logits_only_score_as_one_at_a_time(
     tokenizer, monkeypatch
 ):
-    import fisherlora.experiments.logit_window as logit_window
+    import fisherlora.logit_window as logit_window
 
     model, _ = load_causal_lm("tiny-llama-lm", seed=3)
     model.eval()
@@ -450,7 +450,7 @@ def test_prompts_batched_by_length_with_the_last_logits_only_score_as_one_at_a_t
 
 
 def test_training_on_the_scored_window_gives_the_full_passs_loss_and_gradients(tokenizer):
-    from fisherlora.experiments.logit_window import scored_window
+    from fisherlora.logit_window import scored_window
 
     base, _ = load_causal_lm("tiny-llama-lm", seed=3)
     model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
@@ -526,3 +526,52 @@ def test_peers_keep_a_causal_lms_outputs_at_init_on_prompt_completion_batches(na
             torch.testing.assert_close(
                 model(**inputs).logits, original(**inputs).logits, atol=1e-5, rtol=0
             )
+
+
+def test_calibration_runs_the_head_on_the_scored_window_with_the_full_passs_statistics(
+    monkeypatch,
+):
+    """FIM-LoRA's Fisher and FILet's energies from passes whose vocabulary head runs on the
+    scored window only equal those of full passes; an adapted head gets full passes."""
+    import fisherlora.logit_window as logit_window
+
+    batches = prompt_completion_batches(3, seed=5)
+    kept = []
+
+    def recorded(model):
+        inner = model.get_base_model()
+        real_forward = type(inner).forward
+
+        @functools.wraps(real_forward)  # its signature, which says it takes logits_to_keep
+        def recording(self, *args, **kwargs):
+            kept.append((kwargs.get("logits_to_keep"), kwargs["input_ids"].shape[1]))
+            return real_forward(self, *args, **kwargs)
+
+        monkeypatch.setattr(type(inner), "forward", recording)
+        return model
+
+    def statistics():
+        fisher, _ = fisher_of_b(tiny_causal_peft().eval(), batches, n_batches=3, progress=False)
+        report = filet_init(tiny_causal_peft().eval(), batches, n_batches=3, progress=False)
+        return fisher, report.energies
+
+    recorded(tiny_causal_peft())
+    windowed = statistics()
+    assert len(kept) == 6 and all(k is not None and k < length for k, length in kept)
+    monkeypatch.setattr(logit_window, "keeps_logits", lambda model: False)
+    kept.clear()
+    full = statistics()
+    assert len(kept) == 6 and all(k is None for k, _ in kept)
+    for name in full[0]:
+        torch.testing.assert_close(windowed[0][name], full[0][name], rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(
+            torch.tensor(windowed[1][name]), torch.tensor(full[1][name]), rtol=1e-4, atol=0
+        )
+    monkeypatch.undo()
+    base, targets = tiny_base("causal", 0)
+    adapted_head = recorded(
+        get_peft_model(base, LoraConfig(r=2, target_modules=[*targets, "lm_head"]))
+    )
+    kept.clear()
+    fisher_of_b(adapted_head.eval(), batches, n_batches=3, progress=False)
+    assert len(kept) == 3 and all(k is None for k, _ in kept)

@@ -8,10 +8,18 @@ from conftest import assert_unchanged, logits, random_batches, run_tiny, snapsho
 from peft import PeftModel
 
 from fisherlora.adapters import lora_layers
+from fisherlora.allocate import water_fill
 from fisherlora.errors import CalibrationError, ConfigError
 from fisherlora.experiments.train import TrainConfig, count_parameters, method_options
 from fisherlora.methods import base_method, get_method, method_names
-from fisherlora.methods.fim_lora import allocate_ranks, fisher_of_b, random_ranks
+from fisherlora.methods.fim_lora import (
+    FimLoRA,
+    RandomRank,
+    allocate_ranks,
+    fisher_of_b,
+    plan_ranks,
+    random_ranks,
+)
 
 # Most tests calibrate on fewer than the default 8 batches on purpose; one test checks the warning.
 pytestmark = pytest.mark.filterwarnings("ignore:the calibration loader ran out")
@@ -359,6 +367,17 @@ def test_runner_writes_rank_plan_and_rank_map(tmp_path, small_csv, capsys):
     assert metrics["prepare"]["rank_plan"]["ranks"] == ranks["ranks"]
     saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert saved["rank_pattern"] == ranks["ranks"]
+
+
+def test_every_entry_point_rounds_to_the_largest_total_by_default():
+    for function in (water_fill, plan_ranks, allocate_ranks, random_ranks, FimLoRA, RandomRank):
+        assert inspect.signature(function).parameters["rounding"].default == "largest"
+    assert TrainConfig().rounding == "largest"
+    plans = [
+        random_ranks(tiny_peft_model(), seed=3, budget="params", **extra)
+        for extra in ({}, {"rounding": "largest"})
+    ]
+    assert plans[0].rounding == "largest" and plans[0].ranks == plans[1].ranks
 
 
 def test_largest_rounding_reaches_the_allocators_and_spends_at_least_as_much():

@@ -252,7 +252,10 @@ def test_an_older_comparison_without_the_new_settings_still_resumes(tmp_path):
     values those comparisons ran with."""
     config = grid_comparison(tmp_path, lr_grid=None)
     config = dataclasses.replace(
-        config, base=dataclasses.replace(config.base, val_fraction=0.0, train_size=None)
+        config,
+        base=dataclasses.replace(
+            config.base, val_fraction=0.0, train_size=None, rounding="maximal"
+        ),
     )
     check_out_dir(config)
     pinned = json.loads((tmp_path / "compare.json").read_text())

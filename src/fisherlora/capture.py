@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fisherlora.errors import CalibrationError, ConfigError
+from fisherlora.logit_window import scored_window
 from fisherlora.stats import min_and_max
 
 # (module name, what was kept of the input x, output gradient g, token mask or None)
@@ -416,19 +417,31 @@ def run_passes(
 ) -> int:
     """Calibration passes: one forward/backward pass of the task loss per batch (up to
     ``n_batches``), in :func:`calibration_mode` with only ``trainable`` taking gradients, and every
-    statistic's hooks in place. Returns the number of batches used."""
+    statistic's hooks in place (a causal LM's head runs on the scored window only,
+    :func:`fisherlora.logit_window.scored_window`). Returns the number of batches used."""
     used = 0
+    # a causal LM's vocabulary head over the scored positions only: the same loss and gradients
+    # as the full pass (logit_window.py) without most of the head's work; not where the head is
+    # itself adapted, whose statistics' hooks must see every position the batch's masks cover
+    window = scored_window if not _head_is_adapted(model) else lambda _, batch: batch
     with calibration_mode(model, trainable, dropout=dropout), ExitStack() as hooks:
         for statistic in statistics:
             hooks.enter_context(statistic.hooks())
         for batch in calibration_batches(batches, n_batches, device, progress=progress, desc=desc):
             for statistic in statistics:
                 statistic.start_batch(batch)
-            model(**batch).loss.backward()
+            model(**window(model, batch)).loss.backward()
             for statistic in statistics:
                 statistic.end_batch(batch)
             used += 1
     return used
+
+
+def _head_is_adapted(model: nn.Module) -> bool:
+    """Whether the model's output head (a causal LM's ``lm_head``) carries a LoRA adapter."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    return head is not None and hasattr(head, "lora_A")
 
 
 def check_finite(name: str, tensor: torch.Tensor, what: str = "gradient") -> None:

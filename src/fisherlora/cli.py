@@ -140,8 +140,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
         "--rounding",
         choices=["maximal", "largest"],
         help="how fim-lora / random-rank hand out the ranks left after flooring their targets "
-        "under a parameter budget: each to the next module that fits (maximal, the default) or "
-        "so as to spend the most of the budget any such rounding can (largest)",
+        "under a parameter budget: so as to spend the most of the budget any such rounding can "
+        "(largest, the default) or each to the next module that fits (maximal)",
     )
     calib.add_argument(
         "--score",

@@ -29,9 +29,9 @@ from fisherlora.experiments.batching import (
     eval_loader,
 )
 from fisherlora.experiments.generation_tasks import GenerationTask
-from fisherlora.experiments.logit_window import logits_at_last_token
 from fisherlora.experiments.metrics import classification_metrics, summed_confusion_matrix
 from fisherlora.experiments.tasks import held_out_subset
+from fisherlora.logit_window import logits_at_last_token
 from fisherlora.stats import all_reduce_sum
 
 ROWS_PER_SOFTMAX = 8  # log-softmax over the vocabulary for a few rows at a time (memory)

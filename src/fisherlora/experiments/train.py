@@ -45,11 +45,11 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from fisherlora.adapters import input_factors, resolve_targets, row_space_kept
+from fisherlora.allocate import DEFAULT_ROUNDING
 from fisherlora.errors import ConfigError
 from fisherlora.experiments.batching import forever
 from fisherlora.experiments.distributed import Process, barrier, init_distributed
 from fisherlora.experiments.generation_tasks import GenerationTask
-from fisherlora.experiments.logit_window import scored_window
 from fisherlora.experiments.method_plots import save_method_report
 from fisherlora.experiments.metrics import collapse_warning, predictions_collapsed
 from fisherlora.experiments.models import default_targets
@@ -62,6 +62,7 @@ from fisherlora.experiments.precision import (
 )
 from fisherlora.experiments.task_kinds import Evaluation, Split, TaskKind, load_data, task_kind
 from fisherlora.experiments.tasks import MAX_DROPPED_FRACTION, Task
+from fisherlora.logit_window import scored_window
 from fisherlora.methods import VARIANTS, get_method
 from fisherlora.stats import all_reduce_mean, all_reduce_sum
 
@@ -105,8 +106,8 @@ class TrainConfig:
     # parameters at rank r, never above) or "ranks" (Σ r_m = M r; parameters then drift)
     budget: str = "params"
     # how fim-lora / random-rank hand out the units left after flooring (allocate.water_fill):
-    # "maximal" (no module can grow) or "largest" (the largest parameter total not above)
-    rounding: str = "maximal"
+    # "largest" (the largest parameter total not above) or "maximal" (no module can grow)
+    rounding: str = DEFAULT_ROUNDING
     score: str = "mean"  # FIM-LoRA score reduction: mean, max, l2
     estimator: str = "per_example"  # FIM-LoRA Fisher: per_example (the paper's Eq. 1), batch
     basis: str = "gram"  # FILet candidate directions: gram (the paper), svd

@@ -98,6 +98,7 @@ from fisherlora.directions import (
 )
 from fisherlora.errors import CalibrationError, ConfigError, check_choices
 from fisherlora.figures import EnergySpectrum, Figure
+from fisherlora.logit_window import scored_window
 from fisherlora.methods.base import AdapterMethod
 from fisherlora.stats import ProjectedSquares, SecondMoment, all_reduce_sum, world_size
 
@@ -752,9 +753,8 @@ def adapter_grad_norms(model: PeftModel, batch: Mapping[str, torch.Tensor]) -> d
     params = {n: p for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n}
     device = next(iter(params.values())).device
     with calibration_mode(model, params.values()):
-        model(
-            **{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        ).loss.backward()
+        on_device = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        model(**scored_window(model, on_device)).loss.backward()
         norms = {
             kind: torch.linalg.vector_norm(
                 torch.stack([p.grad.norm() for n, p in params.items() if kind in n])

@@ -43,7 +43,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from fisherlora.adapters import apply_ranks, check_rank_fits, lora_layers, max_useful_rank
-from fisherlora.allocate import ROUNDINGS, water_fill
+from fisherlora.allocate import DEFAULT_ROUNDING, ROUNDINGS, water_fill
 from fisherlora.capture import (
     PassStatistic,
     apply_mask,
@@ -133,7 +133,9 @@ class RankPlan:
         (out / "ranks.json").write_text(json.dumps(self.to_dict(), indent=2))
 
 
-def _check_options(budget: str, score: str, estimator: str, rounding: str = "maximal") -> None:
+def _check_options(
+    budget: str, score: str, estimator: str, rounding: str = DEFAULT_ROUNDING
+) -> None:
     check_choices(
         "FIM-LoRA",
         (
@@ -193,7 +195,7 @@ def plan_ranks(
     r_max: int | None = None,
     budget: str = "ranks",
     keep_scaling: bool = True,
-    rounding: str = "maximal",
+    rounding: str = DEFAULT_ROUNDING,
 ) -> RankPlan:
     """Allocate ranks in proportion to ``scores`` and resize ``model`` in place (steps 4-5)."""
     started = time.perf_counter()
@@ -392,7 +394,7 @@ def allocate_ranks(
     progress: bool = True,
     layers_per_pass: int | None = None,
     also_collect: Sequence[PassStatistic] = (),
-    rounding: str = "maximal",
+    rounding: str = DEFAULT_ROUNDING,
 ) -> RankPlan:
     """FIM-LoRA: re-allocate the LoRA ranks of ``model`` by calibration-time Fisher information.
 
@@ -418,9 +420,10 @@ def allocate_ranks(
             result, more passes); None: all at once.
         also_collect: statistics of another method to accumulate in the same passes (see
             :func:`fisher_of_b`; ``fim-lora+filet`` collects FILet's energies this way).
-        rounding: ``"maximal"`` or ``"largest"``: how the units left after flooring the
-            targets go out under a parameter budget (:func:`fisherlora.allocate.water_fill`;
-            ``"largest"`` spends the most of the budget that any such rounding can).
+        rounding: ``"largest"`` (default) or ``"maximal"``: how the units left after flooring
+            the targets go out under a parameter budget (:func:`fisherlora.allocate.water_fill`;
+            ``"largest"`` spends the most of the budget that any such rounding can,
+            ``"maximal"`` stops when no module fits one more rank).
 
     Returns:
         The :class:`RankPlan`. Raises ``ConfigError`` (bad options, infeasible bounds, no LoRA
@@ -471,7 +474,7 @@ def random_ranks(
     r_max: int | None = None,
     budget: str = "ranks",
     keep_scaling: bool = True,
-    rounding: str = "maximal",
+    rounding: str = DEFAULT_ROUNDING,
 ) -> RankPlan:
     """The random-rank control: :func:`allocate_ranks` with seeded uniform scores, no calibration."""
     _check_options(budget, "mean", "batch", rounding)
@@ -511,7 +514,7 @@ class FimLoRA(AdapterMethod):
         keep_scaling: bool = True,
         progress: bool = True,
         layers_per_pass: int | None = None,
-        rounding: str = "maximal",
+        rounding: str = DEFAULT_ROUNDING,
     ) -> None:
         _check_options(budget, score, estimator, rounding)
         options = dict(
@@ -568,7 +571,7 @@ class RandomRank(FimLoRA):
         r_max: int | None = None,
         budget: str = "params",
         keep_scaling: bool = True,
-        rounding: str = "maximal",
+        rounding: str = DEFAULT_ROUNDING,
     ) -> None:
         _check_options(budget, "mean", "batch", rounding)
         options = dict(

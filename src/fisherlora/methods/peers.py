@@ -45,6 +45,7 @@ from transformers import PreTrainedModel
 from fisherlora.adapters import lora_layers, parameter_owners, record_residual
 from fisherlora.capture import calibration_mode, first_batches, predicts_next_token
 from fisherlora.errors import CalibrationError, ConfigError
+from fisherlora.logit_window import scored_window
 from fisherlora.methods.base import AdapterMethod
 
 Batches = Iterable[dict[str, torch.Tensor]]
@@ -369,7 +370,8 @@ def mean_weight_gradients(
     sums: dict[str, torch.Tensor] = {}
     with calibration_mode(base_model, [m.weight for m in layers.values()], dropout=True):
         for batch in batches:
-            base_model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+            on_device = {k: v.to(device) for k, v in batch.items()}
+            base_model(**scored_window(base_model, on_device)).loss.backward()
         for name, module in layers.items():
             if module.weight.grad is None:
                 raise CalibrationError(f"lora-ga: the loss does not depend on {name}")
