@@ -56,6 +56,20 @@ def prompt_completion_batches(n: int, seed: int = 0, batch_size: int = 4):
     return batches
 
 
+def record_logits_to_keep(monkeypatch, model_class: type) -> list[tuple[int | None, int]]:
+    """Patch ``model_class.forward`` to record each call's ``(logits_to_keep, length)``."""
+    kept = []
+    real_forward = model_class.forward
+
+    @functools.wraps(real_forward)  # its signature, which says it takes logits_to_keep
+    def recording(self, *args, **kwargs):
+        kept.append((kwargs.get("logits_to_keep"), kwargs["input_ids"].shape[1]))
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_class, "forward", recording)
+    return kept
+
+
 def keyword_generation_task(kind: str):
     train_texts, train_labels = keyword_texts(128, seed=0)
     test_texts, test_labels = keyword_texts(24, seed=1)
@@ -425,15 +439,7 @@ def test_prompts_batched_by_length_with_the_last_logits_only_score_as_one_at_a_t
     choices = [" good", " bad"]
     # lengths out of order, so that the longest-first batches mix the rows
     prompts = [("word " * n) + "Sentiment:" for n in (1, 9, 3, 14, 2, 7, 11)]
-    kept = []
-    real_forward = type(model).forward
-
-    @functools.wraps(real_forward)  # its signature, which says it takes logits_to_keep
-    def recording(self, *args, **kwargs):
-        kept.append((kwargs.get("logits_to_keep"), kwargs["input_ids"].shape[1]))
-        return real_forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(model), "forward", recording)
+    kept = record_logits_to_keep(monkeypatch, type(model))
     scores = _choice_scores(model, choices, tokenizer, prompts, 32, 3, torch.device("cpu"), 0, 1)
     # fewer positions than the batch holds; one alone keeps its last position only
     assert kept and all(k is not None and k < length for k, length in kept[:-1])
@@ -536,26 +542,14 @@ def test_calibration_runs_the_head_on_the_scored_window_with_the_full_passs_stat
     import fisherlora.logit_window as logit_window
 
     batches = prompt_completion_batches(3, seed=5)
-    kept = []
-
-    def recorded(model):
-        inner = model.get_base_model()
-        real_forward = type(inner).forward
-
-        @functools.wraps(real_forward)  # its signature, which says it takes logits_to_keep
-        def recording(self, *args, **kwargs):
-            kept.append((kwargs.get("logits_to_keep"), kwargs["input_ids"].shape[1]))
-            return real_forward(self, *args, **kwargs)
-
-        monkeypatch.setattr(type(inner), "forward", recording)
-        return model
+    model_class = type(tiny_causal_peft().get_base_model())
+    kept = record_logits_to_keep(monkeypatch, model_class)
 
     def statistics():
         fisher, _ = fisher_of_b(tiny_causal_peft().eval(), batches, n_batches=3, progress=False)
         report = filet_init(tiny_causal_peft().eval(), batches, n_batches=3, progress=False)
         return fisher, report.energies
 
-    recorded(tiny_causal_peft())
     windowed = statistics()
     assert len(kept) == 6 and all(k is not None and k < length for k, length in kept)
     monkeypatch.setattr(logit_window, "keeps_logits", lambda model: False)
@@ -569,9 +563,7 @@ def test_calibration_runs_the_head_on_the_scored_window_with_the_full_passs_stat
         )
     monkeypatch.undo()
     base, targets = tiny_base("causal", 0)
-    adapted_head = recorded(
-        get_peft_model(base, LoraConfig(r=2, target_modules=[*targets, "lm_head"]))
-    )
-    kept.clear()
+    adapted_head = get_peft_model(base, LoraConfig(r=2, target_modules=[*targets, "lm_head"]))
+    kept = record_logits_to_keep(monkeypatch, type(base))
     fisher_of_b(adapted_head.eval(), batches, n_batches=3, progress=False)
     assert len(kept) == 3 and all(k is None for k, _ in kept)
