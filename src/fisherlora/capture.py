@@ -423,14 +423,14 @@ def run_passes(
     # a causal LM's vocabulary head over the scored positions only: the same loss and gradients
     # as the full pass (logit_window.py) without most of the head's work; not where the head is
     # itself adapted, whose statistics' hooks must see every position the batch's masks cover
-    window = scored_window if not _head_is_adapted(model) else lambda _, batch: batch
+    full_head = _head_is_adapted(model)
     with calibration_mode(model, trainable, dropout=dropout), ExitStack() as hooks:
         for statistic in statistics:
             hooks.enter_context(statistic.hooks())
         for batch in calibration_batches(batches, n_batches, device, progress=progress, desc=desc):
             for statistic in statistics:
                 statistic.start_batch(batch)
-            model(**window(model, batch)).loss.backward()
+            model(**(batch if full_head else scored_window(model, batch))).loss.backward()
             for statistic in statistics:
                 statistic.end_batch(batch)
             used += 1

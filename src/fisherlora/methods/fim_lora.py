@@ -93,7 +93,7 @@ class RankPlan:
     calibration_batches: int
     calibration_s: float
     allocation_s: float
-    rounding: str = "maximal"  # how the units left after flooring went out (allocate.water_fill)
+    rounding: str = DEFAULT_ROUNDING  # how the units left after flooring went out (water_fill)
 
     @property
     def base_rank(self) -> int:
@@ -133,9 +133,7 @@ class RankPlan:
         (out / "ranks.json").write_text(json.dumps(self.to_dict(), indent=2))
 
 
-def _check_options(
-    budget: str, score: str, estimator: str, rounding: str = DEFAULT_ROUNDING
-) -> None:
+def _check_options(budget: str, score: str, estimator: str, rounding: str) -> None:
     check_choices(
         "FIM-LoRA",
         (
