@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fisherlora.allocate import ROUNDINGS
 from fisherlora.errors import ConfigError, FisherLoraError
 from fisherlora.experiments.presets import ALL_METHODS, QUICK
 
@@ -138,7 +139,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser, single_run: bool = Tru
     )
     calib.add_argument(
         "--rounding",
-        choices=["maximal", "largest"],
+        choices=list(ROUNDINGS),
         help="how fim-lora / random-rank hand out the ranks left after flooring their targets "
         "under a parameter budget: so as to spend the most of the budget any such rounding can "
         "(largest, the default) or each to the next module that fits (maximal)",
